@@ -1,0 +1,5 @@
+"""`python -m lminf_cli` runs the CLI."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,138 @@
+"""Λ-shaped attention math: rotary embeddings and the two-branch softmax.
+
+LM-Infinite (Han et al., arXiv 2308.16137) lets a query at position i see
+  * the local branch: keys j with 0 <= i - j < n_local, at their true distance;
+  * the global branch: the first n_global keys when i - j >= n_local, at the
+    capped distance L (key unrotated, query rotated to angle L * w);
+and one softmax spans both.  Here each branch is computed by its own fused call
+and the two are merged exactly through their log-sum-exp, so no n x n mask or
+doubled head dimension is ever needed.  This module is pure math: the cache
+decides which keys exist and builds the additive masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding of one model family.
+
+    `inv_freq` holds one frequency per rotated pair ([rotary_dim / 2]).  Only the
+    first `rotary_dim` dims of a head rotate (GPT-J, NeoX, Phi rotate part of
+    it).  `interleaved` pairs dims (0, 1), (2, 3) ... (GPT-J); otherwise dim k
+    pairs with k + rotary_dim / 2 (Llama's rotate_half).  `scaling` multiplies
+    q and k once (YaRN-style attention scaling); rotation itself stays pure.
+    """
+
+    inv_freq: Tensor
+    head_dim: int
+    rotary_dim: int
+    interleaved: bool = False
+    scaling: float = 1.0
+
+    def cos_sin(self, positions: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin tables [len(positions), rotary_dim] for integer positions.
+
+        Angles are formed in float64 so that even large relative offsets keep
+        full float32 precision in the result.
+        """
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]  # [C, R/2]
+        if self.interleaved:
+            angles = angles.repeat_interleave(2, dim=-1)  # [C, R]: (w0, w0, w1, w1, ...)
+        else:
+            angles = torch.cat([angles, angles], dim=-1)  # [C, R]: (w0..w_{R/2-1}, w0..)
+        return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate x [..., C, head_dim] by the angles in cos/sin [C or 1, rotary_dim]."""
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return x * cos + self._pair_swap(x) * sin
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat([rot * cos + self._pair_swap(rot) * sin, rest], dim=-1)
+
+    def _pair_swap(self, x: Tensor) -> Tensor:
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))  # [..., R/2, 2]
+            return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _flash_cpu_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+_FLASH_CPU = _flash_cpu_available()
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                       fused: bool = True) -> tuple[Tensor, Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each query row.
+
+    q [B, Hkv, Q, D] (query heads of one KV group folded into Q), k/v [B, Hkv, N, D],
+    bias [Q, N] additive (0 or -inf) or None.  Returns out [B, Hkv, Q, D] and
+    lse [B, Hkv, Q] (float32).  On CPU the fused flash kernel returns both; elsewhere
+    an exact eager computation is used.
+    """
+    if fused and _FLASH_CPU and q.device.type == "cpu":
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )
+        return out, lse.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hkv, Q, N]
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, Q]
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+def lambda_attention(q_local: Tensor, q_global: Tensor,
+                     k_local: Tensor, v_local: Tensor, local_bias: Tensor | None,
+                     k_global: Tensor | None, v_global: Tensor | None, global_bias: Tensor | None,
+                     scale: float, fused: bool = True) -> Tensor:
+    """Λ-attention for a block of queries, both branches under one softmax.
+
+    q_local  [B, H, C, D]: queries rotated at their own positions (local branch).
+    q_global [B, H, C, D]: the same queries rotated to the distance cap L.
+    k_local/v_local [B, Hkv, N, D]: window keys rotated at their positions.
+    k_global/v_global [B, Hkv, G, D]: the first tokens' keys, unrotated.
+    local_bias [g*C, N], global_bias [g*C, G]: additive masks over the folded
+    query rows (g = H / Hkv).  global_bias None means no query sees a global key.
+    Returns [B, H, C, D].
+    """
+    b, h, c, d = q_local.shape
+    hkv = k_local.shape[1]
+    g = h // hkv
+    # Fold the g query heads sharing one KV head into the row axis: KV is never repeated.
+    ql = q_local.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
+    out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused)
+    if global_bias is None or k_global is None or k_global.shape[2] == 0:
+        return out.view(b, h, c, d)
+    qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
+    g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale + global_bias.float()  # [B, Hkv, g*C, G]
+    total = torch.logaddexp(lse, torch.logsumexp(g_scores, dim=-1))  # [B, Hkv, g*C]
+    # Re-weight each branch by its share of the joint softmax; rows with no
+    # visible global key get exp(-inf) = 0 from that branch.
+    local_w = torch.exp(lse - total)[..., None]
+    g_probs = torch.exp(g_scores - total[..., None])
+    merged = out.float() * local_w + torch.matmul(g_probs.to(v_global.dtype), v_global).float()
+    return merged.to(q_local.dtype).view(b, h, c, d)
+
+
+def default_scale(head_dim: int) -> float:
+    """The usual 1/sqrt(d) softmax temperature."""
+    return 1.0 / math.sqrt(head_dim)
+
+

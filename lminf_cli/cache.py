@@ -1,0 +1,214 @@
+"""The constant-memory Λ cache: its state, its masks and its byte count.
+
+Per layer it keeps
+  * a ring of the most recent tokens' keys/values (keys rotated at positions
+    relative to a moving origin `base`), with room for the window plus one
+    chunk so that a chunk can be written before it is attended to;
+  * the first n_global tokens' keys (unrotated) and values.
+Nothing else is ever stored, so the bytes held are fixed when the cache is
+made, whatever the stream length.  Every `rebase_every` tokens the ring is
+rotated back so that rotation angles stay small: precision does not decay
+after millions of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention import NEG_INF, Rope, lambda_attention
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class LambdaSettings:
+    """Attention shape: n_global first tokens, n_local window, distance cap L."""
+
+    n_global: int
+    n_local: int
+    limit_distance: int
+
+    @classmethod
+    def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
+                  limit_distance: int | None = None) -> LambdaSettings:
+        """Paper defaults (n_local = L = trained length, n_global = 100), validated."""
+        limit = trained_length if limit_distance is None else limit_distance
+        if limit <= 0:
+            raise UsageError(f"--limit-distance must be a positive number of tokens, got {limit}")
+        local = limit if n_local is None else n_local
+        if local <= 0:
+            raise UsageError(f"--n-local must be a positive number of tokens, got {local}")
+        if local > limit:
+            raise UsageError(f"--n-local ({local}) must not exceed --limit-distance ({limit}): "
+                             "distances beyond it were never trained")
+        glob = 100 if n_global is None else n_global
+        if glob < 0:
+            raise UsageError(f"--n-global must be zero or more, got {glob}")
+        return cls(n_global=glob, n_local=local, limit_distance=limit)
+
+
+@dataclass
+class StepPlan:
+    """Everything the layers share for one forward of `n_new` tokens."""
+
+    start: int                 # index of the first new token in the stream
+    n_new: int
+    q_cos: Tensor              # [C, R] rotation of queries/keys at relative positions
+    q_sin: Tensor
+    cap_cos: Tensor            # [1, R] rotation to the distance cap L
+    cap_sin: Tensor
+    ring_slots: Tensor         # [C] ring slot of each new token
+    ring_view: int             # attend to ring[:ring_view] (a prefix until it wraps)
+    local_bias: Tensor         # [g*C, ring_view] 0 / -inf
+    global_new: tuple[int, int] | None  # new tokens [a, b) of the chunk that are global tokens
+    global_view: int           # number of stored global keys attended to
+    global_bias: Tensor | None  # [g*C, global_view] or None when no query sees one
+
+
+class LayerCache:
+    """One layer's buffers.  Attends a block of new tokens and stores them."""
+
+    def __init__(self, owner: LambdaCache, n_kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.owner = owner
+        ring, glob = owner.ring_size, owner.settings.n_global
+        self.k_ring = torch.zeros(1, n_kv_heads, ring, head_dim, device=device, dtype=dtype)
+        self.v_ring = torch.zeros_like(self.k_ring)
+        self.k_global = torch.zeros(1, n_kv_heads, glob, head_dim, device=device, dtype=dtype)
+        self.v_global = torch.zeros_like(self.k_global)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: StepPlan) -> Tensor:
+        """q [1, H, C, D], k/v [1, Hkv, C, D], all unrotated; returns [1, H, C, D]."""
+        rope, scale = self.owner.rope, self.owner.scale
+        if rope.scaling != 1.0:
+            q, k = q * rope.scaling, k * rope.scaling
+        q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
+        k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
+        self.k_ring[:, :, plan.ring_slots] = k_rot
+        self.v_ring[:, :, plan.ring_slots] = v
+        if plan.global_new is not None:
+            a, b = plan.global_new
+            # Global keys are kept unrotated: the query is rotated to L instead.
+            self.k_global[:, :, plan.start + a:plan.start + b] = k[:, :, a:b]
+            self.v_global[:, :, plan.start + a:plan.start + b] = v[:, :, a:b]
+        n = plan.ring_view
+        if plan.global_bias is None:
+            q_cap = q_local  # unused by lambda_attention
+        else:
+            q_cap = rope.rotate(q, plan.cap_cos, plan.cap_sin)
+        gv = plan.global_view
+        return lambda_attention(
+            q_local, q_cap,
+            self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
+            self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
+            scale, fused=self.owner.fused,
+        )
+
+    def rotate_ring(self, cos: Tensor, sin: Tensor) -> None:
+        """Rotate every ring key by one angle (re-basing relative positions)."""
+        self.k_ring.copy_(self.owner.rope.rotate(self.k_ring, cos, sin))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer's buffers."""
+        return sum(t.numel() * t.element_size() for t in (self.k_ring, self.v_ring, self.k_global, self.v_global))
+
+
+class LambdaCache:
+    """Λ-attention KV cache for a whole model; its size is fixed at creation.
+
+    `max_chunk` is the largest block one forward may add; the ring holds
+    n_local + max_chunk tokens so a block can be stored before it is attended to
+    without overwriting keys that earlier queries of the same block still need.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Rope,
+                 settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, scale: float | None = None,
+                 fused: bool = True, rebase_every: int | None = None) -> None:
+        if max_chunk <= 0:
+            raise UsageError(f"--chunk-size must be a positive number of tokens, got {max_chunk}")
+        self.settings = settings
+        self.rope = rope
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.groups = n_heads // n_kv_heads
+        self.max_chunk = max_chunk
+        self.ring_size = settings.n_local + max_chunk
+        self.device, self.dtype = torch.device(device), dtype
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.fused = fused
+        # Relative positions stay below about 2 * ring_size + max_chunk.
+        self.rebase_every = rebase_every or self.ring_size
+        self.length = 0          # tokens seen so far
+        self.base = 0            # stream index whose relative position is 0
+        self.rebases = 0
+        self.layers = [LayerCache(self, n_kv_heads, head_dim, self.device, dtype) for _ in range(n_layers)]
+
+    # -- bookkeeping -------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V state held; constant for the life of the cache."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def max_relative_position(self) -> int:
+        """Largest relative position a rotation has used so far (bounded)."""
+        return max(0, self.length - 1 - self.base)
+
+    def _slot_positions(self, total: int, view: int) -> Tensor:
+        """Stream index held by each of the first `view` ring slots once `total` tokens are stored."""
+        slots = torch.arange(view)
+        return slots + self.ring_size * torch.div(total - 1 - slots, self.ring_size, rounding_mode="floor")
+
+    def _maybe_rebase(self, end: int) -> None:
+        if end - self.base <= self.rebase_every + self.ring_size:
+            return
+        # Keep the oldest stored token at relative position >= 0.
+        new_base = max(self.base, self.length - self.ring_size)
+        delta = new_base - self.base
+        if delta == 0:
+            return
+        cos, sin = self.rope.cos_sin(torch.tensor([-delta]), self.device, self.dtype)
+        for layer in self.layers:
+            layer.rotate_ring(cos, sin)
+        self.base = new_base
+        self.rebases += 1
+
+    def plan(self, n_new: int) -> StepPlan:
+        """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers."""
+        if not 0 < n_new <= self.max_chunk:
+            raise ValueError(f"a forward adds 1..{self.max_chunk} tokens, got {n_new}")
+        s = self.settings
+        start, end = self.length, self.length + n_new
+        self._maybe_rebase(end)
+        idx = torch.arange(start, end)                                    # [C] stream indices
+        q_cos, q_sin = self.rope.cos_sin(idx - self.base, self.device, self.dtype)
+        cap_cos, cap_sin = self.rope.cos_sin(torch.tensor([s.limit_distance]), self.device, self.dtype)
+
+        ring_view = min(end, self.ring_size)
+        kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
+        dist = idx[:, None] - kpos[None, :]                               # [C, N]
+        local_ok = (dist >= 0) & (dist < s.n_local) & (kpos[None, :] >= 0)
+        local_bias = self._bias(local_ok)
+
+        global_new = None
+        if start < s.n_global:
+            global_new = (0, min(end, s.n_global) - start)
+        global_view = min(end, s.n_global)
+        global_bias = None
+        if global_view and end - 1 >= s.n_local:  # some query is far enough from token 0
+            gdist = idx[:, None] - torch.arange(global_view)[None, :]     # [C, G]
+            global_bias = self._bias(gdist >= s.n_local)
+        return StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
+                        ring_view, local_bias, global_new, global_view, global_bias)
+
+    def _bias(self, visible: Tensor) -> Tensor:
+        """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N]."""
+        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, NEG_INF)
+        return bias.repeat(self.groups, 1).to(self.device)
+
+    def commit(self, plan: StepPlan) -> None:
+        """Record that the planned tokens are now stored in every layer."""
+        self.length = plan.start + plan.n_new

