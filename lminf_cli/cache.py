@@ -13,7 +13,8 @@ after millions of tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -65,6 +66,17 @@ class StepPlan:
     global_new: tuple[int, int] | None  # new tokens [a, b) of the chunk that are global tokens
     global_view: int           # number of stored global keys attended to
     global_bias: Tensor | None  # [g*C, global_view] or None when no query sees one
+    moved: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> StepPlan:
+        """This plan with its tensors on `device` (models split across devices), memoised."""
+        if self.q_cos.device == device:
+            return self
+        if device not in self.moved:
+            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moved"}
+            self.moved[device] = StepPlan(**{k: v.to(device) if isinstance(v, Tensor) else v
+                                             for k, v in fields.items()})
+        return self.moved[device]
 
 
 class LayerCache:
@@ -81,6 +93,7 @@ class LayerCache:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: StepPlan) -> Tensor:
         """q [1, H, C, D], k/v [1, Hkv, C, D], all unrotated; returns [1, H, C, D]."""
+        plan = plan.on(self.k_ring.device)
         rope, scale = self.owner.rope, self.owner.scale
         if rope.scaling != 1.0:
             q, k = q * rope.scaling, k * rope.scaling
@@ -127,7 +140,8 @@ class LambdaCache:
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Rope,
                  settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, scale: float | None = None,
-                 fused: bool = True, rebase_every: int | None = None) -> None:
+                 fused: bool = True, rebase_every: int | None = None,
+                 layer_devices: list[torch.device] | None = None) -> None:
         if max_chunk <= 0:
             raise UsageError(f"--chunk-size must be a positive number of tokens, got {max_chunk}")
         self.settings = settings
@@ -144,7 +158,8 @@ class LambdaCache:
         self.length = 0          # tokens seen so far
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
-        self.layers = [LayerCache(self, n_kv_heads, head_dim, self.device, dtype) for _ in range(n_layers)]
+        devices = layer_devices or [self.device] * n_layers
+        self.layers = [LayerCache(self, n_kv_heads, head_dim, torch.device(d), dtype) for d in devices]
 
     # -- bookkeeping -------------------------------------------------------
     @property
@@ -172,7 +187,7 @@ class LambdaCache:
             return
         cos, sin = self.rope.cos_sin(torch.tensor([-delta]), self.device, self.dtype)
         for layer in self.layers:
-            layer.rotate_ring(cos, sin)
+            layer.rotate_ring(cos.to(layer.k_ring.device), sin.to(layer.k_ring.device))
         self.base = new_base
         self.rebases += 1
 

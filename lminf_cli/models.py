@@ -157,8 +157,13 @@ def _save_converted(model: Any, tok: Any, converted: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a model by --model spec (directory, .gguf file or cached hub id)."""
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None,
+               device_map: str | None = None) -> LoadedModel:
+    """Load a model by --model spec (directory, .gguf file or cached hub id).
+
+    `device_map` ("auto", ...) lets accelerate spread a model too large for one
+    device across the GPUs and the CPU.
+    """
     spec = resolve_model_spec(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -178,13 +183,13 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
             if not (path / "config.json").is_file():
                 raise ModelError(f"'{spec}' is a directory without config.json: not a Hugging Face model")
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **_map(device_map))
             name = path.name
         elif spec.startswith((".", "/", "~")) or path.exists():
             raise ModelError(f"model not found: {spec} (expected a model directory or a .gguf file)")
         else:
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True, **_map(device_map))
             name = spec
     except ModelError:
         raise
@@ -193,7 +198,11 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
             raise ModelError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
         raise ModelError(f"model '{spec}' is not a local directory or .gguf file and is not in the "
                          "local Hugging Face cache (lminf never downloads)") from exc
-    return from_hf(model, tok, name, dev, dt)
+    return from_hf(model, tok, name, None if device_map else dev, dt)
+
+
+def _map(device_map: str | None) -> dict[str, Any]:
+    return {"device_map": device_map} if device_map else {}
 
 
 def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.device | str | None = None,
@@ -201,6 +210,9 @@ def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.devic
     """Wrap an already-built HF model (e.g. random weights from a config)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     dt = dtype or next(model.parameters()).dtype
-    model = model.to(device=dev, dtype=dt).eval()
+    if getattr(model, "hf_device_map", None):
+        model = model.eval()  # already placed by accelerate; moving it would undo the map
+    else:
+        model = model.to(device=dev, dtype=dt).eval()
     adapter = adapter_for(model)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt)

@@ -50,7 +50,12 @@ class Adapter:
         p = next(self.model.parameters())
         return LambdaCache(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.rope, settings,
                            max_chunk, device=p.device, dtype=p.dtype, scale=self.scale, fused=fused,
-                           rebase_every=rebase_every)
+                           rebase_every=rebase_every, layer_devices=self.layer_devices())
+
+    def layer_devices(self) -> list[torch.device]:
+        """Device of each decoder layer (they differ when a device map splits the model)."""
+        p = next(self.model.parameters())
+        return [p.device] * self.n_layers
 
     def forward(self, ids: Tensor, cache: LambdaCache, rows: Rows = None) -> Tensor | None:
         """Add ids [1, C] to the cache; logits [1, len(rows), V] for `rows`, or None."""

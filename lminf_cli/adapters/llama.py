@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..cache import LambdaCache
@@ -44,6 +45,7 @@ class LlamaAdapter(Adapter):
         x = self.embed(ids)  # [1, C, hidden]
         for layer, lc in zip(self.layers, cache.layers, strict=True):
             attn = layer.self_attn
+            x = x.to(lc.k_ring.device)  # no-op unless a device map split the model
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(1, c, self.n_heads, self.head_dim)      # [1, C, H, D]
             k = attn.k_proj(h).view(1, c, self.n_kv_heads, self.head_dim)   # [1, C, Hkv, D]
@@ -56,4 +58,8 @@ class LlamaAdapter(Adapter):
         cache.commit(plan)
         if rows is None:
             return None
-        return self.lm_head(self.norm(x[:, rows]))  # [1, rows, V]
+        x = x[:, rows].to(self.norm.weight.device)
+        return self.lm_head(self.norm(x).to(self.lm_head.weight.device))  # [1, rows, V]
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.input_layernorm.weight.device for layer in self.layers]

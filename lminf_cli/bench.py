@@ -1,0 +1,367 @@
+"""Side-by-side benchmark: the unmodified model vs the LM-Infinite engine.
+
+Each (variant, length) runs in its own child process (`python -m lminf_cli.bench SPEC`),
+so one run's peak memory cannot pollute the next and a run that is killed for
+memory or time leaves the others intact.  Timers start after a warm-up and read
+only after a device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+# Shapes of well-known models, for speed and memory at their real scale without
+# their weights.  Parameter counts are checked against the published ones in tests.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       vocab_size=32000, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                       sliding_window=4096, vocab_size=32000, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+PUBLISHED_PARAMS = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
+                    "smollm2-135m": 134_515_008}
+# Peak DRAM bandwidth (bytes/s) of GPUs we know, matched by name.
+GPU_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
+                 ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 864e9), ("L4", 300e9),
+                 ("A10G", 600e9), ("RTX 4090", 1008e9), ("RTX 3090", 936e9), ("V100", 900e9), ("T4", 320e9)]
+VARIANTS = ("baseline", "lminf")
+
+
+def arch_config(arch: str):
+    """An HF config for a named architecture."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHS:
+        raise UsageError(f"unknown --arch '{arch}'; known: {', '.join(ARCHS)}")
+    kw = dict(ARCHS[arch])
+    model_type = kw.pop("model_type")
+    theta = kw.pop("rope_theta")
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    cfg.rope_theta = theta  # older transformers read this attribute
+    return cfg
+
+
+def count_parameters(arch: str) -> int:
+    """Parameters of a named architecture, counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch_config(arch))
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class BenchSpec:
+    """What one child process runs."""
+
+    variant: str
+    length: int
+    decode_tokens: int = 64
+    model: str | None = None
+    arch: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    text: str | None = None
+    n_local: int | None = None
+    n_global: int | None = None
+    limit_distance: int | None = None
+    chunk_size: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    """Measurements of one (variant, length) run; status says whether they exist."""
+
+    variant: str
+    length: int
+    status: str = "ok"             # ok | oom | timeout | error
+    message: str = ""
+    device: str = ""
+    model: str = ""
+    encode_seconds: float | None = None
+    encode_tps: float | None = None
+    decode_tps: float | None = None
+    median_step_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_beyond_weights_bytes: int | None = None
+    weight_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    bandwidth_bytes_per_s: float | None = None
+    bandwidth_fraction: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- child side
+
+class PeakMemory:
+    """Peak memory since `reset()`: CUDA max allocated, or the process's peak RSS (VmHWM)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        """Forget earlier peaks (model loading) so only the run itself counts."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):  # Linux: "5" resets this process's peak RSS (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> int:
+        """Peak bytes since the last reset."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load(spec: BenchSpec):
+    from .models import from_hf, load_model, pick_device, pick_dtype
+
+    if spec.arch:
+        from transformers import AutoModelForCausalLM
+
+        dev = pick_device(spec.device)
+        dt = pick_dtype(spec.dtype, dev)
+        torch.manual_seed(spec.seed)
+        cfg = arch_config(spec.arch)
+        if spec.device_map:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            # Built in host memory, then spread over the devices by accelerate.
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+            model = dispatch_model(model, device_map=infer_auto_device_map(model, dtype=dt))
+        else:
+            with torch.device(dev):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+        return from_hf(model, None, f"{spec.arch} (random weights)", None if spec.device_map else dev, dt)
+    return load_model(spec.model, spec.device, spec.dtype, device_map=spec.device_map)
+
+
+def bench_tokens(spec: BenchSpec, tokenizer, vocab_size: int) -> torch.Tensor:
+    """`length` input tokens: from --text, else Shakespeare when installed, else seeded random ids."""
+    text = None
+    if spec.text:
+        text = Path(spec.text).read_text(encoding="utf-8", errors="replace")
+    elif tokenizer is not None:
+        from .corpus import all_plays_text, plays_dir
+
+        if plays_dir() is not None:
+            text = all_plays_text()[: spec.length * 6]  # ~4 chars per token, with margin
+    if text is not None and tokenizer is not None:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise UsageError("--text has no tokens")
+        reps = -(-spec.length // len(ids))
+        return torch.tensor((ids * reps)[: spec.length], dtype=torch.long)
+    g = torch.Generator().manual_seed(spec.seed)
+    return torch.randint(0, vocab_size, (spec.length,), generator=g)
+
+
+def _bandwidth(result: RunResult, device: torch.device, bytes_per_token: int) -> None:
+    if not result.median_step_ms:
+        return
+    result.bandwidth_bytes_per_s = bytes_per_token / (result.median_step_ms / 1000)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_BANDWIDTH:
+            if key.lower() in name.lower():
+                result.bandwidth_fraction = result.bandwidth_bytes_per_s / peak
+                break
+
+
+def run_one(spec: BenchSpec) -> RunResult:
+    """Load, warm up, then time encode + decode of one variant in this process."""
+    from .generate import Engine, sync
+
+    lm = _load(spec)
+    dev = lm.device
+    result = RunResult(spec.variant, spec.length, device=str(dev), model=lm.name)
+    vocab = lm.model.config.vocab_size
+    ids = bench_tokens(spec, lm.tokenizer, vocab).to(dev)
+    weights = lm.weight_bytes
+    mem = PeakMemory(dev)
+    steps: list[float] = []
+    with torch.inference_mode():
+        if spec.variant == "lminf":
+            from .cache import LambdaSettings
+            from .generate import DEFAULT_CHUNK_SIZE
+
+            settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
+                                                spec.limit_distance)
+            engine = Engine(lm, settings, chunk_size=spec.chunk_size or DEFAULT_CHUNK_SIZE)
+            warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
+            for _ in range(3):
+                engine.step(warm, 1)
+            del warm
+            mem.reset()
+            sync(dev)
+            t0 = time.perf_counter()
+            state = engine.encode(ids)
+            sync(dev)
+            result.encode_seconds = time.perf_counter() - t0
+            token = int(torch.argmax(state.logits))
+            for _ in range(spec.decode_tokens):
+                t1 = time.perf_counter()
+                token = int(torch.argmax(engine.step(state, token)))  # argmax syncs the device
+                steps.append(time.perf_counter() - t1)
+            result.kv_cache_bytes = state.cache.nbytes
+            result.extra = {"n_local": settings.n_local, "n_global": settings.n_global,
+                            "limit_distance": settings.limit_distance, "chunk_size": engine.chunk_size}
+        else:
+            model = lm.model
+            warm = model(ids[None, :64], use_cache=True, logits_to_keep=1)
+            model(ids[None, 64:65], past_key_values=warm.past_key_values, use_cache=True)
+            del warm
+            mem.reset()
+            sync(dev)
+            t0 = time.perf_counter()
+            out = model(ids[None], use_cache=True, logits_to_keep=1)
+            sync(dev)
+            result.encode_seconds = time.perf_counter() - t0
+            past = out.past_key_values
+            token = int(torch.argmax(out.logits[0, -1]))
+            for _ in range(spec.decode_tokens):
+                t1 = time.perf_counter()
+                out = model(torch.tensor([[token]], device=dev), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(torch.argmax(out.logits[0, -1]))
+                steps.append(time.perf_counter() - t1)
+            result.kv_cache_bytes = _dynamic_cache_bytes(past)
+    result.encode_tps = spec.length / result.encode_seconds
+    if steps:
+        result.decode_tps = len(steps) / sum(steps)
+        result.median_step_ms = sorted(steps)[len(steps) // 2] * 1000
+    result.peak_memory_bytes = mem.read()
+    result.weight_bytes = weights
+    if dev.type == "cuda":  # CUDA counts allocations only: the weights are part of them
+        result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
+    else:  # RSS also holds the runtime itself; still, weights are the part both variants share
+        result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
+    _bandwidth(result, dev, weights + (result.kv_cache_bytes or 0))
+    return result
+
+
+def _dynamic_cache_bytes(past) -> int:
+    total = 0
+    for layer in getattr(past, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- parent side
+
+def classify_failure(returncode: int, stderr: str) -> tuple[str, str]:
+    """A failed child's status ('oom' or 'error') and a one-line reason."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else ""
+    if returncode in (-signal.SIGKILL, 137) or "out of memory" in text.lower() or "MemoryError" in text:
+        return "oom", "out of memory" + (f" ({last[:120]})" if last and "memory" in last.lower() else "")
+    return "error", last[:200] or f"exit code {returncode}"
+
+
+Runner = Callable[[BenchSpec, float | None], RunResult]
+
+
+def run_in_child(spec: BenchSpec, timeout: float | None) -> RunResult:
+    """Run one spec in a fresh Python process; timeouts and crashes become statuses."""
+    cmd = [sys.executable, "-m", "lminf_cli.bench", json.dumps(dataclasses.asdict(spec))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return RunResult(spec.variant, spec.length, status="timeout", message=f"over {timeout:.0f} s")
+    if proc.returncode == 0 and proc.stdout.strip():
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        return RunResult(**data)
+    status, message = classify_failure(proc.returncode, proc.stderr)
+    return RunResult(spec.variant, spec.length, status=status, message=message)
+
+
+def run_bench(base: BenchSpec, lengths: list[int], baseline: bool = True, baseline_timeout: float | None = None,
+              runner: Runner = run_in_child, on_start: Callable[[str, int], None] | None = None) -> list[RunResult]:
+    """Every length, the unmodified model first (unless skipped), then lminf."""
+    results = []
+    for length in lengths:
+        for variant in VARIANTS:
+            if variant == "baseline" and not baseline:
+                continue
+            spec = dataclasses.replace(base, variant=variant, length=length)
+            if on_start is not None:
+                on_start(variant, length)
+            results.append(runner(spec, baseline_timeout if variant == "baseline" else None))
+    return results
+
+
+def ratios(results: list[RunResult]) -> dict[int, dict[str, float | None]]:
+    """Per length: encode speedup, decode speedup and memory saving of lminf over the baseline."""
+    out: dict[int, dict[str, float | None]] = {}
+    by_key = {(r.variant, r.length): r for r in results}
+    for length in dict.fromkeys(r.length for r in results):
+        b, m = by_key.get(("baseline", length)), by_key.get(("lminf", length))
+        if not b or not m or b.status != "ok" or m.status != "ok":
+            continue
+
+        def div(x, y):
+            return x / y if x and y else None
+
+        out[length] = {
+            "encode_speedup": div(b.encode_seconds, m.encode_seconds),
+            "decode_speedup": div(m.decode_tps, b.decode_tps),
+            "memory_saving": div(b.peak_memory_bytes, m.peak_memory_bytes),
+            "memory_saving_beyond_weights": div(b.peak_beyond_weights_bytes, m.peak_beyond_weights_bytes),
+        }
+    return out
+
+
+def _child_main(argv: list[str]) -> int:
+    spec = BenchSpec(**json.loads(argv[0]))
+    result = run_one(spec)
+    sys.stdout.write(json.dumps(dataclasses.asdict(result)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,187 @@
+"""`lminf bench`: the unmodified model and LM-Infinite side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import (
+    ChunkOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LimitOpt,
+    ModelOpt,
+    NGlobalOpt,
+    NLocalOpt,
+    QuietOpt,
+    check_attention_options,
+    cli_errors,
+)
+from ..errors import UsageError
+from ..ui import status, write_stdout
+from ..units import human_bytes, human_tokens, parse_lengths
+
+
+def bench(
+    length: Annotated[str, typer.Option("--length", "-l", help="Input length(s): 4096, 32k, 128K, 1M; "
+                                        "comma-separated for several.")] = "32k",
+    decode_tokens: Annotated[int, typer.Option(help="Tokens to decode after the encode.")] = 64,
+    text: Annotated[Optional[str], typer.Option(help="Take input tokens from this text file "
+                                                "[default: Shakespeare if installed, else seeded random ids].")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",
+                                           help="Also run the unmodified model.")] = True,
+    baseline_timeout: Annotated[float, typer.Option(help="Seconds before a baseline run is stopped.")] = 3600,
+    arch: Annotated[Optional[str], typer.Option(help="Known architecture shape (llama-2-7b, llama-3-8b, "
+                                                "mistral-7b, smollm2-135m); needs --random-weights.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build --arch from its config "
+                                                 "with random weights (no download).")] = False,
+    device_map: Annotated[Optional[str], typer.Option(help="e.g. auto: spread a large model over "
+                                                      "the GPUs and CPU with accelerate.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG of time and memory against length.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
+    from ..bench import BenchSpec, ratios, run_bench
+
+    with cli_errors():
+        lengths = parse_lengths(length)
+        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        if decode_tokens < 0:
+            raise UsageError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+        if baseline_timeout <= 0:
+            raise UsageError(f"--baseline-timeout must be positive, got {baseline_timeout}")
+        if (arch is None) != (not random_weights):
+            raise UsageError("--arch and --random-weights go together (shapes without weights)")
+        if arch and model:
+            raise UsageError("give either --model or --arch, not both")
+        if arch:
+            from ..bench import ARCHS
+            if arch not in ARCHS:
+                raise UsageError(f"unknown --arch '{arch}'; known: {', '.join(ARCHS)}")
+        if text is not None:
+            from ..documents import read_document
+            read_document(text)  # fail now, not inside every child
+        if plot:
+            _check_matplotlib()
+        spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=model, arch=arch,
+                         device=device, dtype=dtype, device_map=device_map, text=text, n_local=n_local,
+                         n_global=n_global, limit_distance=limit_distance, chunk_size=chunk_size)
+        console = Console(stderr=True)
+
+        def started(variant: str, n: int) -> None:
+            if not quiet:
+                console.print(f"[dim]running {variant} at {human_tokens(n)} tokens…[/dim]", highlight=False)
+
+        with status("Benchmarking", quiet):
+            results = run_bench(spec, lengths, baseline=baseline, baseline_timeout=baseline_timeout,
+                                on_start=started)
+        summary = ratios(results)
+        if as_json:
+            payload = {"results": [dataclasses.asdict(r) for r in results],
+                       "ratios": {str(k): v for k, v in summary.items()}}
+            write_stdout(json.dumps(payload, indent=2) + "\n")
+        else:
+            out = Console()
+            if not out.is_terminal:
+                out = Console(width=200)  # files and pipes get the whole table, unwrapped
+            out.print(render_table(results, summary))
+        if plot:
+            write_plot(results, plot)
+        failed = [r for r in results if r.status == "error"]
+        for r in failed:
+            typer.echo(f"lminf: {r.variant} at {human_tokens(r.length)} failed: {r.message}", err=True)
+        if results and all(r.status == "error" for r in results):
+            raise typer.Exit(1)
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return human_bytes(value)
+    if kind == "s":
+        return f"{value:,.1f}"
+    if kind == "ms":
+        return f"{value:,.1f}"
+    if kind == "tps":
+        return f"{value:,.1f}"
+    if kind == "bw":
+        return f"{value / 1e9:,.1f}"
+    return str(value)
+
+
+def render_table(results, summary) -> Table:
+    """The side-by-side table; OOM/timeout cells say so instead of numbers."""
+    table = Table(title="lminf bench", title_justify="left")
+    for col in ("length", "variant", "encode s", "encode tok/s", "decode tok/s", "step ms (median)",
+                "peak mem", "beyond weights", "KV cache", "decode GB/s"):
+        table.add_column(col, justify="left" if col in ("length", "variant") else "right")
+    for r in results:
+        if r.status != "ok":
+            label = {"oom": "OOM", "timeout": "timeout"}.get(r.status, "error")
+            table.add_row(human_tokens(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-")
+            continue
+        bw = _fmt(r.bandwidth_bytes_per_s, "bw")
+        if r.bandwidth_fraction is not None:
+            bw += f" ({r.bandwidth_fraction:.0%})"
+        table.add_row(human_tokens(r.length), r.variant, _fmt(r.encode_seconds, "s"), _fmt(r.encode_tps, "tps"),
+                      _fmt(r.decode_tps, "tps"), _fmt(r.median_step_ms, "ms"), _fmt(r.peak_memory_bytes, "bytes"),
+                      _fmt(r.peak_beyond_weights_bytes, "bytes"), _fmt(r.kv_cache_bytes, "bytes"), bw)
+    for length, s in summary.items():
+        def x(v):
+            return f"{v:.2f}x" if v else "-"
+        table.add_row(human_tokens(length), "[bold]speedup[/bold]", x(s["encode_speedup"]), "",
+                      x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
+                      "", "")
+    return table
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'lminf[bench]')") from None
+
+
+def write_plot(results, path: str) -> None:
+    """Encode time and peak memory against length, both variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant, style in (("baseline", "o--"), ("lminf", "s-")):
+        rows = [r for r in results if r.variant == variant and r.status == "ok"]
+        if not rows:
+            continue
+        xs = [r.length for r in rows]
+        ax1.plot(xs, [r.encode_seconds for r in rows], style, label=variant)
+        ax2.plot(xs, [r.peak_memory_bytes / 2**30 for r in rows], style, label=variant)
+    for ax, ylabel in ((ax1, "encode time (s)"), (ax2, "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("input tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `lminf bench`."""
+    app.command("bench")(bench)
