@@ -72,6 +72,52 @@ def _flash_cpu_available() -> bool:
 
 
 _FLASH_CPU = _flash_cpu_available()
+# (device, dtype) -> whether the CUDA memory-efficient kernel passed its self-check.
+_CUDA_LSE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _eager_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hkv, Q, N]
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, Q]
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+def _cuda_efficient_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    b, h, nq, _ = q.shape
+    n = k.shape[-2]
+    attn_bias = None
+    if bias is not None:
+        # The kernel wants the bias row stride aligned to 16 elements: pad, then view.
+        padded = torch.empty(nq, n + (-n) % 16, device=q.device, dtype=q.dtype)
+        padded[:, :n] = bias
+        attn_bias = padded[:, :n].expand(b, h, nq, n)  # [B, Hkv, Q, N]
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, attn_bias, True, 0.0, False, scale=scale)
+    return out, lse[..., :nq].float()  # the kernel may pad the LSE rows
+
+
+def _cuda_kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Check the private fused kernel once against the eager math before trusting it."""
+    key = (str(device), dtype)
+    if key not in _CUDA_LSE_OK:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(1, 2, n, 64, device=device, dtype=dtype, generator=g) for n in (37, 83, 83))
+            bias = torch.zeros(37, 83, device=device, dtype=dtype)
+            bias[:, 50:] = NEG_INF
+            o1, l1 = _cuda_efficient_lse(q, k, v, bias, 0.125)
+            o2, l2 = _eager_lse(q, k, v, bias, 0.125)
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            ok = bool(torch.allclose(o1.float(), o2.float(), atol=tol) and torch.allclose(l1, l2, atol=tol))
+        except (RuntimeError, TypeError, AttributeError):
+            ok = False
+        _CUDA_LSE_OK[key] = ok
+    return _CUDA_LSE_OK[key]
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
@@ -80,8 +126,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
 
     q [B, Hkv, Q, D] (query heads of one KV group folded into Q), k/v [B, Hkv, N, D],
     bias [Q, N] additive (0 or -inf) or None.  Returns out [B, Hkv, Q, D] and
-    lse [B, Hkv, Q] (float32).  On CPU the fused flash kernel returns both; elsewhere
-    an exact eager computation is used.
+    lse [B, Hkv, Q] (float32).  Fused kernels return both on CPU (flash) and CUDA
+    (memory-efficient, after a one-time self-check); otherwise exact eager math.
     """
     if fused and _FLASH_CPU and q.device.type == "cpu":
         if bias is not None:
@@ -90,12 +136,9 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
         return out, lse.float()
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hkv, Q, N]
-    if bias is not None:
-        scores = scores + bias.float()
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, Q]
-    probs = torch.exp(scores - lse[..., None])
-    return torch.matmul(probs.to(v.dtype), v), lse
+    if fused and q.device.type == "cuda" and _cuda_kernel_ok(q.device, q.dtype):
+        return _cuda_efficient_lse(q, k, v, bias, scale)
+    return _eager_lse(q, k, v, bias, scale)
 
 
 def lambda_attention(q_local: Tensor, q_global: Tensor,
