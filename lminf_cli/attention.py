@@ -144,7 +144,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
 def lambda_attention(q_local: Tensor, q_global: Tensor,
                      k_local: Tensor, v_local: Tensor, local_bias: Tensor | None,
                      k_global: Tensor | None, v_global: Tensor | None, global_bias: Tensor | None,
-                     scale: float, fused: bool = True) -> Tensor:
+                     scale: float, fused: bool = True, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Λ-attention for a block of queries, both branches under one softmax.
 
     q_local  [B, H, C, D]: queries rotated at their own positions (local branch).
@@ -153,7 +153,8 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     k_global/v_global [B, Hkv, G, D]: the first tokens' keys, unrotated.
     local_bias [g*C, N], global_bias [g*C, G]: additive masks over the folded
     query rows (g = H / Hkv).  global_bias None means no query sees a global key.
-    Returns [B, H, C, D].
+    Returns [B, H, C, D], and with return_lse the joint log-sum-exp [B, Hkv, g*C]
+    so that further keys (retrieved middle tokens) can join the same softmax.
     """
     b, h, c, d = q_local.shape
     hkv = k_local.shape[1]
@@ -162,7 +163,7 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     ql = q_local.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
     out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused)
     if global_bias is None or k_global is None or k_global.shape[2] == 0:
-        return out.view(b, h, c, d)
+        return (out.view(b, h, c, d), lse) if return_lse else out.view(b, h, c, d)
     qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
     g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale + global_bias.float()  # [B, Hkv, g*C, G]
     total = torch.logaddexp(lse, torch.logsumexp(g_scores, dim=-1))  # [B, Hkv, g*C]
@@ -171,7 +172,18 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     local_w = torch.exp(lse - total)[..., None]
     g_probs = torch.exp(g_scores - total[..., None])
     merged = out.float() * local_w + torch.matmul(g_probs.to(v_global.dtype), v_global).float()
-    return merged.to(q_local.dtype).view(b, h, c, d)
+    merged = merged.to(q_local.dtype).view(b, h, c, d)
+    return (merged, total) if return_lse else merged
+
+
+def merge_extra_keys(out: Tensor, lse: Tensor, scores: Tensor, values: Tensor) -> Tensor:
+    """Add keys to an already-normalised softmax: out [H, D] with log-sum-exp lse [H],
+    extra raw scores [H, k] (scale applied) and their values [H, k, D]."""
+    extra = torch.logsumexp(scores, dim=-1)                                  # [H]
+    total = torch.logaddexp(lse, extra)
+    probs = torch.exp(scores - total[:, None])                               # [H, k]
+    added = torch.einsum("hk,hkd->hd", probs, values.float())
+    return (out.float() * torch.exp(lse - total)[:, None] + added).to(out.dtype)
 
 
 def default_scale(head_dim: int) -> float:

@@ -98,6 +98,8 @@ class BenchSpec:
     n_global: int | None = None
     limit_distance: int | None = None
     chunk_size: int | None = None
+    middle_top_k: int = 0
+    middle_from_layer: int = 4
     seed: int = 0
 
 
@@ -227,7 +229,7 @@ def run_one(spec: BenchSpec) -> RunResult:
             from .generate import DEFAULT_CHUNK_SIZE
 
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
-                                                spec.limit_distance)
+                                                spec.limit_distance, spec.middle_top_k, spec.middle_from_layer)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size or DEFAULT_CHUNK_SIZE)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):
@@ -246,7 +248,9 @@ def run_one(spec: BenchSpec) -> RunResult:
                 steps.append(time.perf_counter() - t1)
             result.kv_cache_bytes = state.cache.nbytes
             result.extra = {"n_local": settings.n_local, "n_global": settings.n_global,
-                            "limit_distance": settings.limit_distance, "chunk_size": engine.chunk_size}
+                            "limit_distance": settings.limit_distance, "chunk_size": engine.chunk_size,
+                            "middle_top_k": settings.middle_top_k,
+                            "middle_store_bytes": state.cache.middle_nbytes}
         else:
             model = lm.model
             warm = model(ids[None, :64], use_cache=True, logits_to_keep=1)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .attention import NEG_INF, Rope, lambda_attention
+from .attention import NEG_INF, Rope, lambda_attention, merge_extra_keys
 from .errors import UsageError
+from .retrieval import MiddleStore
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,21 @@ class LambdaSettings:
     n_global: int
     n_local: int
     limit_distance: int
+    # Top-k middle retrieval (paper, final version); 0 turns it off.
+    middle_top_k: int = 0
+    middle_from_layer: int = 4
+    middle_distance: int = 0
+    middle_block: int = 64
 
     @classmethod
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
-                  limit_distance: int | None = None) -> LambdaSettings:
-        """Paper defaults (n_local = L = trained length, n_global = 100), validated."""
+                  limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
+                  middle_distance: int | None = None) -> LambdaSettings:
+        """Paper defaults (n_local = L = trained length, n_global = 100), validated.
+
+        The middle insertion distance defaults to half the window: retrieved
+        tokens read as if they sat well inside the trained range.
+        """
         limit = trained_length if limit_distance is None else limit_distance
         if limit <= 0:
             raise UsageError(f"--limit-distance must be a positive number of tokens, got {limit}")
@@ -47,7 +58,15 @@ class LambdaSettings:
         glob = 100 if n_global is None else n_global
         if glob < 0:
             raise UsageError(f"--n-global must be zero or more, got {glob}")
-        return cls(n_global=glob, n_local=local, limit_distance=limit)
+        if middle_top_k < 0:
+            raise UsageError(f"--middle-top-k must be zero or more, got {middle_top_k}")
+        if middle_from_layer < 0:
+            raise UsageError(f"--middle-from-layer must be zero or more, got {middle_from_layer}")
+        distance = local // 2 if middle_distance is None else middle_distance
+        if not 0 <= distance <= limit:
+            raise UsageError(f"--middle-distance must be between 0 and --limit-distance ({limit}), got {distance}")
+        return cls(n_global=glob, n_local=local, limit_distance=limit, middle_top_k=middle_top_k,
+                   middle_from_layer=middle_from_layer, middle_distance=distance)
 
 
 @dataclass
@@ -66,6 +85,12 @@ class StepPlan:
     global_new: tuple[int, int] | None  # new tokens [a, b) of the chunk that are global tokens
     global_view: int           # number of stored global keys attended to
     global_bias: Tensor | None  # [g*C, global_view] or None when no query sees one
+    evict_slots: Tensor | None = None  # ring slots of tokens leaving the window into the middle store
+    evict_cos: Tensor | None = None    # rotation back to unrotated keys for them
+    evict_sin: Tensor | None = None
+    retrieve: bool = False             # the last row also attends to the top-k middle tokens
+    ins_cos: Tensor | None = None      # rotation of that query to the insertion distance
+    ins_sin: Tensor | None = None
     moved: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> StepPlan:
@@ -83,8 +108,9 @@ class LayerCache:
     """One layer's buffers.  Attends a block of new tokens and stores them."""
 
     def __init__(self, owner: LambdaCache, n_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, middle: MiddleStore | None = None) -> None:
         self.owner = owner
+        self.middle = middle
         ring, glob = owner.ring_size, owner.settings.n_global
         self.k_ring = torch.zeros(1, n_kv_heads, ring, head_dim, device=device, dtype=dtype)
         self.v_ring = torch.zeros_like(self.k_ring)
@@ -106,18 +132,35 @@ class LayerCache:
             # Global keys are kept unrotated: the query is rotated to L instead.
             self.k_global[:, :, plan.start + a:plan.start + b] = k[:, :, a:b]
             self.v_global[:, :, plan.start + a:plan.start + b] = v[:, :, a:b]
+        if self.middle is not None and plan.evict_slots is not None:
+            # Tokens leaving the window: un-rotate and keep them for retrieval.
+            leaving = self.k_ring[0][:, plan.evict_slots]                       # [Hkv, n, D]
+            self.middle.append(rope.rotate(leaving, plan.evict_cos, plan.evict_sin),
+                               self.v_ring[0][:, plan.evict_slots])
         n = plan.ring_view
         if plan.global_bias is None:
             q_cap = q_local  # unused by lambda_attention
         else:
             q_cap = rope.rotate(q, plan.cap_cos, plan.cap_sin)
         gv = plan.global_view
-        return lambda_attention(
+        retrieve = plan.retrieve and self.middle is not None and self.middle.length > 0
+        out = lambda_attention(
             q_local, q_cap,
             self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
             self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
-            scale, fused=self.owner.fused,
+            scale, fused=self.owner.fused, return_lse=retrieve,
         )
+        if not retrieve:
+            return out
+        out, lse = out
+        b, h, c, d = out.shape
+        g = h // lse.shape[1]
+        last_lse = lse.view(b, lse.shape[1], g, c)[0, :, :, -1].reshape(h)      # [H], head = kv * g + gi
+        q_ins = rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)             # [H, D]
+        scores, _, values = self.middle.top_k(q_ins, self.owner.settings.middle_top_k, g)
+        out = out.clone()
+        out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * scale, values)
+        return out
 
     def rotate_ring(self, cos: Tensor, sin: Tensor) -> None:
         """Rotate every ring key by one angle (re-basing relative positions)."""
@@ -127,6 +170,11 @@ class LayerCache:
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers."""
         return sum(t.numel() * t.element_size() for t in (self.k_ring, self.v_ring, self.k_global, self.v_global))
+
+    @property
+    def middle_nbytes(self) -> int:
+        """Bytes of this layer's middle store (0 without retrieval)."""
+        return self.middle.nbytes if self.middle is not None else 0
 
 
 class LambdaCache:
@@ -141,7 +189,8 @@ class LambdaCache:
                  settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, scale: float | None = None,
                  fused: bool = True, rebase_every: int | None = None,
-                 layer_devices: list[torch.device] | None = None) -> None:
+                 layer_devices: list[torch.device] | None = None,
+                 store_device: torch.device | str = "cpu", store_dtype: torch.dtype | None = None) -> None:
         if max_chunk <= 0:
             raise UsageError(f"--chunk-size must be a positive number of tokens, got {max_chunk}")
         self.settings = settings
@@ -158,14 +207,27 @@ class LambdaCache:
         self.length = 0          # tokens seen so far
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
-        devices = layer_devices or [self.device] * n_layers
-        self.layers = [LayerCache(self, n_kv_heads, head_dim, torch.device(d), dtype) for d in devices]
+        self.stored_upto = settings.n_global  # middle tokens before this are in the stores
+        self.retrieve_last_row = False         # set by the engine for rows being generated
+        devices = [torch.device(d) for d in (layer_devices or [self.device] * n_layers)]
+        self.layers = []
+        for i, dev in enumerate(devices):
+            middle = None
+            if settings.middle_top_k and i >= settings.middle_from_layer:
+                middle = MiddleStore(n_kv_heads, head_dim, settings.middle_block, dev, torch.device(store_device),
+                                     store_dtype or dtype)
+            self.layers.append(LayerCache(self, n_kv_heads, head_dim, dev, dtype, middle))
 
     # -- bookkeeping -------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes of K/V state held; constant for the life of the cache."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def middle_nbytes(self) -> int:
+        """Bytes of the middle stores (grows with the stream; off the fast device)."""
+        return sum(layer.middle_nbytes for layer in self.layers)
 
     @property
     def max_relative_position(self) -> int:
@@ -216,8 +278,25 @@ class LambdaCache:
         if global_view and end - 1 >= s.n_local:  # some query is far enough from token 0
             gdist = idx[:, None] - torch.arange(global_view)[None, :]     # [C, G]
             global_bias = self._bias(gdist >= s.n_local)
-        return StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
+        plan = StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
                         ring_view, local_bias, global_new, global_view, global_bias)
+        if s.middle_top_k:
+            self._plan_middle(plan, end)
+        return plan
+
+    def _plan_middle(self, plan: StepPlan, end: int) -> None:
+        s = self.settings
+        lo, hi = max(self.stored_upto, s.n_global), end - s.n_local
+        if hi > lo:
+            # After this block is written the ring still holds [end - ring_size, end) ⊇ [lo, hi).
+            pos = torch.arange(lo, hi)
+            plan.evict_slots = (pos % self.ring_size).to(self.device)
+            plan.evict_cos, plan.evict_sin = self.rope.cos_sin(-(pos - self.base), self.device, self.dtype)
+            self.stored_upto = hi
+        if self.retrieve_last_row:
+            plan.retrieve = True
+            plan.ins_cos, plan.ins_sin = self.rope.cos_sin(torch.tensor([s.middle_distance]), self.device,
+                                                           self.dtype)
 
     def _bias(self, visible: Tensor) -> Tensor:
         """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N]."""

@@ -83,6 +83,13 @@ LimitOpt = Annotated[Optional[int], typer.Option(
 ChunkOpt = Annotated[Optional[int], typer.Option(
     "--chunk-size", help="Tokens per prefill forward pass [default: 256].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+MiddleTopKOpt = Annotated[int, typer.Option(
+    "--middle-top-k", help="Retrieval: the token being generated also attends to the K best-matching "
+    "middle tokens (beyond the window) [default: 0 = off].")]
+MiddleLayerOpt = Annotated[int, typer.Option(
+    "--middle-from-layer", help="Retrieval: first layer that retrieves (paper: 4).")]
+MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
+    "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: n_local/2].")]
 
 
 def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -94,8 +101,10 @@ def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> N
 
 
 def check_attention_options(n_local: int | None, n_global: int | None, limit: int | None,
-                             chunk: int | None) -> None:
+                            chunk: int | None, middle_top_k: int = 0, middle_from_layer: int = 4) -> None:
     """Fail fast, before the (slow) model load."""
+    _check_positive("--middle-top-k", middle_top_k, allow_zero=True)
+    _check_positive("--middle-from-layer", middle_from_layer, allow_zero=True)
     _check_positive("--n-local", n_local)
     _check_positive("--n-global", n_global, allow_zero=True)
     _check_positive("--limit-distance", limit)
@@ -103,14 +112,16 @@ def check_attention_options(n_local: int | None, n_global: int | None, limit: in
 
 
 def build_engine(model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
-            limit: int | None, chunk: int | None, quiet: bool):
+                 limit: int | None, chunk: int | None, quiet: bool, middle_top_k: int = 0,
+                 middle_from_layer: int = 4, middle_distance: int | None = None):
     from .cache import LambdaSettings
     from .generate import DEFAULT_CHUNK_SIZE, Engine
     from .models import load_model
 
     with status("Loading model", quiet):
         lm = load_model(model, device, dtype)
-    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global, n_local, limit)
+    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global, n_local, limit,
+                                        middle_top_k, middle_from_layer, middle_distance)
     return Engine(lm, settings, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
 
 
@@ -142,6 +153,9 @@ def continue_(
     n_global: NGlobalOpt = None,
     limit_distance: LimitOpt = None,
     chunk_size: ChunkOpt = None,
+    middle_top_k: MiddleTopKOpt = 0,
+    middle_from_layer: MiddleLayerOpt = 4,
+    middle_distance: MiddleDistanceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Encode a whole document, then stream its continuation to stdout."""
@@ -149,13 +163,14 @@ def continue_(
     from .generate import SamplingParams
 
     with cli_errors():
-        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
         if max_new_tokens < 0:
             raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         sampling.validate()
         doc = read_document(file)
-        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet,
+                              middle_top_k, middle_from_layer, middle_distance)
         ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
         with encode_progress(quiet) as progress:
             state = engine.encode(ids, progress=progress)

@@ -198,9 +198,12 @@ class Engine:
         logits = None
         for s in range(0, n, self.chunk_size):
             e = min(n, s + self.chunk_size)
+            # Only the row that will be continued retrieves middle tokens (paper, final version).
+            state.cache.retrieve_last_row = e == n
             logits = self.adapter.forward(x[:, s:e], state.cache, rows=slice(-1, None) if e == n else None)
             if progress is not None:
                 progress(e, n)
+        state.cache.retrieve_last_row = False
         state.logits = logits[0, -1]
         sync(self.lm.device)
         m = state.metrics
@@ -232,7 +235,9 @@ class Engine:
     def step(self, state: State, token: int) -> Tensor:
         """Append one token; return the logits for the next one ([V])."""
         x = torch.tensor([[token]], dtype=torch.long, device=self.lm.device)
+        state.cache.retrieve_last_row = True
         state.logits = self.adapter.forward(x, state.cache, rows=slice(-1, None))[0, -1]
+        state.cache.retrieve_last_row = False
         return state.logits
 
     def generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,

@@ -15,6 +15,8 @@ from ..cli import (
     DeviceOpt,
     DtypeOpt,
     LimitOpt,
+    MiddleLayerOpt,
+    MiddleTopKOpt,
     ModelOpt,
     NGlobalOpt,
     NLocalOpt,
@@ -51,6 +53,8 @@ def bench(
     n_global: NGlobalOpt = None,
     limit_distance: LimitOpt = None,
     chunk_size: ChunkOpt = None,
+    middle_top_k: MiddleTopKOpt = 0,
+    middle_from_layer: MiddleLayerOpt = 4,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
@@ -58,7 +62,7 @@ def bench(
 
     with cli_errors():
         lengths = parse_lengths(length)
-        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
         if decode_tokens < 0:
             raise UsageError(f"--decode-tokens must be >= 0, got {decode_tokens}")
         if baseline_timeout <= 0:
@@ -78,7 +82,8 @@ def bench(
             _check_matplotlib()
         spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=model, arch=arch,
                          device=device, dtype=dtype, device_map=device_map, text=text, n_local=n_local,
-                         n_global=n_global, limit_distance=limit_distance, chunk_size=chunk_size)
+                         n_global=n_global, limit_distance=limit_distance, chunk_size=chunk_size,
+                         middle_top_k=middle_top_k, middle_from_layer=middle_from_layer)
         console = Console(stderr=True)
 
         def started(variant: str, n: int) -> None:
@@ -127,25 +132,26 @@ def render_table(results, summary) -> Table:
     """The side-by-side table; OOM/timeout cells say so instead of numbers."""
     table = Table(title="lminf bench", title_justify="left")
     for col in ("length", "variant", "encode s", "encode tok/s", "decode tok/s", "step ms (median)",
-                "peak mem", "beyond weights", "KV cache", "decode GB/s"):
+                "peak mem", "beyond weights", "KV cache", "middle store", "decode GB/s"):
         table.add_column(col, justify="left" if col in ("length", "variant") else "right")
     for r in results:
         if r.status != "ok":
             label = {"oom": "OOM", "timeout": "timeout"}.get(r.status, "error")
-            table.add_row(human_tokens(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-")
+            table.add_row(human_tokens(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-", "-")
             continue
         bw = _fmt(r.bandwidth_bytes_per_s, "bw")
         if r.bandwidth_fraction is not None:
             bw += f" ({r.bandwidth_fraction:.0%})"
         table.add_row(human_tokens(r.length), r.variant, _fmt(r.encode_seconds, "s"), _fmt(r.encode_tps, "tps"),
                       _fmt(r.decode_tps, "tps"), _fmt(r.median_step_ms, "ms"), _fmt(r.peak_memory_bytes, "bytes"),
-                      _fmt(r.peak_beyond_weights_bytes, "bytes"), _fmt(r.kv_cache_bytes, "bytes"), bw)
+                      _fmt(r.peak_beyond_weights_bytes, "bytes"), _fmt(r.kv_cache_bytes, "bytes"),
+                      _fmt(r.extra.get("middle_store_bytes") or None, "bytes"), bw)
     for length, s in summary.items():
         def x(v):
             return f"{v:.2f}x" if v else "-"
         table.add_row(human_tokens(length), "[bold]speedup[/bold]", x(s["encode_speedup"]), "",
                       x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
-                      "", "")
+                      "", "", "")
     return table
 
 

@@ -1,0 +1,131 @@
+"""Top-k middle retrieval against a dense reference of the rule, and its store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rope_at, tiny_llama
+
+from lminf_cli.cache import LambdaSettings
+from lminf_cli.errors import UsageError
+from lminf_cli.generate import Engine
+from lminf_cli.models import from_hf
+from lminf_cli.retrieval import MiddleStore
+
+
+@torch.no_grad()
+def dense_topk_logits(model, ids, n_local, n_global, limit, top_k, from_layer, distance, rows):
+    """Λ rule for every row; rows in `rows` (in layers >= from_layer) also attend to the
+    top_k middle tokens (n_global <= j <= i - n_local) per head, scored at `distance`."""
+    cfg = model.config
+    n = ids.shape[1]
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // h
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    local = (i - j >= 0) & (i - j < n_local)
+    glob = (j < n_global) & (i - j >= n_local)
+    middle = (j >= n_global) & (i - j >= n_local)
+    x = model.model.embed_tokens(ids)
+    chosen = {}
+    for li, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        hs = layer.input_layernorm(x)
+        q = a.q_proj(hs).view(1, n, h, d).transpose(1, 2)
+        k = a.k_proj(hs).view(1, n, hkv, d).transpose(1, 2).repeat_interleave(h // hkv, 1)
+        v = a.v_proj(hs).view(1, n, hkv, d).transpose(1, 2).repeat_interleave(h // hkv, 1)
+        k0 = rope_at(model, k, [0] * n)
+        s_local = rope_at(model, q, range(n)) @ rope_at(model, k, range(n)).transpose(-1, -2)
+        s_glob = rope_at(model, q, [limit] * n) @ k0.transpose(-1, -2)
+        s_mid = rope_at(model, q, [distance] * n) @ k0.transpose(-1, -2)
+        inf = torch.tensor(float("-inf"))
+        scores = torch.where(local, s_local, torch.where(glob, s_glob, inf))
+        if li >= from_layer:
+            for r in rows:
+                cand = s_mid[0, :, r].masked_fill(~middle[r], float("-inf"))        # [h, n]
+                kk = min(top_k, int(middle[r].sum()))
+                if kk == 0:
+                    continue
+                top = torch.topk(cand, kk, dim=-1).indices                           # [h, kk]
+                chosen[(li, r)] = top
+                for head in range(h):
+                    scores[0, head, r, top[head]] = s_mid[0, head, r, top[head]]
+        p = torch.softmax(scores / d ** 0.5, dim=-1)
+        o = (p @ v).transpose(1, 2).reshape(1, n, h * d)
+        x = x + a.o_proj(o)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x)), chosen
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
+    model = tiny_llama(heads, kv, trained=16, layers=3, seed=2)
+    lm = from_hf(model, None)
+    settings = LambdaSettings.for_model(16, n_global=3, n_local=8, limit_distance=12, middle_top_k=5,
+                                        middle_from_layer=1, middle_distance=4)
+    settings = LambdaSettings(**{**settings.__dict__, "middle_block": 4})  # many blocks: exercise the bounds
+    ids = torch.randint(0, 97, (1, 120))
+    prompt, n_decode = 100, 20
+    ref, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 1, 4, rows=list(range(prompt - 1, 120)))
+    for chunk in (7, 32):
+        engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
+        state = engine.encode(ids[0, :prompt])
+        assert torch.allclose(state.logits, ref[0, prompt - 1], atol=1e-4)
+        for t in range(prompt, prompt + n_decode):
+            logits = engine.step(state, int(ids[0, t]))
+            assert torch.allclose(logits, ref[0, t], atol=1e-4), (chunk, t)
+        # Only the layers that retrieve keep a store; the window cache itself did not grow.
+        assert [layer.middle is not None for layer in state.cache.layers] == [False, True, True]
+        assert state.cache.layers[1].middle.length == 120 - 8 - 3
+
+
+def test_topk_changes_the_answer_only_where_it_should():
+    # Sanity of the reference: without retrieval rows the rule is plain Λ-attention.
+    model = tiny_llama(4, 2, trained=16, layers=2, seed=3)
+    ids = torch.randint(0, 97, (1, 60))
+    plain, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 0, 4, rows=[])
+    with_rows, chosen = dense_topk_logits(model, ids, 8, 3, 12, 5, 0, 4, rows=[59])
+    assert torch.allclose(plain[0, :59], with_rows[0, :59], atol=1e-6)
+    assert (plain[0, 59] - with_rows[0, 59]).abs().max() > 1e-3
+    assert chosen[(0, 59)].shape == (4, 5)
+
+
+def test_store_top_k_is_exact_and_reads_few_blocks():
+    torch.manual_seed(0)
+    store = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                        dtype=torch.float32)
+    keys = torch.randn(2, 1000, 16)
+    keys[1, 517] *= 8  # a standout key
+    for s in range(0, 1000, 77):  # uneven appends: partial tail blocks
+        store.append(keys[:, s:s + 77], keys[:, s:s + 77] * 2)
+    assert store.length == 1000 and store.n_blocks == 32
+    q = torch.randn(4, 16)
+    q[2:] = keys[1, 517]  # heads 2, 3 read KV head 1
+    scores, k, v = store.top_k(q, 6, groups=2)
+    exact = torch.einsum("hd,hnd->hn", q, keys.repeat_interleave(2, 0))
+    assert torch.allclose(scores, torch.topk(exact, 6, dim=1).values, atol=1e-5)
+    assert torch.allclose(v, 2 * k)
+    assert torch.equal(k[2, 0], keys[1, 517])
+
+
+def test_store_bytes_stay_off_the_window_cache():
+    lm = from_hf(tiny_llama(4, 2, trained=16), None)
+    settings = LambdaSettings.for_model(16, n_global=2, n_local=8, middle_top_k=3, middle_from_layer=0)
+    engine = Engine(lm, settings, chunk_size=8)
+    state = engine.encode(torch.randint(0, 97, (40,)))
+    window_bytes, store_bytes = state.cache.nbytes, state.cache.middle_nbytes
+    engine.encode(torch.randint(0, 97, (400,)), state=state)
+    assert state.cache.nbytes == window_bytes          # the fast cache is constant
+    assert state.cache.middle_nbytes > store_bytes      # the store holds the middle
+    for layer in state.cache.layers:
+        assert layer.middle.k.device.type == "cpu"      # host memory, off the hot path
+
+
+def test_settings_validation():
+    with pytest.raises(UsageError):
+        LambdaSettings.for_model(16, middle_top_k=-1)
+    with pytest.raises(UsageError):
+        LambdaSettings.for_model(16, middle_distance=99)
+    assert LambdaSettings.for_model(16).middle_top_k == 0
+    assert LambdaSettings.for_model(16, n_local=8).middle_distance == 4
