@@ -256,7 +256,7 @@ class AlibiCache(LambdaCache):
         identity = Rope(inv_freq=torch.empty(0), head_dim=head_dim, rotary_dim=0)
         super().__init__(n_layers, n_heads, n_kv_heads, head_dim, identity, settings, max_chunk, device, dtype,
                          scale, fused)
-        self.slopes = slopes.detach().float().cpu()  # [H]
+        self.slopes = slopes.detach().float().to(self.device)  # [H]
 
     def plan(self, n_new: int) -> StepPlan:
         """The RoPE plan's slots and masks, with the linear biases added per head."""
@@ -273,5 +273,6 @@ class AlibiCache(LambdaCache):
     def _linear_bias(self, dist: Tensor) -> Tensor:
         """-m_h * dist over folded query rows: [C, N] -> [1, Hkv, g*C, N] (float32)."""
         c, n = dist.shape
-        bias = -self.slopes[:, None, None] * dist.clamp(min=0).float()[None]        # [H, C, N]
-        return bias.view(1, self.n_kv_heads, self.groups * c, n).to(self.device)
+        # Built on the device: at prefill it is H x C x N floats.
+        bias = -self.slopes[:, None, None] * dist.clamp(min=0).to(self.device, torch.float32)[None]  # [H, C, N]
+        return bias.view(1, self.n_kv_heads, self.groups * c, n)
