@@ -54,6 +54,8 @@ class Rope:
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotate x [..., C, head_dim] by the angles in cos/sin [C or 1, rotary_dim]."""
         r = self.rotary_dim
+        if r == 0:  # nothing rotates (ALiBi models)
+            return x
         if r == self.head_dim:
             return x * cos + self._pair_swap(x) * sin
         rot, rest = x[..., :r], x[..., r:]
@@ -76,8 +78,11 @@ _FLASH_CPU = _flash_cpu_available()
 _CUDA_LSE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _eager_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _eager_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+               softcap: float | None = None) -> tuple[Tensor, Tensor]:
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hkv, Q, N]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.float()
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, Q]
@@ -92,9 +97,9 @@ def _cuda_efficient_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     attn_bias = None
     if bias is not None:
         # The kernel wants the bias row stride aligned to 16 elements: pad, then view.
-        padded = torch.empty(nq, n + (-n) % 16, device=q.device, dtype=q.dtype)
-        padded[:, :n] = bias
-        attn_bias = padded[:, :n].expand(b, h, nq, n)  # [B, Hkv, Q, N]
+        padded = torch.empty(*bias.shape[:-1], n + (-n) % 16, device=q.device, dtype=q.dtype)
+        padded[..., :n] = bias
+        attn_bias = padded[..., :n].expand(b, h, nq, n)  # [B, Hkv, Q, N]
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, attn_bias, True, 0.0, False, scale=scale)
     return out, lse[..., :nq].float()  # the kernel may pad the LSE rows
@@ -121,14 +126,19 @@ def _cuda_kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
-                       fused: bool = True) -> tuple[Tensor, Tensor]:
+                       fused: bool = True, softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query row.
 
     q [B, Hkv, Q, D] (query heads of one KV group folded into Q), k/v [B, Hkv, N, D],
-    bias [Q, N] additive (0 or -inf) or None.  Returns out [B, Hkv, Q, D] and
-    lse [B, Hkv, Q] (float32).  Fused kernels return both on CPU (flash) and CUDA
-    (memory-efficient, after a one-time self-check); otherwise exact eager math.
+    bias [Q, N] additive (0 or -inf), or per head [1, Hkv, Q, N] (ALiBi), or None.
+    Returns out [B, Hkv, Q, D] and lse [B, Hkv, Q] (float32).  Fused kernels return
+    both on CPU (flash) and CUDA (memory-efficient, after a one-time self-check);
+    otherwise exact eager math.  `softcap` (Gemma 2) squashes the scaled logits to
+    softcap * tanh(s / softcap) before the bias; no fused kernel does that, so it
+    always takes the eager path.
     """
+    if softcap is not None:
+        return _eager_lse(q, k, v, bias, scale, softcap)
     if fused and _FLASH_CPU and q.device.type == "cpu":
         if bias is not None:
             bias = bias.to(q.dtype)
@@ -144,7 +154,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
 def lambda_attention(q_local: Tensor, q_global: Tensor,
                      k_local: Tensor, v_local: Tensor, local_bias: Tensor | None,
                      k_global: Tensor | None, v_global: Tensor | None, global_bias: Tensor | None,
-                     scale: float, fused: bool = True, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                     scale: float, fused: bool = True, return_lse: bool = False,
+                     softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Λ-attention for a block of queries, both branches under one softmax.
 
     q_local  [B, H, C, D]: queries rotated at their own positions (local branch).
@@ -152,7 +163,8 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     k_local/v_local [B, Hkv, N, D]: window keys rotated at their positions.
     k_global/v_global [B, Hkv, G, D]: the first tokens' keys, unrotated.
     local_bias [g*C, N], global_bias [g*C, G]: additive masks over the folded
-    query rows (g = H / Hkv).  global_bias None means no query sees a global key.
+    query rows (g = H / Hkv), or per head [1, Hkv, g*C, N] / [1, Hkv, g*C, G] (ALiBi).
+    global_bias None means no query sees a global key.  softcap: see attention_with_lse.
     Returns [B, H, C, D], and with return_lse the joint log-sum-exp [B, Hkv, g*C]
     so that further keys (retrieved middle tokens) can join the same softmax.
     """
@@ -161,11 +173,14 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     g = h // hkv
     # Fold the g query heads sharing one KV head into the row axis: KV is never repeated.
     ql = q_local.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
-    out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused)
+    out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)  # [B, Hkv, g*C, D]
     if global_bias is None or k_global is None or k_global.shape[2] == 0:
         return (out.view(b, h, c, d), lse) if return_lse else out.view(b, h, c, d)
     qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
-    g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale + global_bias.float()  # [B, Hkv, g*C, G]
+    g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
+    if softcap is not None:
+        g_scores = torch.tanh(g_scores / softcap) * softcap
+    g_scores = g_scores + global_bias.float()
     total = torch.logaddexp(lse, torch.logsumexp(g_scores, dim=-1))  # [B, Hkv, g*C]
     # Re-weight each branch by its share of the joint softmax; rows with no
     # visible global key get exp(-inf) = 0 from that branch.

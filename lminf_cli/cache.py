@@ -14,7 +14,8 @@ after millions of tokens.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -91,14 +92,16 @@ class StepPlan:
     retrieve: bool = False             # the last row also attends to the top-k middle tokens
     ins_cos: Tensor | None = None      # rotation of that query to the insertion distance
     ins_sin: Tensor | None = None
-    moved: dict = field(default_factory=dict, repr=False)
+    window_bias: dict[int, Tensor] = field(default_factory=dict)  # sliding window -> [g*C, ring_view]
+    moved: dict = field(default_factory=dict, repr=False, init=False)
 
     def on(self, device: torch.device) -> StepPlan:
         """This plan with its tensors on `device` (models split across devices), memoised."""
         if self.q_cos.device == device:
             return self
         if device not in self.moved:
-            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moved"}
+            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+            fields["window_bias"] = {w: b.to(device) for w, b in self.window_bias.items()}
             self.moved[device] = StepPlan(**{k: v.to(device) if isinstance(v, Tensor) else v
                                              for k, v in fields.items()})
         return self.moved[device]
@@ -148,7 +151,7 @@ class LayerCache:
             q_local, q_cap,
             self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
             self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
-            scale, fused=self.owner.fused, return_lse=retrieve,
+            scale, fused=self.owner.fused, return_lse=retrieve, softcap=self.owner.softcap,
         )
         if not retrieve:
             return out
@@ -188,7 +191,8 @@ class LambdaCache:
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Rope,
                  settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, scale: float | None = None,
-                 fused: bool = True, rebase_every: int | None = None,
+                 fused: bool = True, rebase_every: int | None = None, softcap: float | None = None,
+                 layer_windows: Sequence[int | None] | None = None,
                  layer_devices: list[torch.device] | None = None,
                  store_device: torch.device | str = "cpu", store_dtype: torch.dtype | None = None) -> None:
         if max_chunk <= 0:
@@ -202,6 +206,7 @@ class LambdaCache:
         self.device, self.dtype = torch.device(device), dtype
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.fused = fused
+        self.softcap = softcap
         # Relative positions stay below about 2 * ring_size + max_chunk.
         self.rebase_every = rebase_every or self.ring_size
         self.length = 0          # tokens seen so far
@@ -209,9 +214,16 @@ class LambdaCache:
         self.rebases = 0
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
+        # A layer whose own sliding window fits in n_local keeps the model's rule:
+        # that window and nothing else (it was trained never to see further).
+        windows = list(layer_windows or [None] * n_layers)
+        self.windows = sorted({w for w in windows if w is not None and w <= settings.n_local})
         devices = [torch.device(d) for d in (layer_devices or [self.device] * n_layers)]
         self.layers = []
-        for i, dev in enumerate(devices):
+        for i, (dev, w) in enumerate(zip(devices, windows, strict=True)):
+            if w in self.windows:
+                self.layers.append(SlidingLayerCache(self, n_kv_heads, head_dim, dev, dtype, w))
+                continue
             middle = None
             if settings.middle_top_k and i >= settings.middle_from_layer:
                 middle = MiddleStore(n_kv_heads, head_dim, settings.middle_block, dev, torch.device(store_device),
@@ -269,6 +281,7 @@ class LambdaCache:
         dist = idx[:, None] - kpos[None, :]                               # [C, N]
         local_ok = (dist >= 0) & (dist < s.n_local) & (kpos[None, :] >= 0)
         local_bias = self._bias(local_ok)
+        window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (dist < w)) for w in self.windows}
 
         global_new = None
         if start < s.n_global:
@@ -279,7 +292,7 @@ class LambdaCache:
             gdist = idx[:, None] - torch.arange(global_view)[None, :]     # [C, G]
             global_bias = self._bias(gdist >= s.n_local)
         plan = StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
-                        ring_view, local_bias, global_new, global_view, global_bias)
+                        ring_view, local_bias, global_new, global_view, global_bias, window_bias=window_bias)
         if s.middle_top_k:
             self._plan_middle(plan, end)
         return plan
@@ -306,3 +319,59 @@ class LambdaCache:
     def commit(self, plan: StepPlan) -> None:
         """Record that the planned tokens are now stored in every layer."""
         self.length = plan.start + plan.n_new
+
+
+class SlidingLayerCache(LayerCache):
+    """A layer with the model's own sliding window (Mistral, Gemma 2, Qwen2 ...).
+
+    It sees the last `window` tokens at their true distances and no global
+    branch, exactly as the unmodified model does.
+    """
+
+    def __init__(self, owner: LambdaCache, n_kv_heads: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype, window: int) -> None:
+        super().__init__(owner, n_kv_heads, head_dim, device, dtype)
+        self.window = window
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: StepPlan) -> Tensor:
+        """As LayerCache.attend, under this layer's window mask."""
+        return super().attend(q, k, v, replace(plan, local_bias=plan.window_bias[self.window], global_bias=None))
+
+
+class AlibiCache(LambdaCache):
+    """Λ cache for ALiBi models (MPT, BLOOM): a per-head linear bias instead of rotation.
+
+    Keys are stored as they are (nothing rotates).  The local branch gets the
+    model's own bias -m_h * (i - j); the global branch gets it clipped at its value
+    for distance L, -m_h * min(i - j, L) (the paper clips the offset matrix at -m_h * L).
+    Both are built once per forward in `plan`.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, slopes: Tensor,
+                 settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, scale: float | None = None, fused: bool = True) -> None:
+        if settings.middle_top_k:
+            raise UsageError("--middle-top-k is not supported for ALiBi models (MPT, BLOOM) yet")
+        identity = Rope(inv_freq=torch.empty(0), head_dim=head_dim, rotary_dim=0)
+        super().__init__(n_layers, n_heads, n_kv_heads, head_dim, identity, settings, max_chunk, device, dtype,
+                         scale, fused)
+        self.slopes = slopes.detach().float().to(self.device)  # [H]
+
+    def plan(self, n_new: int) -> StepPlan:
+        """The RoPE plan's slots and masks, with the linear biases added per head."""
+        plan = super().plan(n_new)
+        idx = torch.arange(plan.start, plan.start + n_new)                          # [C]
+        kpos = self._slot_positions(plan.start + n_new, plan.ring_view)              # [N]
+        local = plan.local_bias.float() + self._linear_bias(idx[:, None] - kpos[None, :])
+        glob = None
+        if plan.global_bias is not None:
+            gdist = idx[:, None] - torch.arange(plan.global_view)[None, :]            # [C, G]
+            glob = plan.global_bias.float() + self._linear_bias(gdist.clamp(max=self.settings.limit_distance))
+        return replace(plan, local_bias=local, global_bias=glob)
+
+    def _linear_bias(self, dist: Tensor) -> Tensor:
+        """-m_h * dist over folded query rows: [C, N] -> [1, Hkv, g*C, N] (float32)."""
+        c, n = dist.shape
+        # Built on the device: at prefill it is H x C x N floats.
+        bias = -self.slopes[:, None, None] * dist.clamp(min=0).to(self.device, torch.float32)[None]  # [H, C, N]
+        return bias.view(1, self.n_kv_heads, self.groups * c, n)

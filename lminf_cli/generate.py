@@ -13,6 +13,7 @@ Nothing here prints; progress is reported through an optional callback.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -170,8 +171,8 @@ class Engine:
             settings = LambdaSettings.for_model(self.adapter.trained_length)
         window = self.adapter.max_local()
         if window is not None and window < settings.n_local:
-            # The model's own sliding window is tighter: keep its rule.
-            settings = LambdaSettings(settings.n_global, window, settings.limit_distance)
+            # Every layer slides within a tighter window of its own: the ring need not be larger.
+            settings = dataclasses.replace(settings, n_local=window)
         self.settings = settings
         self.chunk_size = chunk_size
         self.fused = fused

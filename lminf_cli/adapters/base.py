@@ -30,7 +30,8 @@ class Adapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
-        self.trained_length: int = int(self.config.max_position_embeddings)
+        # Families without max_position_embeddings (BLOOM, MPT) set it themselves.
+        self.trained_length: int = int(getattr(self.config, "max_position_embeddings", 0) or 0)
 
     # Shapes every adapter sets in __init__.
     n_layers: int
@@ -39,9 +40,17 @@ class Adapter:
     head_dim: int
     rope: Rope
     scale: float
+    softcap: float | None = None  # attention-logit soft-capping (Gemma 2)
+
+    def layer_windows(self) -> list[int | None]:
+        """The model's own sliding window of each layer (None: full attention)."""
+        return [None] * self.n_layers
 
     def max_local(self) -> int | None:
-        """A window the model itself imposes (sliding-window attention), if any."""
+        """A window the model itself imposes on every layer (sliding-window attention), if any."""
+        windows = self.layer_windows()
+        if windows and all(w is not None for w in windows):
+            return max(windows)
         return None
 
     def new_cache(self, settings: LambdaSettings, max_chunk: int, fused: bool = True,
@@ -50,7 +59,8 @@ class Adapter:
         p = next(self.model.parameters())
         return LambdaCache(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.rope, settings,
                            max_chunk, device=p.device, dtype=p.dtype, scale=self.scale, fused=fused,
-                           rebase_every=rebase_every, layer_devices=self.layer_devices())
+                           rebase_every=rebase_every, softcap=self.softcap, layer_windows=self.layer_windows(),
+                           layer_devices=self.layer_devices())
 
     def layer_devices(self) -> list[torch.device]:
         """Device of each decoder layer (they differ when a device map splits the model)."""
@@ -88,11 +98,30 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 def rope_from_hf(rotary_emb: nn.Module, head_dim: int, interleaved: bool = False) -> Rope:
-    """Read inv_freq (any rope_type: default, llama3, yarn ...) off an HF rotary module."""
-    inv_freq = rotary_emb.inv_freq.detach().float().cpu()
+    """Read inv_freq (any rope_type: default, llama3, yarn ...) off an HF rotary module.
+
+    `original_inv_freq` is preferred: dynamic and LongRoPE modules overwrite
+    `inv_freq` in place once they have seen a long input.
+    """
+    inv_freq = getattr(rotary_emb, "original_inv_freq", rotary_emb.inv_freq).detach().float().cpu()
     scaling = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
     return Rope(inv_freq=inv_freq, head_dim=head_dim, rotary_dim=2 * inv_freq.numel(),
                 interleaved=interleaved, scaling=scaling)
+
+
+def config_layer_windows(config, n_layers: int) -> list[int | None]:
+    """Per-layer sliding windows as HF applies them.
+
+    With `layer_types` (Qwen2/3, Gemma 2) only "sliding_attention" layers slide;
+    without it (Mistral, Phi-3) a set `sliding_window` applies to every layer.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return [None] * n_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [int(window)] * n_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:n_layers]]
 
 
 def no_grad_forward(fn: Callable) -> Callable:

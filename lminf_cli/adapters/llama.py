@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import LambdaCache
-from .base import Adapter, Rows, no_grad_forward, register, rope_from_hf
+from .base import Adapter, Rows, config_layer_windows, no_grad_forward, register, rope_from_hf
 
 
 @register
@@ -14,7 +14,8 @@ class LlamaAdapter(Adapter):
     """Pre-norm decoder, rotate-half RoPE on the whole head, grouped-query attention.
 
     Qwen3's per-head q/k RMSNorm and Qwen2's projection biases are handled by the
-    HF modules themselves; Mistral's sliding window tightens n_local.
+    HF modules themselves; sliding-window layers (Mistral, Qwen2/3 with
+    use_sliding_window) keep their own window.
     """
 
     family = "llama"
@@ -32,11 +33,8 @@ class LlamaAdapter(Adapter):
         self.rope = rope_from_hf(body.rotary_emb, self.head_dim)
         self.scale = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
 
-    def max_local(self) -> int | None:
-        window = getattr(self.config, "sliding_window", None)
-        if window and getattr(self.config, "use_sliding_window", True):
-            return int(window)
-        return None
+    def layer_windows(self) -> list[int | None]:
+        return config_layer_windows(self.config, self.n_layers)
 
     @no_grad_forward
     def forward(self, ids: Tensor, cache: LambdaCache, rows: Rows = None) -> Tensor | None:

@@ -1,0 +1,47 @@
+"""Phi (phi-1, phi-1.5, phi-2) adapter: partial rotary, parallel block, biased projections."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..cache import LayerCache, StepPlan
+from .base import register, rope_from_hf
+from .decoder import DecoderAdapter, heads_view
+
+
+@register
+class PhiAdapter(DecoderAdapter):
+    """One LayerNorm feeds attention and MLP in parallel; optional per-head q/k LayerNorm."""
+
+    family = "phi"
+    model_types = ("phi",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = self.config
+        body = model.model
+        self.embed_tokens, self.layers, self.norm, self.lm_head = (body.embed_tokens, body.layers,
+                                                                   body.final_layernorm, model.lm_head)
+        self.n_layers = len(self.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.rope = rope_from_hf(body.rotary_emb, self.head_dim)
+        self.scale = float(self.layers[0].self_attn.scaling)
+        self.split_rotary_scaling()
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.embed_tokens(ids)
+
+    def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = heads_view(a.q_proj(h), self.n_heads, self.head_dim)     # [1, C, H, D]
+        k = heads_view(a.k_proj(h), self.n_kv_heads, self.head_dim)  # [1, C, Hkv, D]
+        v = heads_view(a.v_proj(h), self.n_kv_heads, self.head_dim)
+        if a.qk_layernorm:
+            q, k = a.q_layernorm(q), a.k_layernorm(k)
+        return x + a.dense(self.attend(lc, plan, q, k, v)) + layer.mlp(h)
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.norm(x))
