@@ -20,15 +20,6 @@ NAMES = [f.name for f in FAMILIES]
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; under a loaded CPU, thread hand-offs dominate ~30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_chunks(lm, settings, ids, chunk, fused=True):
     """Logits for every position, fed through the engine `chunk` tokens at a time."""
     engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
