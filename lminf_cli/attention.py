@@ -61,6 +61,19 @@ class Rope:
         rot, rest = x[..., :r], x[..., r:]
         return torch.cat([rot * cos + self._pair_swap(rot) * sin, rest], dim=-1)
 
+    def matrix(self, cos: Tensor, sin: Tensor) -> Tensor:
+        """The rotation for one angle set (cos/sin [1, rotary_dim]) as a [D, D] matrix,
+        so that x @ M == rotate(x): one matmul instead of a handful of small ops."""
+        d, r = self.head_dim, self.rotary_dim
+        eye = torch.eye(d, device=cos.device, dtype=cos.dtype)
+        if r == 0:
+            return eye
+        m = torch.zeros(d, d, device=cos.device, dtype=cos.dtype)
+        m[:r, :r] = self._pair_swap(eye[:r, :r]) * sin  # row i holds swap(e_i): x @ it == swap(x)
+        m[:r, :r] += torch.diag(cos[0])
+        m[r:, r:] = eye[r:, r:]
+        return m
+
     def _pair_swap(self, x: Tensor) -> Tensor:
         if self.interleaved:
             pairs = x.unflatten(-1, (-1, 2))  # [..., R/2, 2]

@@ -93,6 +93,8 @@ class StepPlan:
     ins_cos: Tensor | None = None      # rotation of that query to the insertion distance
     ins_sin: Tensor | None = None
     window_bias: dict[int, Tensor] = field(default_factory=dict)  # sliding window -> [g*C, ring_view]
+    ring_span: tuple[int, int] | None = None  # the same slots as a slice, when they do not wrap
+    step_mat: Tensor | None = None     # one-token forwards: [D, 2D] = [rotation at r | rotation to L]
     moved: dict = field(default_factory=dict, repr=False, init=False)
 
     def on(self, device: torch.device) -> StepPlan:
@@ -126,10 +128,23 @@ class LayerCache:
         rope, scale = self.owner.rope, self.owner.scale
         if rope.scaling != 1.0:
             q, k = q * rope.scaling, k * rope.scaling
-        q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
-        k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
-        self.k_ring[:, :, plan.ring_slots] = k_rot
-        self.v_ring[:, :, plan.ring_slots] = v
+        q_cap = None
+        if plan.step_mat is not None:
+            # Decode: both rotations of q, and k's, as matmuls with per-step matrices.
+            d = q.shape[-1]
+            both = torch.matmul(q, plan.step_mat)                                # [1, H, 1, 2D]
+            q_local, q_cap = both[..., :d], both[..., d:]
+            k_rot = torch.matmul(k, plan.step_mat[:, :d])                        # [1, Hkv, 1, D]
+        else:
+            q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
+            k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
+        if plan.ring_span is not None:
+            a, b = plan.ring_span
+            self.k_ring[:, :, a:b] = k_rot
+            self.v_ring[:, :, a:b] = v
+        else:
+            self.k_ring[:, :, plan.ring_slots] = k_rot
+            self.v_ring[:, :, plan.ring_slots] = v
         if plan.global_new is not None:
             a, b = plan.global_new
             # Global keys are kept unrotated: the query is rotated to L instead.
@@ -143,7 +158,7 @@ class LayerCache:
         n = plan.ring_view
         if plan.global_bias is None:
             q_cap = q_local  # unused by lambda_attention
-        else:
+        elif q_cap is None:
             q_cap = rope.rotate(q, plan.cap_cos, plan.cap_sin)
         gv = plan.global_view
         retrieve = plan.retrieve and self.middle is not None and self.middle.length > 0
@@ -212,6 +227,7 @@ class LambdaCache:
         self.length = 0          # tokens seen so far
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
+        self._cap_mat: Tensor | None = None
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
         # A layer whose own sliding window fits in n_local keeps the model's rule:
@@ -293,6 +309,11 @@ class LambdaCache:
             global_bias = self._bias(gdist >= s.n_local)
         plan = StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
                         ring_view, local_bias, global_new, global_view, global_bias, window_bias=window_bias)
+        first = start % self.ring_size
+        if first + n_new <= self.ring_size:
+            plan.ring_span = (first, first + n_new)
+        if n_new == 1 and self.rope.rotary_dim:
+            plan.step_mat = torch.cat([self.rope.matrix(q_cos, q_sin), self._cap_matrix()], dim=1)
         if s.middle_top_k:
             self._plan_middle(plan, end)
         return plan
@@ -310,6 +331,12 @@ class LambdaCache:
             plan.retrieve = True
             plan.ins_cos, plan.ins_sin = self.rope.cos_sin(torch.tensor([s.middle_distance]), self.device,
                                                            self.dtype)
+
+    def _cap_matrix(self) -> Tensor:
+        if self._cap_mat is None:
+            cos, sin = self.rope.cos_sin(torch.tensor([self.settings.limit_distance]), self.device, self.dtype)
+            self._cap_mat = self.rope.matrix(cos, sin)
+        return self._cap_mat
 
     def _bias(self, visible: Tensor) -> Tensor:
         """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N]."""

@@ -148,6 +148,9 @@ def test_rope_interleaved_and_partial_match_complex_rotation():
         expect = torch.view_as_real(z).reshape(3, 8) if interleaved else torch.cat([z.real, z.imag], -1)
         assert torch.allclose(y[:, :8], expect, atol=1e-4)
         assert torch.equal(y[:, 8:], x[:, 8:])
+        # The decode path applies the same rotation as one matrix product.
+        one = rope.cos_sin(torch.tensor([77]), torch.device("cpu"), torch.float32)
+        assert torch.allclose(x @ rope.matrix(*one), rope.rotate(x, *one), atol=1e-5)
 
 
 def test_settings_defaults_and_validation():
