@@ -9,7 +9,7 @@ import importlib
 
 import typer
 
-MODULES: list[str] = []
+MODULES: list[str] = ["evaluate"]
 
 
 def register_all(app: typer.Typer) -> None:
