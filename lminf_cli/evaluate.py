@@ -208,6 +208,15 @@ class DenseModel:
         if b.seconds is not None and time.perf_counter() - self._t0 > b.seconds:
             raise BudgetStop(f"time budget of {b.seconds:g} s spent")
 
+    def memory_needed(self, n_new: int, n_total: int) -> int:
+        """Rough bytes one chunk of n_new tokens needs on top of the cache, with n_total tokens read."""
+        a = self.lm.adapter
+        # Scores + softmax of one chunk over every key, a re-allocated layer of cache, the logits.
+        return (3 * a.n_heads * n_new * n_total * 4
+                + 2 * self._kv_bytes_per_token // a.n_layers * n_total
+                + self._kv_bytes_per_token * n_new
+                + 3 * min(n_new, _HEAD_ROWS) * self._vocab * 4)
+
     def _check_memory(self, n_new: int, n_total: int) -> None:
         """Stop before a chunk whose attention workspace and cache growth would not fit."""
         free = self.budget.memory_bytes
@@ -216,12 +225,7 @@ class DenseModel:
             if free is None:
                 return
             free -= _MEMORY_MARGIN
-        a = self.lm.adapter
-        # Scores + softmax of one chunk over every key, a re-allocated layer of cache, the logits.
-        need = (3 * a.n_heads * n_new * n_total * 4
-                + 2 * self._kv_bytes_per_token // a.n_layers * n_total
-                + self._kv_bytes_per_token * n_new
-                + 3 * min(n_new, _HEAD_ROWS) * self._vocab * 4)
+        need = self.memory_needed(n_new, n_total)
         if need > free:
             raise BudgetStop(f"out of memory: {n_total:,} tokens of dense attention need about "
                              f"{need / 1024 ** 3:.1f} GiB more, {max(free, 0) / 1024 ** 3:.1f} GiB free")
@@ -280,17 +284,21 @@ class DenseModel:
         reason = None
         if limit < n:
             reason = f"reached the baseline length limit of {limit:,} tokens"
-        # Read in one cache, chunk by chunk, keeping every finished chunk's scores.
-        cache = None
+        # Read in one cache, chunk by chunk.  A chunk [s, e) scores the tokens at positions
+        # [s, e): the last hidden row of the previous chunk is carried over to predict token s,
+        # so a stop leaves exactly the tokens read scored.
+        cache, carry = None, None
         try:
             for s in range(0, limit, self.chunk_size):
                 e = min(limit, s + self.chunk_size)
                 self._check_time()
                 self._check_memory(e - s, e)
                 hidden, cache = self._forward(x[:, s:e], cache)
-                lo, hi = max(s, 0), min(e, limit - 1)
-                if hi > lo:
-                    parts.append(self._rows_nll(hidden[0, lo - s:hi - s], x[0, lo + 1:hi + 1]))
+                rows = hidden[0] if carry is None else torch.cat([carry, hidden[0]])  # [C (+1), hidden]
+                first = max(s, 1)  # position predicted by rows[0]
+                if e > first:
+                    parts.append(self._rows_nll(rows[:e - first], x[0, first:e]))
+                carry = hidden[0, -1:]
                 if progress is not None:
                     progress(e, limit)
         except BudgetStop as stop:
@@ -308,8 +316,8 @@ class DenseModel:
         [a, a + stride) are scored from a read of [a + stride - window, a + stride),
         so each sees between window - stride and window - 1 earlier tokens.
         """
-        if not 0 < stride <= window:
-            raise UsageError(f"window stride must be in 1..{window}, got {stride}")
+        if not 0 < stride < window:
+            raise UsageError(f"window stride must be in 1..{window - 1}, got {stride}")
         x = self._ids(ids)
         n = x.shape[1]
         limit = n if self.budget.max_tokens is None else min(n, self.budget.max_tokens)

@@ -34,6 +34,8 @@ BaselineTimeOpt = Annotated[Optional[float], typer.Option(
     "--baseline-time", help="Stop the unmodified model after this many seconds.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also save a PNG chart to this path.")]
+NoLminfOpt = Annotated[bool, typer.Option(
+    "--no-lminf", help="Run only the baseline(s), e.g. to spread a long evaluation over processes.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -76,6 +78,10 @@ def ppl(
         "'window' (re-reading only the last L tokens before each bucket). Repeat for both.")] = None,
     baseline_max_length: BaselineMaxOpt = None,
     baseline_time: BaselineTimeOpt = None,
+    window_stride: Annotated[Optional[str], typer.Option(
+        "--window-stride", help="Window baseline: tokens scored per fresh read of L tokens "
+        "[default: --bucket, at most L/2].")] = None,
+    no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
     model: ModelOpt = None,
@@ -100,6 +106,9 @@ def ppl(
             if b not in ev.BASELINES:
                 raise UsageError(f"--baseline must be one of {', '.join(ev.BASELINES)}, got '{b}'")
         budget = _budget(baseline_max_length, baseline_time)
+        stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
+        if no_lminf and not baselines:
+            raise UsageError("--no-lminf needs at least one --baseline")
         check_attention_options(n_local, n_global, limit_distance, chunk_size)
         if plot:
             ev.check_plotting()
@@ -109,24 +118,28 @@ def ppl(
         ids = ev.tokenize_prefix(lm.tokenizer, doc.text, n_max)
         ev.check_file_long_enough(len(ids), size, doc.name)
         L = engine.adapter.trained_length
+        stride = stride or min(size, max(1, L // 2))
+        if ev.WINDOW in baselines and not stride < L:
+            raise UsageError(f"--window-stride must be smaller than the trained length ({L:,}), got {stride:,}")
 
         runs = []
-        with encode_progress(quiet, "LM-Infinite") as progress:
-            runs.append(ev.lminf_nll(engine, ids, progress))
+        if not no_lminf:
+            with encode_progress(quiet, "LM-Infinite") as progress:
+                runs.append(ev.lminf_nll(engine, ids, progress))
         dense = ev.DenseModel(lm, budget=budget) if baselines else None
         for b in baselines:
             with encode_progress(quiet, ev.METHOD_LABELS[b]) as progress:
                 if b == ev.VANILLA:
                     run = dense.nll(ids, progress)
                 else:
-                    run = dense.window_nll(ids, window=L, stride=min(size, max(1, L // 2)), progress=progress)
+                    run = dense.window_nll(ids, window=L, stride=stride, progress=progress)
             if run.stop_reason:
                 _notice(f"{ev.METHOD_LABELS[b]} stopped at {run.tokens_read:,} of {len(ids):,} tokens: "
                         f"{run.stop_reason}")
             runs.append(run)
 
         s = engine.settings
-        meta = {"model": lm.name, "file": doc.name,
+        meta = {"model": lm.name, "file": doc.name, "window_stride": stride if ev.WINDOW in baselines else None,
                 "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
                              "chunk_size": engine.chunk_size, "device": str(lm.device),
                              "dtype": str(lm.dtype).replace("torch.", "")}}
@@ -213,6 +226,7 @@ def passkey(
     baseline: Annotated[bool, typer.Option("--baseline", help="Also ask the unmodified model.")] = False,
     baseline_max_length: BaselineMaxOpt = None,
     baseline_time: BaselineTimeOpt = None,
+    no_lminf: NoLminfOpt = False,
     template: Annotated[str, typer.Option(
         "--template", help="plain: the tokenizer's plain encoding; chat: the model's chat template.")] = "plain",
     json_out: JsonOpt = False,
@@ -238,6 +252,8 @@ def passkey(
         if template not in ev.TEMPLATES:
             raise UsageError(f"--template must be one of {', '.join(ev.TEMPLATES)}, got '{template}'")
         budget = _budget(baseline_max_length, baseline_time)
+        if no_lminf and not baseline:
+            raise UsageError("--no-lminf needs --baseline")
         check_attention_options(n_local, n_global, limit_distance, chunk_size)
         if plot:
             ev.check_plotting()
@@ -252,8 +268,10 @@ def passkey(
                   "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
                                "chunk_size": engine.chunk_size}},
             lengths=lens, depths=deps)
-        with encode_progress(quiet, "LM-Infinite") as progress:
-            report.results += ev.run_passkey(ev.LMINF, prompts, lambda p: ev.lminf_answer(engine, p.ids), progress)
+        if not no_lminf:
+            with encode_progress(quiet, "LM-Infinite") as progress:
+                report.results += ev.run_passkey(ev.LMINF, prompts, lambda p: ev.lminf_answer(engine, p.ids),
+                                                 progress)
         if baseline:
             dense = ev.DenseModel(lm, budget=budget)
             dense.start_clock()
