@@ -13,6 +13,7 @@ from lminf_cli.cli import app
 
 runner = CliRunner()
 TINY = ["--n-local", "32", "--n-global", "4", "--chunk-size", "16"]
+TINY_FAST = ["--n-local", "32", "--n-global", "4", "--chunk-size", "128"]
 
 
 def invoke(args, **kw):
@@ -58,6 +59,22 @@ def test_ppl_table_with_sparkline(tiny_model_dir, text_file):
     assert len(spark) == 1 and "|" in spark[0] and any(c in spark[0] for c in "▁▂▃▄▅▆▇█")
 
 
+def test_ppl_window_only_with_stride_matches_core(tiny_model_dir, text_file):
+    from lminf_cli import evaluate as ev
+    from lminf_cli.evaluate import DenseModel
+    from lminf_cli.models import load_model
+
+    r = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
+                "--baseline", "window", "--window-stride", "24", "--no-lminf", "--json"])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert list(rep["methods"]) == ["window"] and rep["window_stride"] == 24
+    lm = load_model(str(tiny_model_dir), "cpu", "float32")
+    ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 200)
+    ref = ev.bucket_means(DenseModel(lm).window_nll(ids, 64, 24).nll, 50)
+    assert [b["nll"] for b in rep["methods"]["window"]["buckets"]] == pytest.approx([b.nll for b in ref], abs=1e-5)
+
+
 def test_ppl_stdin_and_plot(tiny_model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "nll.png"
@@ -69,36 +86,40 @@ def test_ppl_stdin_and_plot(tiny_model_dir, tmp_path):
     assert "unmodified NLL" in r.stdout
 
 
-def test_passkey_json_and_table(tiny_model_dir, tmp_path):
-    args = ["eval", "passkey", "--model", tiny_model_dir, "--lengths", "1k,1500", "--depths", "0.2,0.8",
-            "--samples", "2", "--seed", "3", "--baseline", "--baseline-max-length", "1200", *TINY]
+def test_passkey_json_and_table(tiny_model_dir):
+    args = ["eval", "passkey", "--model", tiny_model_dir, "--lengths", "600,900", "--depths", "0.2,0.8",
+            "--seed", "3", "--baseline", "--baseline-max-length", "800", *TINY_FAST]
     r = invoke([*args, "--json"])
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["lengths"] == [1024, 1500] and rep["depths"] == [0.2, 0.8] and rep["samples"] == 2
+    assert rep["lengths"] == [600, 900] and rep["depths"] == [0.2, 0.8] and rep["samples"] == 1
     lminf = [x for x in rep["results"] if x["method"] == "lminf"]
     base = [x for x in rep["results"] if x["method"] == "vanilla"]
-    assert len(lminf) == len(base) == 8
+    assert len(lminf) == len(base) == 4
     for x in lminf:
         assert abs(x["tokens"] - x["length"]) <= 0.02 * x["length"]
         assert x["skipped"] is None and x["correct"] == (x["predicted"] == x["key"])
-    # Same prompts for both methods; the 1500-token ones exceed the baseline's limit.
+    # Same prompts for both methods; the 900-token ones exceed the baseline's limit.
     assert [x["key"] for x in lminf] == [x["key"] for x in base]
-    assert all((x["skipped"] is not None) == (x["length"] == 1500) for x in base)
-    assert rep["accuracy"]["vanilla"]["1500"]["0.2"] == {"correct": 0, "total": 0, "skipped": 2, "accuracy": None}
-    assert "skipped 4 of 8 prompts" in r.stderr
+    assert all((x["skipped"] is not None) == (x["length"] == 900) for x in base)
+    assert rep["accuracy"]["vanilla"]["900"]["0.2"] == {"correct": 0, "total": 0, "skipped": 1, "accuracy": None}
+    assert r.stderr.strip().splitlines() == ["lminf: unmodified model skipped 2 of 4 prompts (from 900 tokens): "
+                                             "longer than the baseline length limit of 800 tokens"]
 
-    t = invoke(args)
-    assert t.exit_code == 0, t.stderr
-    assert "Passkey accuracy, LM-Infinite" in t.stdout and "Passkey accuracy, unmodified" in t.stdout
-    assert "depth 0.2" in t.stdout and "skipped" in t.stdout
+
+def test_passkey_table_baseline_only(tiny_model_dir):
+    r = invoke(["eval", "passkey", "--model", tiny_model_dir, "--lengths", "600", "--depths", "0.5",
+                "--baseline", "--no-lminf", *TINY_FAST])
+    assert r.exit_code == 0, r.stderr
+    assert "Passkey accuracy, unmodified" in r.stdout and "LM-Infinite" not in r.stdout
+    assert "depth 0.5" in r.stdout
 
 
 def test_passkey_plot(tiny_model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "pk.png"
     r = invoke(["eval", "passkey", "--model", tiny_model_dir, "--lengths", "600", "--depths", "0.5",
-                "--plot", png, *TINY])
+                "--plot", png, *TINY_FAST])
     assert r.exit_code == 0, r.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -128,6 +149,8 @@ def _bad_cases(tmp_path, tiny_model_dir):
         "unknown template": ["passkey", *m, "--template", "fancy"],
         "chat template missing": ["passkey", *m, "--lengths", "600", "--template", "chat"],
         "length too short for the prompt": ["passkey", *m, "--lengths", "20"],
+        "no-lminf without baseline": ["ppl", ok, *m, "--no-lminf"],
+        "window stride too large": ["ppl", ok, *m, "--baseline", "window", "--window-stride", "64"],
     }
 
 
@@ -135,7 +158,7 @@ BAD_CASES = ["missing file", "shorter than a bucket", "max-length does not parse
              "zero bucket", "unknown baseline", "negative baseline time", "baseline length does not parse",
              "ppl bad window", "lengths do not parse", "empty length in list", "depth above 1", "negative depth",
              "depth not a number", "zero samples", "unknown template", "chat template missing",
-             "length too short for the prompt"]
+             "length too short for the prompt", "no-lminf without baseline", "window stride too large"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
