@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
+SPARK_WIDTH = 100
+
+
 def _stdout_console():
     from rich.console import Console
 
@@ -188,8 +191,8 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
     flat = report["summary"].get("flatness")
     if flat:
         ref = flat["reference"]
-        lines.append(f"LM-Infinite: mean NLL {ref['nll']:.3f} over {format_length(ref['start'])}-"
-                     f"{format_length(ref['end'])}; every {format_length(L // 2)} span after it within "
+        lines.append(f"LM-Infinite: mean NLL {ref['nll']:.3f} over positions {format_length(ref['start'])}-"
+                     f"{format_length(ref['end'])}; every {format_length(L // 2)}-token span after it within "
                      f"{flat['max_deviation']:.3f} nats of that.")
     for base in ev.BASELINES:
         cmp_ = report["summary"].get(f"past_trained_length_vs_{base}")
@@ -207,11 +210,10 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
                      f"{format_length(report['bucket'])} or more; | = trained length):")
         for m in methods.values():
             vals_m = [b["nll"] if b["tokens"] else float("nan") for b in m["buckets"]]
-            spark = ev.sparkline(vals_m, lo, hi)
-            if len(vals_m) <= 100:
-                cut = min(len(vals_m), math.ceil(L / report["bucket"]))
-                spark = spark[:cut] + "|" + spark[cut:]
-            lines.append(f"  {m['label']:<{width}} {spark}")
+            spark = ev.sparkline(vals_m, lo, hi, width=SPARK_WIDTH)
+            per_mark = max(1, math.ceil(len(vals_m) / SPARK_WIDTH))  # buckets averaged into one mark
+            cut = min(len(spark), math.ceil(L / report["bucket"] / per_mark))
+            lines.append(f"  {m['label']:<{width}} {spark[:cut]}|{spark[cut:]}")
     for line in lines:
         console.print(line, highlight=False, markup=False)
 
