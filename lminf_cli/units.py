@@ -1,4 +1,7 @@
-"""Token counts written the way people write them: 4096, 32k, 128K, 1M."""
+"""Token counts as people write them: 4096, 4k, 128K, 1.5k, 1M, and comma lists.
+
+k and M are binary (4k = 4096 tokens), as context lengths are usually quoted.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +9,53 @@ import re
 
 from .errors import UsageError
 
-_SUFFIX = {"": 1, "k": 1024, "m": 1024 * 1024}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+_SUFFIX = {"": 1, "k": 1024, "m": 1024 ** 2}
+_LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 
-def parse_length(text: str) -> int:
-    """'32k' -> 32768 (k = 1024, M = 1024^2); a positive whole number of tokens."""
-    m = _PATTERN.match(text)
+def parse_length(s: str, name: str = "length") -> int:
+    """'4096', '4k', '128K', '1M', '1.5k' -> a positive number of tokens.
+
+    `name` (e.g. '--max-length') goes into the error message.
+    """
+    m = _LENGTH.match(str(s))
     if not m:
-        raise UsageError(f"cannot read '{text}' as a length (use e.g. 4096, 32k, 128K or 1M)")
+        raise UsageError(f"{name}: cannot read '{s}' as a number of tokens (e.g. 4096, 4k, 128K, 1M)")
     value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if value != int(value) or value <= 0:
-        raise UsageError(f"length '{text}' must be a positive whole number of tokens")
+    if value != int(value):
+        raise UsageError(f"{name}: '{s}' is not a whole number of tokens")
+    if value <= 0:
+        raise UsageError(f"{name}: must be a positive number of tokens, got '{s}'")
     return int(value)
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'8k,32k' -> [8192, 32768]; order kept, duplicates removed."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        raise UsageError("no length given (use e.g. 32k or 8k,32k,128k)")
+def parse_lengths(s: str, name: str = "lengths") -> list[int]:
+    """'4k,8k,16k' -> [4096, 8192, 16384] (order kept, duplicates dropped)."""
+    parts = [p for p in str(s).split(",")]
+    if not s or not str(s).strip() or any(not p.strip() for p in parts):
+        raise UsageError(f"{name}: expected a comma-separated list of lengths (e.g. 4k,8k,16k), got '{s}'")
     out: list[int] = []
     for p in parts:
-        n = parse_length(p)
-        if n not in out:
-            out.append(n)
+        v = parse_length(p, name)
+        if v not in out:
+            out.append(v)
     return out
 
 
-def human_tokens(n: int) -> str:
-    """32768 -> '32k'; other counts are printed as they are."""
-    for unit, size in (("M", 1024 * 1024), ("k", 1024)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
+def format_length(n: int) -> str:
+    """4096 -> '4k', 131072 -> '128k', 1536 -> '1.5k', 1000 -> '1000'."""
+    for unit, size in (("M", 1024 ** 2), ("k", 1024)):
+        if n >= size and (n * 2) % size == 0:
+            v = n / size
+            return f"{v:g}{unit}"
     return str(n)
 
 
+human_tokens = format_length
+
+
 def human_bytes(n: float) -> str:
-    """Bytes in binary units: 1.5 GiB, 388 MiB."""
+    """Bytes in binary units: 388 MiB, 1.52 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{n:.2f} {unit}"

@@ -9,7 +9,7 @@ import importlib
 
 import typer
 
-MODULES: list[str] = ["bench"]
+MODULES: list[str] = ["bench", "evaluate"]
 
 
 def register_all(app: typer.Typer) -> None:

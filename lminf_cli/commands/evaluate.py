@@ -1,0 +1,328 @@
+"""`lminf eval ppl` and `lminf eval passkey`: length generalisation on the user's model and text."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..cli import (
+    ChunkOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LimitOpt,
+    ModelOpt,
+    NGlobalOpt,
+    NLocalOpt,
+    QuietOpt,
+    build_engine,
+    check_attention_options,
+    cli_errors,
+)
+from ..errors import UsageError
+from ..ui import encode_progress, write_stdout
+
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Measure length generalisation: perplexity by position, passkey retrieval.")
+
+BaselineMaxOpt = Annotated[Optional[str], typer.Option(
+    "--baseline-max-length", help="Stop the unmodified model after this many tokens (e.g. 32k).")]
+BaselineTimeOpt = Annotated[Optional[float], typer.Option(
+    "--baseline-time", help="Stop the unmodified model after this many seconds.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
+PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also save a PNG chart to this path.")]
+NoLminfOpt = Annotated[bool, typer.Option(
+    "--no-lminf", help="Run only the baseline(s), e.g. to spread a long evaluation over processes.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `eval` command group."""
+    app.add_typer(eval_app, name="eval")
+
+
+SPARK_WIDTH = 100
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    # Wide enough for the tables when stdout is not a terminal (files, pipes, tests).
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
+
+
+def _notice(message: str) -> None:
+    typer.echo(f"lminf: {message}", err=True)
+
+
+def _budget(max_length: str | None, seconds: float | None):
+    from ..evaluate import Budget
+    from ..units import parse_length
+
+    if seconds is not None and not seconds > 0:
+        raise UsageError(f"--baseline-time must be a positive number of seconds, got {seconds}")
+    limit = parse_length(max_length, "--baseline-max-length") if max_length is not None else None
+    return Budget(seconds=seconds, max_tokens=limit)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+@eval_app.command("ppl")
+def ppl(
+    file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
+    max_length: Annotated[str, typer.Option("--max-length", help="Tokens to score (e.g. 32k, 128k).")] = "128k",
+    bucket: Annotated[str, typer.Option("--bucket", help="Positions per reported bucket (e.g. 1k).")] = "1k",
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        "--baseline", help="Also score with the unmodified model: 'vanilla' (dense, as far as it fits) or "
+        "'window' (re-reading only the last L tokens before each bucket). Repeat for both.")] = None,
+    baseline_max_length: BaselineMaxOpt = None,
+    baseline_time: BaselineTimeOpt = None,
+    window_stride: Annotated[Optional[str], typer.Option(
+        "--window-stride", help="Window baseline: tokens scored per fresh read of L tokens "
+        "[default: --bucket, at most L/2].")] = None,
+    no_lminf: NoLminfOpt = False,
+    json_out: JsonOpt = False,
+    plot: PlotOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Mean NLL and perplexity by position bucket, with LM-Infinite and optional baselines."""
+    from .. import evaluate as ev
+    from ..documents import read_document
+    from ..units import parse_length
+
+    with cli_errors():
+        n_max = parse_length(max_length, "--max-length")
+        size = parse_length(bucket, "--bucket")
+        baselines = list(dict.fromkeys(baseline or []))
+        for b in baselines:
+            if b not in ev.BASELINES:
+                raise UsageError(f"--baseline must be one of {', '.join(ev.BASELINES)}, got '{b}'")
+        budget = _budget(baseline_max_length, baseline_time)
+        stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
+        if no_lminf and not baselines:
+            raise UsageError("--no-lminf needs at least one --baseline")
+        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        if plot:
+            ev.check_plotting()
+        doc = read_document(file)
+        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        lm = engine.lm
+        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, n_max)
+        ev.check_file_long_enough(len(ids), size, doc.name)
+        L = engine.adapter.trained_length
+        stride = stride or min(size, max(1, L // 2))
+        if ev.WINDOW in baselines and not stride < L:
+            raise UsageError(f"--window-stride must be smaller than the trained length ({L:,}), got {stride:,}")
+
+        runs = []
+        if not no_lminf:
+            with encode_progress(quiet, "LM-Infinite") as progress:
+                runs.append(ev.lminf_nll(engine, ids, progress))
+        dense = ev.DenseModel(lm, budget=budget) if baselines else None
+        for b in baselines:
+            with encode_progress(quiet, ev.METHOD_LABELS[b]) as progress:
+                if b == ev.VANILLA:
+                    run = dense.nll(ids, progress)
+                else:
+                    run = dense.window_nll(ids, window=L, stride=stride, progress=progress)
+            if run.stop_reason:
+                _notice(f"{ev.METHOD_LABELS[b]} stopped at {run.tokens_read:,} of {len(ids):,} tokens: "
+                        f"{run.stop_reason}")
+            runs.append(run)
+
+        s = engine.settings
+        meta = {"model": lm.name, "file": doc.name, "window_stride": stride if ev.WINDOW in baselines else None,
+                "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
+                             "chunk_size": engine.chunk_size, "device": str(lm.device),
+                             "dtype": str(lm.dtype).replace("torch.", "")}}
+        report = ev.ppl_report(runs, size, L, meta)
+        if plot:
+            ev.plot_nll(report, plot)
+        if json_out:
+            write_stdout(json.dumps(report, indent=1) + "\n")
+        else:
+            _print_ppl(report, sparkline=not plot)
+
+
+def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
+    from rich.table import Table
+
+    from .. import evaluate as ev
+    from ..units import format_length
+
+    methods = report["methods"]
+    table = Table(title=f"NLL by position: {report['file']} ({report['tokens']:,} tokens, {report['model']})",
+                  title_justify="left")
+    table.add_column("positions", justify="right")
+    table.add_column("tokens", justify="right")
+    for m in methods.values():
+        table.add_column(f"{m['label']} NLL", justify="right")
+        table.add_column("ppl", justify="right")
+    L = report["trained_length"]
+    n_buckets = len(next(iter(methods.values()))["buckets"])
+    for i in range(n_buckets):
+        first = next(iter(methods.values()))["buckets"][i]
+        row = [f"{format_length(first['start'])}-{format_length(first['end'])}",
+               f"{max(m['buckets'][i]['tokens'] for m in methods.values()):,}"]
+        for m in methods.values():
+            b = m["buckets"][i]
+            row += [_fmt(b["nll"]), _fmt(b["ppl"], 1)] if b["tokens"] else ["-", "-"]
+        table.add_row(*row, end_section=first["end"] == L)
+    mean_row = ["all", ""]
+    for m in methods.values():
+        mean_row += [_fmt(m["mean_nll"]), _fmt(math.exp(m["mean_nll"]), 1) if not math.isnan(m["mean_nll"]) else "-"]
+    table.add_section()
+    table.add_row(*mean_row, style="bold")
+    console = _stdout_console()
+    console.print(table)
+
+    lines = []
+    flat = report["summary"].get("flatness")
+    if flat:
+        ref = flat["reference"]
+        lines.append(f"LM-Infinite: mean NLL {ref['nll']:.3f} over positions {format_length(ref['start'])}-"
+                     f"{format_length(ref['end'])}; every {format_length(L // 2)}-token span after it within "
+                     f"{flat['max_deviation']:.3f} nats of that.")
+    for base in ev.BASELINES:
+        cmp_ = report["summary"].get(f"past_trained_length_vs_{base}")
+        if cmp_:
+            lines.append(f"Past the trained length ({format_length(cmp_['start'])}-{format_length(cmp_['end'])}): "
+                         f"LM-Infinite {cmp_[ev.LMINF]:.3f} vs {ev.METHOD_LABELS[base]} {cmp_[base]:.3f} mean NLL.")
+    for m in methods.values():
+        if m["stop_reason"]:
+            lines.append(f"{m['label']} stopped at {m['stopped_at']:,} tokens: {m['stop_reason']}.")
+    if sparkline:
+        vals = [b["nll"] for m in methods.values() for b in m["buckets"] if b["tokens"]]
+        lo, hi = min(vals), max(vals)
+        width = max(len(m["label"]) for m in methods.values())
+        lines.append(f"NLL by position ({lo:.2f} to {hi:.2f} nats, one mark per "
+                     f"{format_length(report['bucket'])} or more; | = trained length):")
+        for m in methods.values():
+            vals_m = [b["nll"] if b["tokens"] else float("nan") for b in m["buckets"]]
+            spark = ev.sparkline(vals_m, lo, hi, width=SPARK_WIDTH)
+            per_mark = max(1, math.ceil(len(vals_m) / SPARK_WIDTH))  # buckets averaged into one mark
+            cut = min(len(spark), math.ceil(L / report["bucket"] / per_mark))
+            lines.append(f"  {m['label']:<{width}} {spark[:cut]}|{spark[cut:]}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+
+
+@eval_app.command("passkey")
+def passkey(
+    lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "4k,8k,16k,32k",
+    depths: Annotated[str, typer.Option("--depths", help="Where the key sits, 0 = start, 1 = end.")]
+    = "0.1,0.3,0.5,0.7,0.9",
+    samples: Annotated[int, typer.Option("--samples", help="Prompts (different keys) per cell.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the keys.")] = 0,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also ask the unmodified model.")] = False,
+    baseline_max_length: BaselineMaxOpt = None,
+    baseline_time: BaselineTimeOpt = None,
+    no_lminf: NoLminfOpt = False,
+    template: Annotated[str, typer.Option(
+        "--template", help="plain: the tokenizer's plain encoding; chat: the model's chat template.")] = "plain",
+    json_out: JsonOpt = False,
+    plot: PlotOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
+    from .. import evaluate as ev
+    from ..units import parse_lengths
+
+    with cli_errors():
+        lens = parse_lengths(lengths, "--lengths")
+        deps = ev.parse_depths(depths)
+        if samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {samples}")
+        if template not in ev.TEMPLATES:
+            raise UsageError(f"--template must be one of {', '.join(ev.TEMPLATES)}, got '{template}'")
+        budget = _budget(baseline_max_length, baseline_time)
+        if no_lminf and not baseline:
+            raise UsageError("--no-lminf needs --baseline")
+        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        if plot:
+            ev.check_plotting()
+        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        lm = engine.lm
+        prompts = [(i, ev.passkey_prompt(lm.tokenizer, n, d, ev.passkey_key(seed, n, d, i), template))
+                   for n in lens for d in deps for i in range(samples)]
+        s = engine.settings
+        report = ev.PasskeyReport(
+            meta={"model": lm.name, "template": template, "samples": samples, "seed": seed,
+                  "trained_length": engine.adapter.trained_length,
+                  "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
+                               "chunk_size": engine.chunk_size}},
+            lengths=lens, depths=deps)
+        if not no_lminf:
+            with encode_progress(quiet, "LM-Infinite") as progress:
+                report.results += ev.run_passkey(ev.LMINF, prompts, lambda p: ev.lminf_answer(engine, p.ids),
+                                                 progress)
+        if baseline:
+            dense = ev.DenseModel(lm, budget=budget)
+            dense.start_clock()
+            stops = engine.stop_ids()
+            with encode_progress(quiet, "unmodified") as progress:
+                base = ev.run_passkey(ev.VANILLA, prompts, lambda p: ev.dense_answer(dense, p.ids, stops), progress)
+            skipped = [r for r in base if r.skipped]
+            if skipped:
+                _notice(f"unmodified model skipped {len(skipped)} of {len(base)} prompts "
+                        f"(from {skipped[0].length:,} tokens): {skipped[0].skipped}")
+            report.results += base
+        if plot:
+            ev.plot_passkey(report, plot)
+        if json_out:
+            write_stdout(json.dumps(report.to_json(), indent=1) + "\n")
+        else:
+            _print_passkey(report)
+
+
+def _print_passkey(report) -> None:
+    from rich.table import Table
+
+    from .. import evaluate as ev
+    from ..units import format_length
+
+    console = _stdout_console()
+    grid = ev.passkey_grid(report.results)
+    tokens: dict[int, list[int]] = {}
+    for r in report.results:
+        tokens.setdefault(r.length, []).append(r.tokens)
+    for method, rows in grid.items():
+        table = Table(title=f"Passkey accuracy, {ev.METHOD_LABELS[method]} ({report.meta['model']}, "
+                      f"{report.meta['template']} prompt)", title_justify="left")
+        table.add_column("length", justify="right")
+        table.add_column("tokens", justify="right")
+        for d in report.depths:
+            table.add_column(f"depth {d:g}", justify="center")
+        table.add_column("all", justify="center")
+        for n in report.lengths:
+            cells = [rows.get(n, {}).get(d, ev.Cell()) for d in report.depths]
+            right, ran = sum(c.correct for c in cells), sum(c.total for c in cells)
+            toks = tokens.get(n, [0])
+            table.add_row(format_length(n), f"{round(sum(toks) / len(toks)):,}",
+                          *[_cell(c) for c in cells],
+                          f"{right / ran:.0%}" if ran else "skipped")
+        console.print(table)
+
+
+def _cell(c) -> str:
+    if c.total == 0:
+        return "skipped" if c.skipped else "-"
+    return f"{c.correct}/{c.total}"
