@@ -14,6 +14,9 @@ from ..cli import (
     DeviceOpt,
     DtypeOpt,
     LimitOpt,
+    MiddleDistanceOpt,
+    MiddleLayerOpt,
+    MiddleTopKOpt,
     ModelOpt,
     NGlobalOpt,
     NLocalOpt,
@@ -240,6 +243,9 @@ def passkey(
     n_global: NGlobalOpt = None,
     limit_distance: LimitOpt = None,
     chunk_size: ChunkOpt = None,
+    middle_top_k: MiddleTopKOpt = 0,
+    middle_from_layer: MiddleLayerOpt = 4,
+    middle_distance: MiddleDistanceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
@@ -256,10 +262,11 @@ def passkey(
         budget = _budget(baseline_max_length, baseline_time)
         if no_lminf and not baseline:
             raise UsageError("--no-lminf needs --baseline")
-        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
         if plot:
             ev.check_plotting()
-        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet,
+                              middle_top_k, middle_from_layer, middle_distance)
         lm = engine.lm
         prompts = [(i, ev.passkey_prompt(lm.tokenizer, n, d, ev.passkey_key(seed, n, d, i), template))
                    for n in lens for d in deps for i in range(samples)]
