@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import LambdaCache, LayerCache, StepPlan
-from .base import Adapter, Rows, no_grad_forward
+from .base import Adapter, Rows, no_grad_forward, rope_from_hf
 
 
 class DecoderAdapter(Adapter):
@@ -35,6 +35,18 @@ class DecoderAdapter(Adapter):
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: [1, R, hidden] -> logits [1, R, V]."""
         raise NotImplementedError
+
+    def read_hf_body(self, model: nn.Module, norm: nn.Module) -> None:
+        """Modules and shapes of the common HF layout (model.model.layers[i].self_attn)."""
+        body, cfg = model.model, self.config
+        self.embed_tokens, self.layers, self.norm, self.lm_head = body.embed_tokens, body.layers, norm, model.lm_head
+        self.n_layers = len(self.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.rope = rope_from_hf(body.rotary_emb, self.head_dim)
+        self.scale = float(attn.scaling)
 
     def split_rotary_scaling(self) -> None:
         """Move a RoPE attention scaling (YaRN, LongRoPE) out of the cache when only part of the head rotates.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..cache import LayerCache, StepPlan
-from .base import config_layer_windows, register, rope_from_hf
+from .base import config_layer_windows, register
 from .decoder import DecoderAdapter, heads_view
 from .llama import LlamaAdapter
 
@@ -39,15 +39,7 @@ class Gemma2Adapter(DecoderAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        body = model.model
-        self.embed_tokens, self.layers = body.embed_tokens, body.layers
-        self.norm, self.lm_head = body.norm, model.lm_head
-        self.n_layers = len(self.layers)
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = self.layers[0].self_attn.head_dim
-        self.rope = rope_from_hf(body.rotary_emb, self.head_dim)
-        self.scale = float(self.layers[0].self_attn.scaling)
+        self.read_hf_body(model, model.model.norm)
         self.softcap = getattr(cfg, "attn_logit_softcapping", None)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
