@@ -36,5 +36,11 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check lminf_cli tests
 
+# The measurements in docs/benchmarks.md (long: the unmodified model is quadratic).
+bench: install
+	mkdir -p out
+	$(BIN)/lminf bench --length 8k,32k,128k --no-baseline --decode-tokens 32 --json > out/bench-lminf.json
+	$(BIN)/lminf bench --length 32k,64k --decode-tokens 32 --json > out/bench-vs-unmodified.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
