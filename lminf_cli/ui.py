@@ -74,3 +74,40 @@ def silence_stdout() -> None:
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+class _UnitCount(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{int(task.completed):,}/{int(task.total or 0):,} {self.unit}", style="green")
+
+
+class TaskProgress:
+    """progress(done, total) callback for a rich bar; `describe` changes its label."""
+
+    def __init__(self, bar: Progress, task_id: int) -> None:
+        self.bar, self.task_id = bar, task_id
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(self.task_id, completed=done, total=total)
+
+    def describe(self, label: str) -> None:
+        """Replace the bar's label (e.g. 'Reading, note 3/12')."""
+        self.bar.update(self.task_id, description=label)
+
+
+@contextlib.contextmanager
+def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[TaskProgress | None]:
+    """Like encode_progress, for any unit (pages, tokens), with a changeable label; None when not drawn."""
+    if not interactive(quiet):
+        yield None
+        return
+    columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(), _UnitCount(unit)]
+    if unit == "tokens":
+        columns.append(_Rate())
+    columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=True) as bar:
+        yield TaskProgress(bar, bar.add_task(label, total=None))

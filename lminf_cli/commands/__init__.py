@@ -9,7 +9,7 @@ import importlib
 
 import typer
 
-MODULES: list[str] = []
+MODULES: list[str] = ["documents"]
 
 
 def register_all(app: typer.Typer) -> None:
