@@ -147,8 +147,9 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     """Encode  head + document  once; with `notes`, write a note after each section on the way.
 
     notes: True always, False never, None when the document does not fit in one window
-    with `reserve` tokens to spare (room for a summary prompt and the summary).  The notes are detours (checkpoint, prompt, generate,
-    restore), so the encoded state is the same with or without them.
+    with `reserve` tokens to spare (room for a summary prompt and the summary).  The
+    notes are detours (checkpoint, prompt, generate, restore), so the encoded state is
+    the same with or without them.
     """
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     head = tokenize(engine, fmt.document_head(question_first))

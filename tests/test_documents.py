@@ -66,7 +66,7 @@ def test_stdin_and_several_files_with_headers(tmp_path):
     (tmp_path / "a.txt").write_text("First file text.\n")
     (tmp_path / "b.md").write_text("# Second\n\nSecond file text.\n")
     doc = read_documents([str(tmp_path / "a.txt"), "-", str(tmp_path / "b.md")],
-                         stdin=io.BytesIO("From the pipe.".encode()))
+                         stdin=io.BytesIO(b"From the pipe."))
     assert doc.parts == [str(tmp_path / "a.txt"), "<stdin>", str(tmp_path / "b.md")]
     positions = [doc.text.index(f"=== {name} ===") for name in doc.parts]
     assert positions == sorted(positions)

@@ -43,6 +43,7 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling."
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")]
 SectionOpt = Annotated[Optional[int], typer.Option(
     "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
+NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
 
 
 class EngineOptions:
@@ -88,7 +89,8 @@ def _read(sources: list[str], quiet: bool):
 
 
 def open_document(sources: list[str], opts: EngineOptions, notes: bool | None = False, reserve: int = 0,
-                  section_tokens: int | None = None, sampling: Any = None, question_first: str | None = None):
+                  section_tokens: int | None = None, note_tokens: int = 96, sampling: Any = None,
+                  question_first: str | None = None):
     """(engine, encoded document): from a saved state, or by reading and encoding the files."""
     from ..models import resolve_model_spec
     from ..tasks import encode_document
@@ -106,7 +108,8 @@ def open_document(sources: list[str], opts: EngineOptions, notes: bool | None = 
                 bar.describe(f"Encoding (notes {k}/{n})")
 
         encoded = encode_document(engine, doc, spec, question_first=question_first, notes=notes, reserve=reserve,
-                                  section_tokens=section_tokens, sampling=sampling, progress=bar, on_note=on_note)
+                                  section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling,
+                                  progress=bar, on_note=on_note)
     return engine, encoded
 
 
@@ -216,6 +219,7 @@ def encode(
     notes: Annotated[bool, typer.Option("--notes", help="Also write section notes on the way (for summarize).")]
     = False,
     section_tokens: SectionOpt = None,
+    note_tokens: NoteTokensOpt = 96,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -234,7 +238,10 @@ def encode(
             raise UsageError(f"--output must end in {SUFFIX}, got '{output}'")
         if _state_source(files) is not None or any(is_state_path(f) for f in files):
             raise UsageError("encode reads text or PDF files, not a saved state")
-        engine, encoded = open_document(files, opts, notes=notes, section_tokens=section_tokens)
+        if note_tokens <= 0:
+            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        engine, encoded = open_document(files, opts, notes=notes, section_tokens=section_tokens,
+                                        note_tokens=note_tokens)
         with status("Saving state", quiet):
             size = save_state(output, encoded.state, encoded.header)
         _note(f"wrote {output}: {encoded.document_tokens:,} document tokens, "
@@ -287,6 +294,7 @@ def summarize(
     length: Annotated[str, typer.Option("--length", "-l", help="short, medium or long.")] = "medium",
     json_out: JsonOpt = False,
     section_tokens: SectionOpt = None,
+    note_tokens: NoteTokensOpt = 96,
     max_new_tokens: MaxNewOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -310,17 +318,19 @@ def summarize(
     with cli_errors():
         opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
         _check_max_new(max_new_tokens)
+        if note_tokens <= 0:
+            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
         sampling = _sampling(temperature, top_k, top_p, seed)
         budget = max_new_tokens or summary_length(length)[1]
         # Sections with notes only when the document, a summary prompt and the summary overflow one window.
         engine, encoded = open_document(files, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
-                                        section_tokens=section_tokens, sampling=sampling)
+                                        section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling)
         plan = plan_summary(engine, encoded, length, budget)
         if not plan.covers_whole_document:
             _note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
                   "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
         with status("Condensing notes", quiet):
-            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling)
+            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens)
         reply = Reply()
         pieces = summarize_task(engine, encoded, length, budget, sampling, reply, notes)
         if json_out:
