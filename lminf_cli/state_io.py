@@ -89,6 +89,7 @@ class StateHeader:
     document_characters: int
     document_pages: int | None = None
     notes: list[str] = field(default_factory=list)
+    tail: str = ""  # the document's last few tokens, not in the cache: re-tokenized with each prompt
     lminf_version: str = __version__
 
     @property
@@ -103,7 +104,7 @@ class StateHeader:
 
 def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerprint: str, document_name: str,
                  document_sha256: str, document_tokens: int, document_characters: int,
-                 document_pages: int | None, notes: list[str] | None = None) -> StateHeader:
+                 document_pages: int | None, notes: list[str] | None = None, tail: str = "") -> StateHeader:
     """The header describing `state`, as encoded by `engine`."""
     cache, s = state.cache, engine.settings
     return StateHeader(
@@ -114,7 +115,7 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
         head_dim=cache.head_dim, dtype=str(cache.dtype).removeprefix("torch."),
         prompt_fingerprint=prompt_fingerprint, document_name=document_name, document_sha256=document_sha256,
         document_tokens=document_tokens, document_characters=document_characters, document_pages=document_pages,
-        notes=list(notes or []))
+        notes=list(notes or []), tail=tail)
 
 
 def _views(header: StateHeader) -> tuple[int, int]:

@@ -49,6 +49,10 @@ class EncodedDocument:
         """Tokens of the document itself (the prompt head excluded)."""
         return self.header.document_tokens
 
+    def prompt_ids(self, engine: Engine, text: str) -> list[int]:
+        """Ids of a prompt that follows the document (the held-back tail of the document first)."""
+        return tokenize(engine, self.header.tail + text)
+
     @property
     def notes(self) -> list[str]:
         """Section notes written while encoding (empty unless asked for)."""
@@ -150,36 +154,57 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     with `reserve` tokens to spare (room for a summary prompt and the summary).  The
     notes are detours (checkpoint, prompt, generate, restore), so the encoded state is
     the same with or without them.
+
+    Head and document are tokenized as one text, and the document's last few tokens are
+    held back (`header.tail`) and tokenized again with each prompt: the tokens at both
+    seams are then those of the whole conversation written out, whatever the tokenizer
+    glues together (e.g. "end." + "\n\n" is one token for some and two for others).
     """
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
-    head = tokenize(engine, fmt.document_head(question_first))
-    body = tokenize(engine, doc.text.strip())
-    if not body:
+    head_text = fmt.document_head(question_first)
+    n_head = len(tokenize(engine, head_text))
+    ids = tokenize(engine, head_text + doc.text.strip())
+    if len(ids) <= n_head:
         raise UsageError(f"{doc.name} has no tokens to encode")
-    total = len(head) + len(body)
+    held = _hold_back(engine, ids, n_head)
+    tail = engine.lm.tokenizer.decode(ids[len(ids) - held:]) if held else ""
+    stream = ids[:len(ids) - held]
     if notes is None:
-        notes = total + reserve > engine.settings.n_local
+        notes = len(ids) + reserve > engine.settings.n_local
     written: list[str] = []
-    state = engine.encode(head)
+    state = engine.encode(stream[:n_head])
     # Sections are the same with or without notes, so both give bit-identical states.
-    bounds = section_bounds(engine, body, section_size(engine, section_tokens))
+    bounds = [(a + n_head, b + n_head)
+              for a, b in section_bounds(engine, stream[n_head:], section_size(engine, section_tokens))]
     for k, (a, b) in enumerate(bounds):
-        offset = len(head) + a
-
-        def report(done: int, _n: int, offset: int = offset) -> None:
+        def report(done: int, _n: int, a: int = a) -> None:
             if progress is not None:
-                progress(offset + done, total)
+                progress(a + done, len(stream))
 
-        engine.encode(body[a:b], state, progress=report)
+        if b > a:
+            engine.encode(stream[a:b], state, progress=report)
         if notes:
-            opening = opening_words(engine.lm.tokenizer.decode(body[a:a + 40]))
-            note = generate_text(engine, state, fmt.section_note(opening), note_tokens, sampling)
+            opening = opening_words(engine.lm.tokenizer.decode(stream[a:a + 40]))
+            last = k == len(bounds) - 1
+            prompt = (tail if last else "") + fmt.section_note(opening)
+            note = generate_text(engine, state, prompt, note_tokens, sampling)
             written.append(note)
             if on_note is not None:
                 on_note(k + 1, len(bounds), note)
-    header = build_header(engine, state, model_spec, fmt.fingerprint, doc.name, doc.sha256, len(body),
-                          len(doc.text), doc.pages, written)
+    header = build_header(engine, state, model_spec, fmt.fingerprint, doc.name, doc.sha256, len(ids) - n_head,
+                          len(doc.text), doc.pages, written, tail)
     return EncodedDocument(state, fmt, header)
+
+
+def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
+    """How many trailing ids to re-tokenize with each prompt: 4 or more, ending on a clean text boundary."""
+    tokenizer = engine.lm.tokenizer
+    for k in range(4, 17):
+        if len(ids) - k <= start:
+            break
+        if tokenize(engine, tokenizer.decode(ids[len(ids) - k:])) == list(ids[len(ids) - k:]):
+            return k
+    return 0
 
 
 # -- Tasks ------------------------------------------------------------------
@@ -187,7 +212,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         sampling: SamplingParams | None = None, reply: Reply | None = None) -> Iterator[str]:
     """Stream the answer to one question about the encoded document."""
-    prompt = tokenize(engine, encoded.fmt.question(check_question(question)))
+    prompt = encoded.prompt_ids(engine, encoded.fmt.question(check_question(question)))
     return stream_reply(engine, encoded.state, prompt, max_new_tokens, sampling, reply or Reply())
 
 
@@ -204,7 +229,7 @@ def plan_summary(engine: Engine, encoded: EncodedDocument, length: str, budget: 
     budget = budget if budget is not None else summary_length(length)[1]
     if encoded.notes:
         return SummaryPlan(encoded.notes, True)
-    stream = encoded.header.length + len(tokenize(engine, encoded.fmt.summary(length))) + budget
+    stream = encoded.header.length + len(encoded.prompt_ids(engine, encoded.fmt.summary(length))) + budget
     return SummaryPlan([], stream <= engine.settings.n_local)
 
 
@@ -213,11 +238,11 @@ def condense_notes(engine: Engine, encoded: EncodedDocument, notes: list[str], b
                    on_round: Callable[[int, int], None] | None = None) -> list[str]:
     """Merge consecutive notes, MERGE_GROUP at a time, until their prompt fits `budget_tokens`."""
     fmt = encoded.fmt
-    while len(notes) > 1 and len(tokenize(engine, fmt.summary("short", notes))) > budget_tokens:
+    while len(notes) > 1 and len(encoded.prompt_ids(engine, fmt.summary("short", notes))) > budget_tokens:
         groups = [notes[i:i + MERGE_GROUP] for i in range(0, len(notes), MERGE_GROUP)]
         if on_round is not None:
             on_round(len(notes), len(groups))
-        notes = [g[0] if len(g) == 1 else generate_text(engine, encoded.state, fmt.merge_notes(g),
+        notes = [g[0] if len(g) == 1 else generate_text(engine, encoded.state, encoded.header.tail + fmt.merge_notes(g),
                                                         note_tokens, sampling) for g in groups]
     return notes
 
@@ -227,7 +252,7 @@ def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", 
               notes: list[str] | None = None) -> Iterator[str]:
     """Stream a summary: from `notes` (already condensed) when given, else from the encoded state."""
     budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
-    prompt = tokenize(engine, encoded.fmt.summary(length, notes or ()))
+    prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes or ()))
     return stream_reply(engine, encoded.state, prompt, budget, sampling, reply or Reply())
 
 
@@ -268,10 +293,14 @@ class ChatSession:
         fmt, kept = self.encoded.fmt, self.turns[-self.history:] if self.history else []
         ids: list[int] = []
         for i, turn in enumerate(kept):
-            text = fmt.question(turn.question) if i == 0 else fmt.follow_up(turn.question)
-            ids += tokenize(self.engine, text) + turn.answer_ids
-        ids += tokenize(self.engine, fmt.follow_up(question) if kept else fmt.question(question))
-        return ids
+            if i == 0:
+                ids += self.encoded.prompt_ids(self.engine, fmt.question(turn.question))
+            else:
+                ids += tokenize(self.engine, fmt.follow_up(turn.question))
+            ids += turn.answer_ids
+        if kept:
+            return ids + tokenize(self.engine, fmt.follow_up(question))
+        return self.encoded.prompt_ids(self.engine, fmt.question(question))
 
     def ask(self, question: str, reply: Reply | None = None) -> Iterator[str]:
         """Stream the answer; the exchange joins the history once the answer is complete."""
