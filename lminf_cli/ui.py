@@ -86,17 +86,40 @@ class _UnitCount(ProgressColumn):
 
 
 class TaskProgress:
-    """progress(done, total) callback for a rich bar; `describe` changes its label."""
+    """progress(done, total) callback drawing a rich bar on stderr, started by the first call.
 
-    def __init__(self, bar: Progress, task_id: int) -> None:
-        self.bar, self.task_id = bar, task_id
+    Lazy, so that a bar asked for "in case" (PDF pages while reading any file) never shows
+    up when nothing reports progress.
+    """
+
+    def __init__(self, label: str, unit: str) -> None:
+        self.label, self.unit = label, unit
+        self.bar: Progress | None = None
+        self.task_id = None
 
     def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(),
+                                             _UnitCount(self.unit)]
+            if self.unit == "tokens":
+                columns.append(_Rate())
+            columns.append(TimeRemainingColumn())
+            self.bar = Progress(*columns, console=stderr_console(), transient=True)
+            self.bar.start()
+            self.task_id = self.bar.add_task(self.label, total=None)
         self.bar.update(self.task_id, completed=done, total=total)
 
     def describe(self, label: str) -> None:
-        """Replace the bar's label (e.g. 'Reading, note 3/12')."""
-        self.bar.update(self.task_id, description=label)
+        """Replace the bar's label (e.g. 'Encoding (notes 3/12)')."""
+        self.label = label
+        if self.bar is not None:
+            self.bar.update(self.task_id, description=label)
+
+    def close(self) -> None:
+        """Remove the bar, if it was ever drawn."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 @contextlib.contextmanager
@@ -105,9 +128,8 @@ def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[Tas
     if not interactive(quiet):
         yield None
         return
-    columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(), _UnitCount(unit)]
-    if unit == "tokens":
-        columns.append(_Rate())
-    columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=stderr_console(), transient=True) as bar:
-        yield TaskProgress(bar, bar.add_task(label, total=None))
+    progress = TaskProgress(label, unit)
+    try:
+        yield progress
+    finally:
+        progress.close()

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from lminf_cli.cache import LambdaSettings
 from lminf_cli.corpus import all_plays_text
 from lminf_cli.documents import Document
 from lminf_cli.generate import Engine
@@ -62,7 +63,10 @@ def haystack(engine: Engine, n_tokens: int) -> tuple[str, list[int]]:
 
 def run(args: argparse.Namespace) -> None:
     lm = load_model(device="cpu", dtype="float32")
-    engine = Engine(lm)
+    settings = LambdaSettings.for_model(lm.adapter.trained_length, args.n_global, args.n_local)
+    engine = Engine(lm, settings)
+    print(f"# {lm.name}, n_global={settings.n_global} n_local={settings.n_local} "
+          f"limit_distance={settings.limit_distance}", flush=True)
     out = Path(args.out)
     done = set()
     if out.exists():
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> None:
                         enc_s = time.perf_counter() - t0
                     reply = Reply()
                     "".join(ask(engine, encoded, question, args.max_new_tokens, reply=reply))
-                    row = {"length": length, "doc_tokens": encoded.document_tokens, "mode": mode, "depth": DEPTHS[i],
+                    row = {"n_local": engine.settings.n_local,
+                           "length": length, "doc_tokens": encoded.document_tokens, "mode": mode, "depth": DEPTHS[i],
                            "question": question, "expected": expected, "answer": reply.text.strip(),
                            "correct": expected.lower() in reply.text.lower(), "encode_seconds": round(enc_s, 1)}
                     f.write(json.dumps(row) + "\n")
@@ -117,6 +122,8 @@ if __name__ == "__main__":
     p.add_argument("--lengths", type=int, nargs="+", default=[2000, 12000, 20000])
     p.add_argument("--modes", nargs="+", default=["baseline", "question-first"])
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--n-local", type=int, default=None, help="Window [default: the trained length, 8192].")
+    p.add_argument("--n-global", type=int, default=None)
     p.add_argument("--out", default="retrieval.jsonl")
     p.add_argument("--table", action="store_true", help="Only print the table of an existing --out file.")
     a = p.parse_args()

@@ -24,7 +24,7 @@ def _content(columns: list[list[str]], size: int = 11) -> bytes:
         for line in lines:
             ops.append(f"({_escape(line)}) Tj T*")
         ops.append("ET")
-    return "\n".join(ops).encode("latin-1")
+    return "\n".join(ops).encode("cp1252", errors="replace")  # WinAnsiEncoding
 
 
 def make_pdf(pages: list[list[list[str]]]) -> bytes:

@@ -30,7 +30,7 @@ from ..cli import (
     cli_errors,
 )
 from ..errors import InputError, LminfError, UsageError
-from ..ui import status, stderr_console, task_progress, write_stdout
+from ..ui import status, task_progress, write_stdout
 
 FilesArg = Annotated[list[str], typer.Argument(
     help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
@@ -382,8 +382,8 @@ def chat(
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling)
         tty = sys.stdin.isatty()
         if tty and not quiet:
-            stderr_console().print(f"[bold]{encoded.header.document_name}[/bold]: "
-                                   f"{encoded.document_tokens:,} tokens encoded. {CHAT_HELP}", highlight=False)
+            typer.echo(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. {CHAT_HELP}",
+                       err=True)
         for line in _questions(tty):
             text = line.strip()
             if not text:
