@@ -160,6 +160,7 @@ def _note(message: str, quiet: bool = False) -> None:
 def info(
     files: FilesArg,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Pages, characters and an estimated token count of documents (no model is loaded)."""
     from ..documents import estimate_tokens, read_document
@@ -172,7 +173,7 @@ def info(
                 header = read_header(source)
                 rows.append({"file": source, "kind": "lminf state", **json.loads(header.to_json())})
                 continue
-            with task_progress(False, f"Reading {source}", unit="pages") as bar:
+            with task_progress(quiet, f"Reading {source}", unit="pages") as bar:
                 doc = read_document(source, progress=bar)
             rows.append({"file": doc.name, "kind": "pdf" if doc.pages is not None else "text",
                          "pages": doc.pages, "encoding": doc.encoding, "characters": len(doc.text),
@@ -249,8 +250,10 @@ def encode(
 
 
 def ask(
-    files: FilesArg,
-    question: Annotated[str, typer.Argument(help="The question, in quotes.")],
+    args: Annotated[list[str], typer.Argument(
+        metavar="FILE... QUESTION",
+        help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf); "
+             "then the question, in quotes.")],
     json_out: JsonOpt = False,
     max_new_tokens: MaxNewOpt = None,
     temperature: TemperatureOpt = 0.0,
@@ -273,8 +276,10 @@ def ask(
 
     t0 = time.perf_counter()
     with cli_errors():
+        if len(args) < 2:
+            raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
+        files, question = args[:-1], check_question(args[-1])
         opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
-        question = check_question(question)
         _check_max_new(max_new_tokens)
         sampling = _sampling(temperature, top_k, top_p, seed)
         engine, encoded = open_document(files, opts)
