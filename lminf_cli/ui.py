@@ -74,3 +74,62 @@ def silence_stdout() -> None:
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+class _UnitCount(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{int(task.completed):,}/{int(task.total or 0):,} {self.unit}", style="green")
+
+
+class TaskProgress:
+    """progress(done, total) callback drawing a rich bar on stderr, started by the first call.
+
+    Lazy, so that a bar asked for "in case" (PDF pages while reading any file) never shows
+    up when nothing reports progress.
+    """
+
+    def __init__(self, label: str, unit: str) -> None:
+        self.label, self.unit = label, unit
+        self.bar: Progress | None = None
+        self.task_id = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(),
+                                             _UnitCount(self.unit)]
+            if self.unit == "tokens":
+                columns.append(_Rate())
+            columns.append(TimeRemainingColumn())
+            self.bar = Progress(*columns, console=stderr_console(), transient=True)
+            self.bar.start()
+            self.task_id = self.bar.add_task(self.label, total=None)
+        self.bar.update(self.task_id, completed=done, total=total)
+
+    def describe(self, label: str) -> None:
+        """Replace the bar's label (e.g. 'Encoding (notes 3/12)')."""
+        self.label = label
+        if self.bar is not None:
+            self.bar.update(self.task_id, description=label)
+
+    def close(self) -> None:
+        """Remove the bar, if it was ever drawn."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[TaskProgress | None]:
+    """Like encode_progress, for any unit (pages, tokens), with a changeable label; None when not drawn."""
+    if not interactive(quiet):
+        yield None
+        return
+    progress = TaskProgress(label, unit)
+    try:
+        yield progress
+    finally:
+        progress.close()

@@ -9,7 +9,7 @@ import importlib
 
 import typer
 
-MODULES: list[str] = ["bench", "evaluate"]
+MODULES: list[str] = ["bench", "evaluate", "documents"]
 
 
 def register_all(app: typer.Typer) -> None:

@@ -1,0 +1,479 @@
+"""Document commands: info, encode, ask, summarize, chat.
+
+Thin: read options, call documents / tasks / state_io, print.  Answers go to stdout;
+progress, prompts and diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..cli import (
+    ChunkOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LimitOpt,
+    ModelOpt,
+    NGlobalOpt,
+    NLocalOpt,
+    QuietOpt,
+    build_engine,
+    check_attention_options,
+    cli_errors,
+)
+from ..errors import InputError, LminfError, UsageError
+from ..ui import status, task_progress, write_stdout
+
+FilesArg = Annotated[list[str], typer.Argument(
+    help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
+MaxNewOpt = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", "-n", help="Longest answer, in tokens [default: 200; summaries: by --length].")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (reproducible).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")]
+SectionOpt = Annotated[Optional[int], typer.Option(
+    "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
+NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
+
+
+class EngineOptions:
+    """The model and attention options shared by every command that loads a model."""
+
+    def __init__(self, model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
+                 limit: int | None, chunk: int | None, quiet: bool) -> None:
+        check_attention_options(n_local, n_global, limit, chunk)
+        self.model, self.device, self.dtype = model, device, dtype
+        self.n_local, self.n_global, self.limit, self.chunk, self.quiet = n_local, n_global, limit, chunk, quiet
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, seed: int | None):
+    from ..generate import SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    params.validate()
+    return params
+
+
+def _check_max_new(value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"--max-new-tokens must be positive, got {value}")
+
+
+def _state_source(sources: list[str]) -> str | None:
+    """The .lminf path when one is given (it must then be the only source)."""
+    from ..state_io import is_state_path
+
+    states = [s for s in sources if is_state_path(s)]
+    if not states:
+        return None
+    if len(sources) > 1:
+        raise UsageError("a saved state (.lminf) must be given on its own, not with other files")
+    return states[0]
+
+
+def _read(sources: list[str], quiet: bool):
+    from ..documents import read_documents
+
+    with task_progress(quiet, "Reading PDF", unit="pages") as bar:
+        return read_documents(sources, progress=bar)
+
+
+def open_document(sources: list[str], opts: EngineOptions, notes: bool | None = False, reserve: int = 0,
+                  section_tokens: int | None = None, note_tokens: int = 96, sampling: Any = None,
+                  question_first: str | None = None):
+    """(engine, encoded document): from a saved state, or by reading and encoding the files."""
+    from ..models import resolve_model_spec
+    from ..tasks import encode_document
+
+    state_path = _state_source(sources)
+    if state_path is not None:
+        return _open_state(state_path, opts)
+    doc = _read(sources, opts.quiet)
+    spec = resolve_model_spec(opts.model)
+    engine = build_engine(spec, opts.device, opts.dtype, opts.n_local, opts.n_global, opts.limit, opts.chunk,
+                          opts.quiet)
+    with task_progress(opts.quiet, "Encoding") as bar:
+        def on_note(k: int, n: int, _note: str) -> None:
+            if bar is not None:
+                bar.describe(f"Encoding (notes {k}/{n})")
+
+        encoded = encode_document(engine, doc, spec, question_first=question_first, notes=notes, reserve=reserve,
+                                  section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling,
+                                  progress=bar, on_note=on_note)
+    return engine, encoded
+
+
+def _open_state(path: str, opts: EngineOptions):
+    from ..prompts import PromptFormat
+    from ..state_io import load_state, read_header
+    from ..tasks import EncodedDocument, chunk_size_for
+
+    header = read_header(path)
+    chunk = chunk_size_for(header, opts.chunk)
+    model = opts.model
+    if model is None and Path(header.model_spec).exists():
+        model = header.model_spec
+    engine = build_engine(model, opts.device, opts.dtype,
+                          opts.n_local if opts.n_local is not None else header.n_local,
+                          opts.n_global if opts.n_global is not None else header.n_global,
+                          opts.limit if opts.limit is not None else header.limit_distance, chunk, opts.quiet)
+    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
+    with status("Loading state", opts.quiet):
+        state = load_state(path, engine, header, fmt.fingerprint)
+    return engine, EncodedDocument(state, fmt, header)
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _stream(pieces: Iterator[str]) -> None:
+    """Stream text to stdout and end it with one newline."""
+    wrote = False
+    for piece in pieces:
+        if not wrote:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+        write_stdout(piece)
+        wrote = True
+    write_stdout("\n")
+
+
+def _note(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        typer.echo(f"lminf: {message}", err=True)
+
+
+# -- commands -----------------------------------------------------------------
+
+def info(
+    files: FilesArg,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pages, characters and an estimated token count of documents (no model is loaded)."""
+    from ..documents import estimate_tokens, read_document
+    from ..state_io import is_state_path, read_header
+
+    with cli_errors():
+        rows = []
+        for source in files:
+            if is_state_path(source):
+                header = read_header(source)
+                rows.append({"file": source, "kind": "lminf state", **json.loads(header.to_json())})
+                continue
+            with task_progress(quiet, f"Reading {source}", unit="pages") as bar:
+                doc = read_document(source, progress=bar)
+            rows.append({"file": doc.name, "kind": "pdf" if doc.pages is not None else "text",
+                         "pages": doc.pages, "encoding": doc.encoding, "characters": len(doc.text),
+                         "words": len(doc.text.split()), "tokens_estimate": estimate_tokens(doc.text)})
+        if json_out:
+            for row in rows:
+                _emit_json(row)
+            return
+        out = []
+        for row in rows:
+            if row["kind"] == "lminf state":
+                out.append(_state_lines(row))
+            else:
+                keys = ["file", "kind", "pages", "encoding", "characters", "words", "tokens_estimate"]
+                out.append("\n".join(f"{_label(k)}: {_fmt(row[k])}" for k in keys if row.get(k) is not None))
+        write_stdout("\n\n".join(out) + "\n")
+
+
+def _label(key: str) -> str:
+    return {"tokens_estimate": "tokens (estimate, cl100k)"}.get(key, key)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _state_lines(row: dict[str, Any]) -> str:
+    size = Path(row["file"]).expanduser().stat().st_size
+    lines = [
+        ("file", row["file"]), ("kind", "lminf state"), ("size", f"{size / 2**20:,.1f} MiB"),
+        ("model", f"{row['model_name']} (fingerprint {row['model_fingerprint']})"),
+        ("attention", f"n_global={row['n_global']} n_local={row['n_local']} "
+                      f"limit_distance={row['limit_distance']} chunk={row['max_chunk']} dtype={row['dtype']}"),
+        ("document", row["document_name"]), ("pages", row["document_pages"]),
+        ("characters", row["document_characters"]), ("tokens", row["document_tokens"]),
+        ("sha256", row["document_sha256"]), ("section notes", len(row["notes"]) or "none"),
+    ]
+    return "\n".join(f"{k}: {_fmt(v)}" for k, v in lines if v is not None)
+
+
+def encode(
+    files: FilesArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="State file to write (.lminf).")],
+    notes: Annotated[bool, typer.Option("--notes", help="Also write section notes on the way (for summarize).")]
+    = False,
+    section_tokens: SectionOpt = None,
+    note_tokens: NoteTokensOpt = 96,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode documents once and save the constant-size state for ask, summarize and chat."""
+    from ..state_io import SUFFIX, is_state_path, save_state
+
+    with cli_errors():
+        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        if not output.lower().endswith(SUFFIX):
+            raise UsageError(f"--output must end in {SUFFIX}, got '{output}'")
+        if _state_source(files) is not None or any(is_state_path(f) for f in files):
+            raise UsageError("encode reads text or PDF files, not a saved state")
+        if note_tokens <= 0:
+            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        engine, encoded = open_document(files, opts, notes=notes, section_tokens=section_tokens,
+                                        note_tokens=note_tokens)
+        with status("Saving state", quiet):
+            size = save_state(output, encoded.state, encoded.header)
+        _note(f"wrote {output}: {encoded.document_tokens:,} document tokens, "
+              f"{size / 2**20:,.1f} MiB", quiet)
+
+
+def ask(
+    args: Annotated[list[str], typer.Argument(
+        metavar="FILE... QUESTION",
+        help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf); "
+             "then the question, in quotes.")],
+    json_out: JsonOpt = False,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer a question about documents (or a saved state), streaming the answer to stdout."""
+    from ..prompts import check_question
+    from ..tasks import DEFAULT_ANSWER_TOKENS, Reply
+    from ..tasks import ask as ask_task
+
+    t0 = time.perf_counter()
+    with cli_errors():
+        if len(args) < 2:
+            raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
+        files, question = args[:-1], check_question(args[-1])
+        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        _check_max_new(max_new_tokens)
+        sampling = _sampling(temperature, top_k, top_p, seed)
+        engine, encoded = open_document(files, opts)
+        reply = Reply()
+        pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling, reply)
+        if json_out:
+            for _ in pieces:
+                pass
+            _emit_json({"answer": reply.text.strip(), "document_tokens": encoded.document_tokens,
+                        "answer_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
+        else:
+            _stream(pieces)
+
+
+def summarize(
+    files: FilesArg,
+    length: Annotated[str, typer.Option("--length", "-l", help="short, medium or long.")] = "medium",
+    json_out: JsonOpt = False,
+    section_tokens: SectionOpt = None,
+    note_tokens: NoteTokensOpt = 96,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Summarize whole documents: section notes while reading, then a summary from them."""
+    from ..prompts import summary_length
+    from ..tasks import SUMMARY_PROMPT_RESERVE, Reply, condense_notes, notes_budget, plan_summary
+    from ..tasks import summarize as summarize_task
+
+    t0 = time.perf_counter()
+    with cli_errors():
+        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        _check_max_new(max_new_tokens)
+        if note_tokens <= 0:
+            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        sampling = _sampling(temperature, top_k, top_p, seed)
+        budget = max_new_tokens or summary_length(length)[1]
+        # Sections with notes only when the document, a summary prompt and the summary overflow one window.
+        engine, encoded = open_document(files, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
+                                        section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling)
+        plan = plan_summary(engine, encoded, length, budget)
+        if not plan.covers_whole_document:
+            _note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
+                  "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
+        with status("Condensing notes", quiet):
+            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens)
+        reply = Reply()
+        pieces = summarize_task(engine, encoded, length, budget, sampling, reply, notes)
+        if json_out:
+            for _ in pieces:
+                pass
+            _emit_json({"summary": reply.text.strip(), "notes": encoded.notes, "document_tokens":
+                        encoded.document_tokens, "summary_tokens": len(reply.token_ids),
+                        "seconds": round(time.perf_counter() - t0, 3)})
+        else:
+            _stream(pieces)
+
+
+CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "
+             "/save PATH (.lminf: the encoded document; other names: the transcript), /quit.")
+
+
+def chat(
+    files: FilesArg,
+    history: Annotated[int, typer.Option(help="Previous exchanges replayed before each question "
+                                              "(0: every answer depends on the document alone).")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per answer (JSON lines).")] = False,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    n_local: NLocalOpt = None,
+    n_global: NGlobalOpt = None,
+    limit_distance: LimitOpt = None,
+    chunk_size: ChunkOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Interactive questions about documents, encoded once; reads one question per line when piped."""
+    from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, Reply
+
+    with cli_errors():
+        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        if "-" in files:
+            raise UsageError("chat reads its questions from stdin, so the document cannot come from stdin too; "
+                             "give a file (or use lminf ask - QUESTION)")
+        if history < 0:
+            raise UsageError(f"--history must be >= 0, got {history}")
+        _check_max_new(max_new_tokens)
+        sampling = _sampling(temperature, top_k, top_p, seed)
+        engine, encoded = open_document(files, opts)
+        session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling)
+        tty = sys.stdin.isatty()
+        if tty and not quiet:
+            typer.echo(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. {CHAT_HELP}",
+                       err=True)
+        for line in _questions(tty):
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if _command(text, session, encoded) == "quit":
+                    break
+                continue
+            reply = Reply()
+            pieces = session.ask(text, reply)
+            if json_out:
+                for _ in pieces:
+                    pass
+                _emit_json({"question": text, "answer": reply.text.strip(), "answer_tokens": len(reply.token_ids),
+                            "seconds": round(reply.seconds, 3)})
+            else:
+                _stream(pieces)
+                if tty:
+                    write_stdout("\n")
+
+
+def _questions(tty: bool) -> Iterator[str]:
+    """Lines typed at a terminal (with readline history) or read from a pipe."""
+    if not tty:
+        for line in sys.stdin:
+            yield line
+        return
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - importing it gives input() line editing and arrow-key history
+    while True:
+        try:
+            if sys.stdout.isatty():
+                line = input("> ")
+            else:
+                # Answers are being redirected: keep the prompt on the terminal, out of the file.
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")
+            return
+        yield line
+
+
+def _command(text: str, session: Any, encoded: Any) -> str | None:
+    """Run a /command; problems are reported on stderr and the session goes on."""
+    from ..state_io import is_state_path, save_state
+
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/quit", "/exit", "/q"):
+            return "quit"
+        if name == "/reset":
+            session.reset()
+            _note("conversation forgotten; the next answer depends on the document alone")
+        elif name == "/save":
+            if not arg:
+                raise UsageError("/save needs a path: /save notes.txt (transcript) or /save book.lminf (state)")
+            if is_state_path(arg):
+                size = save_state(arg, encoded.state, encoded.header)
+                _note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
+            else:
+                try:
+                    Path(arg).expanduser().write_text(session.transcript_text(), encoding="utf-8")
+                except OSError as exc:
+                    raise InputError(f"cannot write {arg}: {exc.strerror or exc}") from exc
+                _note(f"wrote the transcript to {arg}")
+        elif name == "/help":
+            _note(CHAT_HELP)
+        else:
+            raise UsageError(f"unknown command {name}; {CHAT_HELP}")
+    except LminfError as exc:
+        typer.echo(f"lminf: error: {' '.join(str(exc).split())}", err=True)
+    return None
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the document commands to the lminf app."""
+    app.command("info")(info)
+    app.command("encode")(encode)
+    app.command("ask")(ask)
+    app.command("summarize")(summarize)
+    app.command("chat")(chat)
+

@@ -1,0 +1,255 @@
+"""`lminf info / encode / ask / summarize / chat` on a tiny model: outputs, states, pipelines, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pdfs import encrypt_pdf, make_pdf
+from typer.testing import CliRunner
+
+from lminf_cli.cli import app
+
+runner = CliRunner()
+TEXT = ("Orla keeps the lighthouse on Gull Rock. Every night she counts the ships.\n"
+        "One winter the ship Heron did not come back.\n") * 6
+WINDOW = ["--n-local", "32", "--n-global", "4", "--chunk-size", "16"]
+SHORT = ["-n", "12"]
+
+
+def invoke(args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("docs")
+    (d / "doc.txt").write_text(TEXT)
+    (d / "empty.txt").write_text("")
+    (d / "bin.dat").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    (d / "garbled.txt").write_bytes(bytes((i * 37 + 11) % 128 + 128 for i in range(3000)))
+    pdf = make_pdf([[["Orla keeps the lighthouse.", "She counts ships."]], [["The Heron was lost."]]])
+    (d / "doc.pdf").write_bytes(pdf)
+    (d / "locked.pdf").write_bytes(encrypt_pdf(pdf))
+    (d / "scan.pdf").write_bytes(make_pdf([[]]))
+    (d / "corrupt.pdf").write_bytes(b"%PDF-1.4\n" + b"garbage\n" * 30 + b"%%EOF\n")
+    (d / "cut.pdf").write_bytes(pdf[: len(pdf) // 2])
+    return d
+
+
+@pytest.fixture(scope="module")
+def state(files, tiny_model_dir):
+    path = files / "doc.lminf"
+    r = invoke(["encode", files / "doc.txt", "-o", path, "--model", tiny_model_dir, *WINDOW])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == "" and "wrote" in r.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tiny_model_dir):
+    """Same architecture and tokenizer as tiny_model_dir, other weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    path = tmp_path_factory.mktemp("other-llama")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def bad_cases(files: Path, state: Path) -> dict[str, list]:
+    truncated = files / "truncated.lminf"
+    truncated.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    return {
+        "missing file": [files / "nope.txt", "q"],
+        "directory": [files, "q"],
+        "empty file": [files / "empty.txt", "q"],
+        "binary file": [files / "bin.dat", "q"],
+        "undecodable text": [files / "garbled.txt", "q"],
+        "encrypted pdf": [files / "locked.pdf", "q"],
+        "pdf without text": [files / "scan.pdf", "q"],
+        "corrupt pdf": [files / "corrupt.pdf", "q"],
+        "truncated pdf": [files / "cut.pdf", "q"],
+        "truncated state": [truncated, "q"],
+        "missing state": [files / "nope.lminf", "q"],
+        "empty question": [files / "doc.txt", "  "],
+        "state with other files": [state, files / "doc.txt", "q"],
+        "state with other settings": [state, "q", "--n-local", "16"],
+        "state with other chunk": [state, "q", "--chunk-size", "8"],
+    }
+
+
+CASES = ["missing file", "directory", "empty file", "binary file", "undecodable text", "encrypted pdf",
+         "pdf without text", "corrupt pdf", "truncated pdf", "truncated state", "missing state", "empty question",
+         "state with other files", "state with other settings", "state with other chunk"]
+
+
+def assert_one_error_line(r, *expect: str):
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lminf: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for e in expect:
+        assert e in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ask_bad_input(case, files, state, tiny_model_dir):
+    args = bad_cases(files, state)[case]
+    assert_one_error_line(invoke(["ask", *args, "--model", tiny_model_dir]))
+
+
+@pytest.mark.parametrize("command", ["summarize", "chat", "encode", "info"])
+@pytest.mark.parametrize("case", ["missing file", "binary file", "encrypted pdf", "truncated state"])
+def test_other_commands_bad_input(command, case, files, state, tiny_model_dir):
+    target = bad_cases(files, state)[case][0]
+    extra = {"encode": ["-o", files / "x.lminf"], "info": []}.get(command, ["--model", tiny_model_dir])
+    if command == "encode" and case == "truncated state":
+        target = files / "doc.txt"
+        extra = ["-o", files / "out.txt"]  # not a .lminf name
+    assert_one_error_line(invoke([command, target, *extra]))
+
+
+def test_state_from_another_model_is_refused(state, other_model_dir):
+    r = invoke(["ask", state, "Who keeps the lighthouse?", "--model", other_model_dir])
+    assert_one_error_line(r, "another model")
+
+
+def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
+    args = [files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir, *WINDOW, *SHORT]
+    text = invoke(["ask", *args])
+    assert text.exit_code == 0 and text.stderr == ""
+    assert text.stdout.endswith("\n") and text.stdout.strip()
+    js = invoke(["ask", *args, "--json"])
+    obj = json.loads(js.stdout)
+    assert set(obj) == {"answer", "document_tokens", "answer_tokens", "seconds"}
+    assert obj["answer"] == text.stdout.strip()
+    assert 0 < obj["answer_tokens"] <= 12 and obj["document_tokens"] > 100 and obj["seconds"] > 0
+
+
+def test_state_round_trip_through_the_cli(files, state, tiny_model_dir):
+    q = ["Who keeps the lighthouse?", *SHORT]
+    fresh = invoke(["ask", files / "doc.txt", *q, "--model", tiny_model_dir, *WINDOW])
+    # The state names its model and settings: no --model or window options needed.
+    saved = invoke(["ask", state, *q])
+    assert saved.exit_code == 0, saved.stderr
+    assert saved.stdout == fresh.stdout and fresh.stdout.strip()
+
+
+def test_info_on_text_pdf_and_state(files, state):
+    r = invoke(["info", files / "doc.txt", files / "doc.pdf", state])
+    assert r.exit_code == 0 and r.stderr == ""
+    assert "pages: 2" in r.stdout and f"characters: {len(TEXT):,}" in r.stdout
+    assert "kind: lminf state" in r.stdout and "n_local=32" in r.stdout
+    rows = [json.loads(line) for line in invoke(["info", "--json", files / "doc.txt", state]).stdout.splitlines()]
+    assert rows[0]["tokens_estimate"] > 100 and rows[1]["n_local"] == 32
+    assert rows[1]["document_tokens"] > 100
+
+
+def test_several_files_and_pdf(files, tiny_model_dir):
+    r = invoke(["ask", files / "doc.pdf", files / "doc.txt", "What was lost?", "--model", tiny_model_dir,
+                *WINDOW, *SHORT, "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["document_tokens"] > 100
+
+
+def test_chat_with_scripted_stdin(files, tiny_model_dir, tmp_path):
+    transcript, saved = tmp_path / "chat.txt", tmp_path / "chat.lminf"
+    script = (f"Who keeps the lighthouse?\n\nWhat was lost?\n/reset\nWho keeps the lighthouse?\n/bogus\n"
+              f"/save {transcript}\n/save {saved}\n/quit\nnever asked\n")
+    args = ["chat", files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT, "--json"]
+    r = invoke(args, input=script)
+    assert r.exit_code == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["question"] for a in answers] == ["Who keeps the lighthouse?", "What was lost?",
+                                                "Who keeps the lighthouse?"]
+    assert answers[2]["answer"] == answers[0]["answer"]  # /reset: back to the document alone
+    assert "unknown command /bogus" in r.stderr
+    assert transcript.read_text().count("Q: ") == 3
+    # The saved state answers like the session did for the first question.
+    again = invoke(["ask", saved, "Who keeps the lighthouse?", *SHORT, "--json"])
+    assert json.loads(again.stdout)["answer"] == answers[0]["answer"]
+
+
+def test_chat_history_zero_equals_ask(files, tiny_model_dir):
+    questions = ["Who keeps the lighthouse?", "What was lost?"]
+    args = [files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT]
+    r = invoke(["chat", *args, "--history", "0"], input="\n".join(questions) + "\n")
+    assert r.exit_code == 0 and r.stderr == ""
+    expected = "".join(invoke(["ask", args[0], q, *args[1:]]).stdout for q in questions)
+    assert r.stdout == expected
+
+
+def test_chat_refuses_document_on_stdin(tiny_model_dir):
+    assert_one_error_line(invoke(["chat", "-", "--model", tiny_model_dir], input="x"), "stdin")
+
+
+def test_summarize_long_document_writes_notes(files, tiny_model_dir):
+    r = invoke(["summarize", files / "doc.txt", "--model", tiny_model_dir, *WINDOW, "--section-tokens", "150",
+                "--note-tokens", "8",
+                "--length", "short", "-n", "10", "--json"])
+    assert r.exit_code == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert len(obj["notes"]) >= 2 and 0 < obj["summary_tokens"] <= 10
+
+
+def test_summarize_state_without_notes_warns(state):
+    r = invoke(["summarize", state, "-n", "5"])
+    assert r.exit_code == 0
+    assert r.stdout.strip() and "covers mainly its end" in r.stderr
+
+
+def test_summarize_bad_length(files):
+    assert_one_error_line(invoke(["summarize", files / "doc.txt", "--length", "huge"]), "--length")
+
+
+def _lminf(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lminf_cli", *map(str, args)], env=env, stderr=subprocess.PIPE,
+                            **kw)
+
+
+def test_ask_on_stdin_in_a_shell_pipeline(files, tiny_model_dir):
+    cmd = (f"cat {files / 'doc.txt'} | {sys.executable} -m lminf_cli ask - 'Who keeps the lighthouse?' "
+           f"--model {tiny_model_dir} {' '.join(WINDOW + SHORT)} --json | cat")
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    from_file = invoke(["ask", files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir,
+                        *WINDOW, *SHORT, "--json"])
+    assert json.loads(out.stdout)["answer"] == json.loads(from_file.stdout)["answer"]
+
+
+def test_ask_closed_stdout_ends_quietly(files, tiny_model_dir):
+    p = _lminf("ask", files / "doc.txt", "Tell me everything.", "--model", tiny_model_dir, *WINDOW, "-n", "400",
+               "--temperature", "1", "--seed", "3", stdout=subprocess.PIPE)
+    head = p.stdout.read(3)
+    p.stdout.close()
+    _, err = p.communicate(timeout=300)
+    assert len(head) == 3
+    assert b"Traceback" not in err and err.strip() == b""
+    assert p.returncode in (0, 141)
+
+
+def test_ctrl_c_while_chat_waits_exits_130(files, tiny_model_dir):
+    p = _lminf("chat", files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT, stdin=subprocess.PIPE,
+               stdout=subprocess.PIPE)
+    p.stdin.write(b"Who keeps the lighthouse?\n")
+    p.stdin.flush()
+    first = p.stdout.readline()  # the first answer is out: the session now waits for the next line
+    assert first
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert b"Traceback" not in err

@@ -1,0 +1,307 @@
+"""Document tasks on a tiny random model: checkpoints, notes, ask/chat equivalences, saved states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS
+
+from lminf_cli.cache import LambdaSettings
+from lminf_cli.documents import Document
+from lminf_cli.errors import InputError, UsageError
+from lminf_cli.generate import Engine
+from lminf_cli.models import load_model
+from lminf_cli.prompts import PromptFormat
+from lminf_cli.state_io import Checkpoint, load_state, model_fingerprint, read_header, save_state
+from lminf_cli.tasks import (
+    ChatSession,
+    EncodedDocument,
+    Reply,
+    ask,
+    condense_notes,
+    encode_document,
+    plan_summary,
+    section_bounds,
+    summarize,
+    tokenize,
+)
+
+SETTINGS = LambdaSettings(n_global=4, n_local=32, limit_distance=64)
+TEXT = "\n".join(CORPUS.split(". "))  # lines, so sections can end at line breaks
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def engine(lm):
+    return Engine(lm, SETTINGS, chunk_size=16)
+
+
+def doc(text: str = TEXT) -> Document:
+    return Document(name="doc.txt", text=text)
+
+
+def buffers(state):
+    c = state.cache
+    tensors = [t.clone() for layer in c.layers for t in (layer.k_ring, layer.v_ring, layer.k_global, layer.v_global)]
+    return tensors, (c.length, c.base, c.rebases), state.logits.clone()
+
+
+def assert_same(a, b):
+    assert a[1] == b[1]
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
+    assert torch.equal(a[2], b[2])
+
+
+def answer(engine, encoded, question, n=12):
+    return "".join(ask(engine, encoded, question, n))
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+@pytest.mark.parametrize("doc_tokens,detour", [(200, 10), (200, 70), (2, 10), (47, 30)])
+def test_checkpoint_restores_bit_identical_state(engine, doc_tokens, detour):
+    ids = torch.arange(doc_tokens) % 90 + 3
+    state = engine.encode(ids)
+    before = buffers(state)
+    rebases = state.cache.rebases
+    cp = Checkpoint(state, detour)
+    engine.encode(torch.arange(detour - 4) % 50 + 7, state)
+    for _ in engine.generate(state, 4):
+        pass
+    assert state.cache.length > before[1][0]
+    if detour == 70:
+        assert cp.slots is None and state.cache.rebases > rebases  # the full-copy path, across a re-base
+    if detour == 10 and doc_tokens == 200:
+        assert cp.slots is not None  # the cheap path: only the slots the detour can touch
+    cp.restore()
+    assert_same(buffers(state), before)
+
+
+def test_continuing_after_a_detour_equals_never_detouring(engine):
+    a, b = torch.arange(120) % 90 + 3, torch.arange(50) % 80 + 5
+    plain = engine.encode(b, engine.encode(a))
+    state = engine.encode(a)
+    cp = Checkpoint(state, 40)
+    engine.encode(torch.arange(30) + 10, state)
+    cp.restore()
+    engine.encode(b, state)
+    assert_same(buffers(state), buffers(plain))
+
+
+def test_checkpoint_budget_is_enforced(engine):
+    state = engine.encode(torch.arange(100) % 90 + 3)
+    cp = Checkpoint(state, 5)
+    engine.encode(torch.arange(6) + 3, state)
+    with pytest.raises(RuntimeError, match="budget"):
+        cp.restore()
+
+
+# -- encoding, sections, notes ------------------------------------------------------
+
+def test_section_bounds_cover_everything_and_prefer_line_ends(engine):
+    ids = tokenize(engine, TEXT)
+    bounds = section_bounds(engine, ids, 40)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(ids)
+    assert all(a < b and b == c for (a, b), (c, _) in zip(bounds, bounds[1:], strict=False))
+    assert all(b - a <= 50 for a, b in bounds)
+    tok = engine.lm.tokenizer
+    newline = ["\n" in tok.decode([i]) for i in ids]
+    for a, b in bounds[:-1]:
+        # Ends after a line break whenever the last quarter of the section has one.
+        assert newline[b - 1] or not any(newline[a + 30:a + 40]), (a, b)
+    assert any(newline[b - 1] for _, b in bounds[:-1])
+
+
+def test_notes_do_not_change_the_encoded_state(engine):
+    calls = []
+    with_notes = encode_document(engine, doc(), "tiny", notes=True, section_tokens=40, note_tokens=6,
+                                 on_note=lambda k, n, note: calls.append((k, n, note)))
+    without = encode_document(engine, doc(), "tiny", notes=False, section_tokens=40)
+    assert [k for k, _, _ in calls] == list(range(1, len(calls) + 1)) and calls[-1][1] == len(calls) > 3
+    assert [note for _, _, note in calls] == with_notes.notes
+    assert without.notes == []
+    assert_same(buffers(with_notes.state), buffers(without.state))
+
+
+def test_auto_notes_only_for_documents_longer_than_the_window(engine):
+    wide = Engine(engine.lm, LambdaSettings(4, 64, 64), chunk_size=16)
+    plain = encode_document(wide, doc("Time."), "tiny")
+    total = plain.header.length + len(tokenize(wide, plain.header.tail))  # the held-back tail counts too
+    assert total < 64
+    fits = encode_document(wide, doc("Time."), "tiny", notes=None, reserve=64 - total, note_tokens=2)
+    overflows = encode_document(wide, doc("Time."), "tiny", notes=None, reserve=65 - total, note_tokens=2)
+    assert fits.notes == [] and len(overflows.notes) == 1
+
+
+def test_progress_reaches_the_total(engine):
+    seen = []
+    encode_document(engine, doc(), "tiny", section_tokens=40, progress=lambda d, t: seen.append((d, t)))
+    total = seen[-1][1]
+    assert seen[-1][0] == total and all(d <= total for d, _ in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+# -- ask and chat ----------------------------------------------------------------
+
+def test_ask_leaves_the_document_state_untouched(engine):
+    encoded = encode_document(engine, doc(), "tiny")
+    before = buffers(encoded.state)
+    first = answer(engine, encoded, "Who is Ishmael?")
+    assert_same(buffers(encoded.state), before)
+    assert answer(engine, encoded, "Who is Ishmael?") == first
+
+
+def test_ask_equals_appending_to_the_stream(engine):
+    """The answer from the checkpointed state == greedy continuation of head + doc + question, one stream."""
+    encoded = encode_document(engine, doc(), "tiny")
+    q = "What saves nine?"
+    reply = Reply()
+    "".join(ask(engine, encoded, q, 10, reply=reply))
+    stream = encode_document(engine, doc(), "tiny").state
+    engine.encode(encoded.prompt_ids(engine, encoded.fmt.question(q)), stream)
+    assert list(engine.generate(stream, 10)) == reply.token_ids
+
+
+def test_chat_without_history_equals_ask(engine):
+    encoded = encode_document(engine, doc(), "tiny")
+    questions = ["Who is Ishmael?", "What was the best of times?", "Which families are alike?"]
+    session = ChatSession(engine, encoded, history=0, max_new_tokens=12)
+    chat = ["".join(session.ask(q)) for q in questions]
+    assert chat == [answer(engine, encoded, q) for q in questions]
+
+
+def test_chat_history_replays_previous_turns_and_reset_forgets_them(engine):
+    encoded = encode_document(engine, doc(), "tiny")
+    session = ChatSession(engine, encoded, history=2, max_new_tokens=8)
+    first = "".join(session.ask("Who is Ishmael?"))
+    fmt = encoded.fmt
+    expected = (encoded.prompt_ids(engine, fmt.question("Who is Ishmael?")) + session.turns[0].answer_ids
+                + tokenize(engine, fmt.follow_up("And the fox?")))
+    assert session.prompt_ids("And the fox?") == expected
+    "".join(session.ask("And the fox?"))
+    "".join(session.ask("Anything else?"))
+    assert len(session.prompt_ids("x")) > len(tokenize(engine, fmt.question("x")))
+    session.reset()
+    assert "".join(session.ask("Who is Ishmael?")) == first
+    assert session.transcript_text().count("Q: ") == 4
+
+
+def test_empty_question_is_refused(engine):
+    encoded = encode_document(engine, doc(), "tiny")
+    with pytest.raises(UsageError, match="empty"):
+        list(ask(engine, encoded, "   "))
+
+
+# -- summaries -------------------------------------------------------------------
+
+def test_summary_plan_and_note_condensing(engine):
+    encoded = encode_document(engine, doc(), "tiny", notes=True, section_tokens=40, note_tokens=10)
+    plan = plan_summary(engine, encoded, "short")
+    assert plan.covers_whole_document and plan.notes == encoded.notes
+    budget = len(tokenize(engine, encoded.fmt.summary("short", encoded.notes))) // 2
+    merged = condense_notes(engine, encoded, list(encoded.notes), budget, note_tokens=10)
+    assert 1 <= len(merged) < len(encoded.notes)
+    assert len(merged) == 1 or len(tokenize(engine, encoded.fmt.summary("short", merged))) <= budget
+    reply = Reply()
+    text = "".join(summarize(engine, encoded, "short", 8, reply=reply, notes=merged))
+    assert len(reply.token_ids) <= 8 and text == reply.text
+
+
+def test_summary_without_notes_of_a_long_state_is_flagged(engine):
+    encoded = encode_document(engine, doc(), "tiny", notes=False)
+    assert not plan_summary(engine, encoded, "short").covers_whole_document
+
+
+# -- prompt layout from a chat template ------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_prompt_format_from_chat_template(lm):
+    tok = lm.tokenizer
+    plain = PromptFormat.for_tokenizer(tok)
+    assert not plain.templated
+    old = tok.chat_template
+    try:
+        tok.chat_template = CHATML
+        fmt = PromptFormat.for_tokenizer(tok)
+        conv = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "U2"}]
+        render = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert fmt.templated
+        assert fmt.head + "U1" + fmt.user_end + "A1" + fmt.assistant_end + "U2" + fmt.user_end == render
+        assert fmt.fingerprint != plain.fingerprint
+    finally:
+        tok.chat_template = old
+
+
+# -- saved states -----------------------------------------------------------------
+
+def test_state_round_trip_gives_the_same_answer(engine, tmp_path):
+    encoded = encode_document(engine, doc(), "tiny", notes=True, section_tokens=60, note_tokens=5)
+    path = tmp_path / "doc.lminf"
+    save_state(path, encoded.state, encoded.header)
+    header = read_header(path)
+    assert header == encoded.header
+    state = load_state(path, engine, header, encoded.fmt.fingerprint)
+    loaded = EncodedDocument(state, encoded.fmt, header)
+    assert_same(buffers(loaded.state), buffers(encoded.state))
+    for q in ("Who is Ishmael?", "What saves nine?"):
+        assert answer(engine, loaded, q, 20) == answer(engine, encoded, q, 20)
+
+
+def test_short_document_state_stores_only_used_slots(engine, tmp_path):
+    engine = Engine(engine.lm, SETTINGS, chunk_size=256)  # a ring of 288 slots: a short document fills few
+    small = encode_document(engine, doc("Call me Ishmael."), "tiny")
+    big = encode_document(engine, doc(), "tiny")
+    assert small.header.length < 100 < 288 < big.header.length
+    a, b = tmp_path / "small.lminf", tmp_path / "big.lminf"
+    save_state(a, small.state, small.header)
+    save_state(b, big.state, big.header)
+    assert a.stat().st_size < b.stat().st_size
+    state = load_state(a, engine, read_header(a), small.fmt.fingerprint)
+    assert answer(engine, EncodedDocument(state, small.fmt, small.header), "Who?") == answer(engine, small, "Who?")
+
+
+def test_truncated_or_foreign_states_are_refused(engine, tmp_path, tiny_model_dir):
+    encoded = encode_document(engine, doc(), "tiny")
+    path = tmp_path / "doc.lminf"
+    save_state(path, encoded.state, encoded.header)
+    data = path.read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 40, 3):
+        bad = tmp_path / f"cut{cut}.lminf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(InputError, match="truncated or damaged"):
+            read_header(bad)
+    other = Engine(engine.lm, LambdaSettings(4, 16, 64), chunk_size=16)
+    with pytest.raises(InputError, match="n_local=32"):
+        load_state(path, other, read_header(path), encoded.fmt.fingerprint)
+    with pytest.raises(InputError, match="prompt layout"):
+        load_state(path, engine, read_header(path), "0" * 16)
+    from transformers import AutoModelForCausalLM
+
+    from lminf_cli.models import from_hf
+    torch.manual_seed(1)
+    foreign = AutoModelForCausalLM.from_config(engine.lm.model.config)
+    foreign_engine = Engine(from_hf(foreign, engine.lm.tokenizer, "foreign"), SETTINGS, chunk_size=16)
+    with pytest.raises(InputError, match="another model"):
+        load_state(path, foreign_engine, read_header(path), encoded.fmt.fingerprint)
+
+
+def test_non_state_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.lminf"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(InputError, match="not an lminf state"):
+        read_header(path)
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(tiny_model_dir, lm):
+    bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert model_fingerprint(bf16) == model_fingerprint(lm)
