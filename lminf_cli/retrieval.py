@@ -73,6 +73,16 @@ class MiddleStore:
         self.length = need
         self._summarise(first)
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first n tokens (undo appends), summaries included."""
+        if n >= self.length:
+            return
+        self.length = n
+        keep = n // self.block  # whole blocks whose summaries are unchanged
+        self.kmin, self.kmax = self.kmin[:, :keep], self.kmax[:, :keep]
+        if n % self.block:
+            self._summarise(keep)
+
     def _summarise(self, first: int) -> None:
         nb = self.n_blocks
         # Capacity is a whole number of blocks, so the span reshapes without padding.

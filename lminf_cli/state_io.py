@@ -91,11 +91,17 @@ class StateHeader:
     notes: list[str] = field(default_factory=list)
     tail: str = ""  # the document's last few tokens, not in the cache: re-tokenized with each prompt
     lminf_version: str = __version__
+    # Retrieval settings; with middle_top_k > 0 the file also carries the middle stores.
+    middle_top_k: int = 0
+    middle_from_layer: int = 4
+    middle_distance: int = 0
+    middle_block: int = 64
 
     @property
     def settings(self) -> LambdaSettings:
         """The attention settings the state was encoded with."""
-        return LambdaSettings(self.n_global, self.n_local, self.limit_distance)
+        return LambdaSettings(self.n_global, self.n_local, self.limit_distance, self.middle_top_k,
+                              self.middle_from_layer, self.middle_distance, self.middle_block)
 
     def to_json(self) -> str:
         """The header as one JSON object."""
@@ -115,7 +121,8 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
         head_dim=cache.head_dim, dtype=str(cache.dtype).removeprefix("torch."),
         prompt_fingerprint=prompt_fingerprint, document_name=document_name, document_sha256=document_sha256,
         document_tokens=document_tokens, document_characters=document_characters, document_pages=document_pages,
-        notes=list(notes or []), tail=tail)
+        notes=list(notes or []), tail=tail, middle_top_k=s.middle_top_k, middle_from_layer=s.middle_from_layer,
+        middle_distance=s.middle_distance, middle_block=s.middle_block)
 
 
 def _views(header: StateHeader) -> tuple[int, int]:
@@ -135,6 +142,10 @@ def save_state(path: str | Path, state: State, header: StateHeader) -> int:
         for name in _BUFFERS:
             view = ring_view if "ring" in name else global_view
             tensors[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :view].cpu().contiguous()  # [1, Hkv, view, D]
+        if layer.middle is not None:  # retrieval: the middle of the document travels with the state
+            m = layer.middle
+            tensors[f"layers.{i}.middle_k"] = m.k[:, :m.length].cpu().contiguous()  # [Hkv, length, D]
+            tensors[f"layers.{i}.middle_v"] = m.v[:, :m.length].cpu().contiguous()
     target = Path(path).expanduser()
     if target.is_dir():
         raise InputError(f"{path} is a directory; give a file name ending in {SUFFIX}")
@@ -228,9 +239,16 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
                     shape = (1, cache.n_kv_heads, view, cache.head_dim)
                     t = _tensor(f, keys, f"layers.{i}.{buf}", shape, dtype, name)
                     getattr(layer, buf)[:, :, :view] = t.to(device=cache.device, dtype=cache.dtype)
+                if layer.middle is not None:
+                    n_mid = max(0, header.length - header.n_local - header.n_global)
+                    shape = (cache.n_kv_heads, n_mid, cache.head_dim)
+                    mk = _tensor(f, keys, f"layers.{i}.middle_k", shape, layer.middle.dtype, name)
+                    mv = _tensor(f, keys, f"layers.{i}.middle_v", shape, layer.middle.dtype, name)
+                    layer.middle.append(mk, mv)
     except SafetensorError as exc:
         raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
     cache.length, cache.base, cache.rebases = header.length, header.base, header.rebases
+    cache.stored_upto = max(header.n_global, header.length - header.n_local)
     metrics = GenerationMetrics(cache_bytes=cache.nbytes)
     return State(cache, logits.to(device=engine.lm.device, dtype=engine.lm.dtype), metrics)
 
@@ -261,6 +279,8 @@ class Checkpoint:
         cache = state.cache
         self.state, self.budget = state, budget
         self.length, self.base, self.rebases = cache.length, cache.base, cache.rebases
+        self.stored_upto = cache.stored_upto
+        self.middle_lengths = [layer.middle.length if layer.middle is not None else 0 for layer in cache.layers]
         self.logits = None if state.logits is None else state.logits.clone()
         rebase_possible = cache.length + budget - cache.base > cache.rebase_every + cache.ring_size
         if rebase_possible or budget >= cache.ring_size:
@@ -295,7 +315,11 @@ class Checkpoint:
             if glob is not None:
                 layer.k_global.copy_(glob[0])
                 layer.v_global.copy_(glob[1])
+        for layer, n in zip(cache.layers, self.middle_lengths, strict=True):
+            if layer.middle is not None:
+                layer.middle.truncate(n)  # forget the detour's tokens (appended only, never rewritten)
         cache.length, cache.base, cache.rebases = self.length, self.base, self.rebases
+        cache.stored_upto = self.stored_upto
         self.state.logits = None if self.logits is None else self.logits.clone()
 
 

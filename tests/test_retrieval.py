@@ -129,3 +129,40 @@ def test_settings_validation():
         LambdaSettings.for_model(16, middle_distance=99)
     assert LambdaSettings.for_model(16).middle_top_k == 0
     assert LambdaSettings.for_model(16, n_local=8).middle_distance == 4
+
+
+def _engine_with_retrieval(tiny_model_dir):
+    from lminf_cli.models import load_model
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    settings = LambdaSettings.for_model(64, n_global=4, n_local=16, middle_top_k=3, middle_from_layer=1)
+    return Engine(lm, settings, chunk_size=8)
+
+
+def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
+    from lminf_cli.state_io import build_header, load_state, read_header, save_state
+    engine = _engine_with_retrieval(tiny_model_dir)
+    ids = torch.randint(0, 200, (150,))
+    state = engine.encode(ids)
+    header = build_header(engine, state, str(tiny_model_dir), "fp", "doc", "sha", 150, 600, None)
+    save_state(tmp_path / "s.lminf", state, header)
+    loaded = load_state(tmp_path / "s.lminf", engine, read_header(tmp_path / "s.lminf"), "fp")
+    assert loaded.cache.layers[1].middle.length == state.cache.layers[1].middle.length == 150 - 16 - 4
+    fresh = list(engine.generate(engine.encode(ids), 12))
+    assert list(engine.generate(loaded, 12)) == fresh
+    assert list(engine.generate(state, 12)) == fresh
+
+
+def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
+    from lminf_cli.state_io import Checkpoint
+    engine = _engine_with_retrieval(tiny_model_dir)
+    ids = torch.randint(0, 200, (100,))
+    state = engine.encode(ids)
+    before = [layer.middle.length if layer.middle else 0 for layer in state.cache.layers]
+    kmin = state.cache.layers[1].middle.kmin.clone()
+    cp = Checkpoint(state, budget=60)
+    engine.encode(torch.randint(0, 200, (30,)), state=state)
+    list(engine.generate(state, 10))
+    cp.restore()
+    assert [layer.middle.length if layer.middle else 0 for layer in state.cache.layers] == before
+    assert torch.equal(state.cache.layers[1].middle.kmin, kmin)
+    assert list(engine.generate(state, 8)) == list(engine.generate(engine.encode(ids), 8))
