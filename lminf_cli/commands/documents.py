@@ -140,15 +140,21 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 
 def _stream(pieces: Iterator[str]) -> None:
-    """Stream text to stdout and end it with one newline."""
-    wrote = False
+    """Stream text to stdout without leading or trailing whitespace, ending with one newline.
+
+    Whitespace is held back until more text follows it, so a reply that ends in blank
+    lines prints none of them.
+    """
+    wrote, pending = False, ""
     for piece in pieces:
         if not wrote:
             piece = piece.lstrip()
-            if not piece:
-                continue
-        write_stdout(piece)
-        wrote = True
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body):]
+        if body:
+            write_stdout(body)
+            wrote = True
     write_stdout("\n")
 
 
