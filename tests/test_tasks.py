@@ -308,6 +308,7 @@ def test_fingerprint_ignores_dtype_but_not_weights(tiny_model_dir, lm):
 
 
 def test_runaway_blank_lines_end_a_reply_and_are_not_printed(capsys):
+    import lminf_cli.cli  # noqa: F401 - the command modules are loaded through the app
     from lminf_cli.commands.documents import _stream
     from lminf_cli.tasks import _RUNAWAY_BLANKS
 
