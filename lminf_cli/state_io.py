@@ -28,20 +28,16 @@ from torch import Tensor
 
 from . import __version__
 from .cache import LambdaCache, LambdaSettings
+from .documents import STATE_SUFFIX, is_state_path  # noqa: F401 - re-exported
 from .errors import InputError
 from .generate import Engine, GenerationMetrics, State
 from .models import LoadedModel
 
 FORMAT = "lminf-state"
 VERSION = 1
-SUFFIX = ".lminf"
+SUFFIX = STATE_SUFFIX
 _BUFFERS = ("k_ring", "v_ring", "k_global", "v_global")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_state_path(source: str) -> bool:
-    """True for paths named like a saved state (*.lminf)."""
-    return source != "-" and source.lower().endswith(SUFFIX)
 
 
 def model_fingerprint(lm: LoadedModel) -> str:

@@ -16,6 +16,7 @@ See docs/summaries.md.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from .prompts import PromptFormat, check_question, opening_words, summary_length
 from .state_io import Checkpoint, StateHeader, build_header
 
 Progress = Callable[[int, int], None]
+# Small models sometimes emit newline after newline instead of their end token: three
+# blank lines in a row end a reply (no prose answer needs them).
+_RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
 DEFAULT_ANSWER_TOKENS = 200
@@ -94,6 +98,8 @@ def stream_reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_ne
             if piece:
                 reply.text += piece
                 yield piece
+                if _RUNAWAY_BLANKS.search(reply.text[-64:]):
+                    break
     finally:
         checkpoint.restore()
         reply.seconds = time.perf_counter() - t0

@@ -305,3 +305,14 @@ def test_non_state_safetensors_is_refused(tmp_path):
 def test_fingerprint_ignores_dtype_but_not_weights(tiny_model_dir, lm):
     bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     assert model_fingerprint(bf16) == model_fingerprint(lm)
+
+
+def test_runaway_blank_lines_end_a_reply_and_are_not_printed(capsys):
+    import lminf_cli.cli  # noqa: F401 - the command modules are loaded through the app
+    from lminf_cli.commands.documents import _stream
+    from lminf_cli.tasks import _RUNAWAY_BLANKS
+
+    assert _RUNAWAY_BLANKS.search("An answer.\n\n \n\n")
+    assert not _RUNAWAY_BLANKS.search("Para one.\n\nPara two.\n\n")
+    _stream(iter(["\n ", "The ", "answer", ".", "\n\n", "Second", " line.", "\n", " \n", "\n"]))
+    assert capsys.readouterr().out == "The answer.\n\nSecond line.\n"

@@ -71,7 +71,7 @@ def _check_max_new(value: int | None) -> None:
 
 def _state_source(sources: list[str]) -> str | None:
     """The .lminf path when one is given (it must then be the only source)."""
-    from ..state_io import is_state_path
+    from ..documents import is_state_path
 
     states = [s for s in sources if is_state_path(s)]
     if not states:
@@ -81,24 +81,26 @@ def _state_source(sources: list[str]) -> str | None:
     return states[0]
 
 
-def _read(sources: list[str], quiet: bool):
+def read_source(sources: list[str], quiet: bool) -> Any:
+    """The documents, read now (bad input fails before torch is even imported), or a state's path."""
     from ..documents import read_documents
 
+    state_path = _state_source(sources)
+    if state_path is not None:
+        return state_path
     with task_progress(quiet, "Reading PDF", unit="pages") as bar:
         return read_documents(sources, progress=bar)
 
 
-def open_document(sources: list[str], opts: EngineOptions, notes: bool | None = False, reserve: int = 0,
+def open_document(source: Any, opts: EngineOptions, notes: bool | None = False, reserve: int = 0,
                   section_tokens: int | None = None, note_tokens: int = 96, sampling: Any = None,
                   question_first: str | None = None):
-    """(engine, encoded document): from a saved state, or by reading and encoding the files."""
+    """(engine, encoded document) from read_source's result: a state is loaded, documents are encoded."""
     from ..models import resolve_model_spec
     from ..tasks import encode_document
 
-    state_path = _state_source(sources)
-    if state_path is not None:
-        return _open_state(state_path, opts)
-    doc = _read(sources, opts.quiet)
+    if isinstance(source, str):
+        return _open_state(source, opts)
     spec = resolve_model_spec(opts.model)
     engine = build_engine(spec, opts.device, opts.dtype, opts.n_local, opts.n_global, opts.limit, opts.chunk,
                           opts.quiet)
@@ -107,9 +109,9 @@ def open_document(sources: list[str], opts: EngineOptions, notes: bool | None = 
             if bar is not None:
                 bar.describe(f"Encoding (notes {k}/{n})")
 
-        encoded = encode_document(engine, doc, spec, question_first=question_first, notes=notes, reserve=reserve,
-                                  section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling,
-                                  progress=bar, on_note=on_note)
+        encoded = encode_document(engine, source, spec, question_first=question_first, notes=notes,
+                                  reserve=reserve, section_tokens=section_tokens, note_tokens=note_tokens,
+                                  sampling=sampling, progress=bar, on_note=on_note)
     return engine, encoded
 
 
@@ -138,15 +140,21 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 
 def _stream(pieces: Iterator[str]) -> None:
-    """Stream text to stdout and end it with one newline."""
-    wrote = False
+    """Stream text to stdout without leading or trailing whitespace, ending with one newline.
+
+    Whitespace is held back until more text follows it, so a reply that ends in blank
+    lines prints none of them.
+    """
+    wrote, pending = False, ""
     for piece in pieces:
         if not wrote:
             piece = piece.lstrip()
-            if not piece:
-                continue
-        write_stdout(piece)
-        wrote = True
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body):]
+        if body:
+            write_stdout(body)
+            wrote = True
     write_stdout("\n")
 
 
@@ -163,13 +171,14 @@ def info(
     quiet: QuietOpt = False,
 ) -> None:
     """Pages, characters and an estimated token count of documents (no model is loaded)."""
-    from ..documents import estimate_tokens, read_document
-    from ..state_io import is_state_path, read_header
+    from ..documents import estimate_tokens, is_state_path, read_document
 
     with cli_errors():
         rows = []
         for source in files:
             if is_state_path(source):
+                from ..state_io import read_header
+
                 header = read_header(source)
                 rows.append({"file": source, "kind": "lminf state", **json.loads(header.to_json())})
                 continue
@@ -231,17 +240,20 @@ def encode(
     quiet: QuietOpt = False,
 ) -> None:
     """Encode documents once and save the constant-size state for ask, summarize and chat."""
-    from ..state_io import SUFFIX, is_state_path, save_state
+    from ..documents import STATE_SUFFIX, is_state_path
 
     with cli_errors():
         opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
-        if not output.lower().endswith(SUFFIX):
-            raise UsageError(f"--output must end in {SUFFIX}, got '{output}'")
-        if _state_source(files) is not None or any(is_state_path(f) for f in files):
+        if not output.lower().endswith(STATE_SUFFIX):
+            raise UsageError(f"--output must end in {STATE_SUFFIX}, got '{output}'")
+        if any(is_state_path(f) for f in files):
             raise UsageError("encode reads text or PDF files, not a saved state")
         if note_tokens <= 0:
             raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
-        engine, encoded = open_document(files, opts, notes=notes, section_tokens=section_tokens,
+        source = read_source(files, quiet)
+        from ..state_io import save_state
+
+        engine, encoded = open_document(source, opts, notes=notes, section_tokens=section_tokens,
                                         note_tokens=note_tokens)
         with status("Saving state", quiet):
             size = save_state(output, encoded.state, encoded.header)
@@ -271,8 +283,6 @@ def ask(
 ) -> None:
     """Answer a question about documents (or a saved state), streaming the answer to stdout."""
     from ..prompts import check_question
-    from ..tasks import DEFAULT_ANSWER_TOKENS, Reply
-    from ..tasks import ask as ask_task
 
     t0 = time.perf_counter()
     with cli_errors():
@@ -281,8 +291,12 @@ def ask(
         files, question = args[:-1], check_question(args[-1])
         opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
         _check_max_new(max_new_tokens)
+        source = read_source(files, quiet)
+        from ..tasks import DEFAULT_ANSWER_TOKENS, Reply
+        from ..tasks import ask as ask_task
+
         sampling = _sampling(temperature, top_k, top_p, seed)
-        engine, encoded = open_document(files, opts)
+        engine, encoded = open_document(source, opts)
         reply = Reply()
         pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling, reply)
         if json_out:
@@ -316,8 +330,6 @@ def summarize(
 ) -> None:
     """Summarize whole documents: section notes while reading, then a summary from them."""
     from ..prompts import summary_length
-    from ..tasks import SUMMARY_PROMPT_RESERVE, Reply, condense_notes, notes_budget, plan_summary
-    from ..tasks import summarize as summarize_task
 
     t0 = time.perf_counter()
     with cli_errors():
@@ -325,10 +337,14 @@ def summarize(
         _check_max_new(max_new_tokens)
         if note_tokens <= 0:
             raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
-        sampling = _sampling(temperature, top_k, top_p, seed)
         budget = max_new_tokens or summary_length(length)[1]
+        source = read_source(files, quiet)
+        from ..tasks import SUMMARY_PROMPT_RESERVE, Reply, condense_notes, notes_budget, plan_summary
+        from ..tasks import summarize as summarize_task
+
+        sampling = _sampling(temperature, top_k, top_p, seed)
         # Sections with notes only when the document, a summary prompt and the summary overflow one window.
-        engine, encoded = open_document(files, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
+        engine, encoded = open_document(source, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
                                         section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling)
         plan = plan_summary(engine, encoded, length, budget)
         if not plan.covers_whole_document:
@@ -372,8 +388,6 @@ def chat(
     quiet: QuietOpt = False,
 ) -> None:
     """Interactive questions about documents, encoded once; reads one question per line when piped."""
-    from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, Reply
-
     with cli_errors():
         opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
         if "-" in files:
@@ -382,8 +396,11 @@ def chat(
         if history < 0:
             raise UsageError(f"--history must be >= 0, got {history}")
         _check_max_new(max_new_tokens)
+        source = read_source(files, quiet)
+        from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, Reply
+
         sampling = _sampling(temperature, top_k, top_p, seed)
-        engine, encoded = open_document(files, opts)
+        engine, encoded = open_document(source, opts)
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling)
         tty = sys.stdin.isatty()
         if tty and not quiet:
@@ -438,7 +455,8 @@ def _questions(tty: bool) -> Iterator[str]:
 
 def _command(text: str, session: Any, encoded: Any) -> str | None:
     """Run a /command; problems are reported on stderr and the session goes on."""
-    from ..state_io import is_state_path, save_state
+    from ..documents import is_state_path
+    from ..state_io import save_state
 
     name, _, arg = text.partition(" ")
     arg = arg.strip()
