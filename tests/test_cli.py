@@ -53,7 +53,8 @@ def _bad(tmp_path: Path) -> dict[str, list]:
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("  \n\n ")
     (tmp_path / "bin.dat").write_bytes(b"\x7fELF\x00\x01\x02" * 50)
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    # High bytes in no pattern any encoding would produce (legacy encodings are detected).
+    (tmp_path / "garbled.txt").write_bytes(bytes((i * 37 + 11) % 128 + 128 for i in range(3000)))
     ok = tmp_path / "ok.txt"
     ok.write_text("hello there")
     return {
@@ -62,7 +63,7 @@ def _bad(tmp_path: Path) -> dict[str, list]:
         "empty": [tmp_path / "empty.txt"],
         "blank": [tmp_path / "blank.txt"],
         "binary": [tmp_path / "bin.dat"],
-        "undecodable": [tmp_path / "latin1.txt"],
+        "undecodable": [tmp_path / "garbled.txt"],
         "unknown model dir": [ok, "--model", tmp_path / "no-such-model"],
         "unknown hub id": [ok, "--model", "nobody/no-such-model-xyz"],
         "zero window": [ok, "--n-local", "0"],
