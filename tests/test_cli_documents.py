@@ -213,10 +213,16 @@ def test_summarize_bad_length(files):
     assert_one_error_line(invoke(["summarize", files / "doc.txt", "--length", "huge"]), "--length")
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`pytest &`) inherits SIGINT ignored; a user's
+    # terminal never does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _lminf(*args, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "lminf_cli", *map(str, args)], env=env, stderr=subprocess.PIPE,
-                            **kw)
+                            preexec_fn=_default_sigint, **kw)
 
 
 def test_ask_on_stdin_in_a_shell_pipeline(files, tiny_model_dir):
