@@ -275,7 +275,8 @@ def passkey(
             meta={"model": lm.name, "template": template, "samples": samples, "seed": seed,
                   "trained_length": engine.adapter.trained_length,
                   "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
-                               "chunk_size": engine.chunk_size}},
+                               "chunk_size": engine.chunk_size, "middle_top_k": s.middle_top_k,
+                               "middle_from_layer": s.middle_from_layer, "middle_distance": s.middle_distance}},
             lengths=lens, depths=deps)
         if not no_lminf:
             with encode_progress(quiet, "LM-Infinite") as progress:
