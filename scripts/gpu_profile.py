@@ -1,0 +1,101 @@
+"""Where the time goes on a GPU: encode per chunk size, decode eager vs graphed, attention kernels.
+
+Run on a CUDA machine (random weights, nothing downloaded):
+    python scripts/gpu_profile.py --arch llama-2-7b --length 32k --chunks 256,1024
+Prints one table of timings and the top CUDA kernels of a few decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lminf_cli.bench import PeakMemory, arch_config
+from lminf_cli.cache import LambdaSettings
+from lminf_cli.generate import Engine, sync
+from lminf_cli.models import from_hf
+from lminf_cli.units import parse_length
+
+
+def build(arch: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(arch_config(arch), dtype=dtype)
+    return from_hf(model, None, arch, torch.device(device), dtype)
+
+
+def time_decode(engine: Engine, state, steps: int, graphs: bool) -> list[float]:
+    """Per-token seconds of `steps` greedy steps (argmax syncs each one)."""
+    engine.cuda_graphs = graphs
+    token = int(torch.argmax(state.logits))
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        token = int(torch.argmax(engine.step(state, token)))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llama-2-7b")
+    ap.add_argument("--length", default="32k")
+    ap.add_argument("--chunks", default="256,1024")
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    n = parse_length(a.length)
+    cuda = a.device.startswith("cuda")
+    lm = build(a.arch, torch.bfloat16 if cuda else torch.float32, a.device)
+    ids = torch.randint(0, lm.model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    settings = LambdaSettings.for_model(lm.adapter.trained_length)
+    weights = lm.weight_bytes
+    rows = []
+    with torch.inference_mode():
+        for chunk in (int(c) for c in a.chunks.split(",")):
+            engine = Engine(lm, settings, chunk_size=chunk)
+            warm = engine.encode(ids[: 2 * chunk])
+            del warm
+            sync(lm.device)
+            mem = PeakMemory(lm.device)
+            mem.reset()
+            t0 = time.perf_counter()
+            state = engine.encode(ids)
+            sync(lm.device)
+            enc = time.perf_counter() - t0
+            peak = mem.read() - weights
+            kv = state.cache.nbytes
+            for graphs in (False, True):
+                if graphs and not getattr(Engine, "supports_cuda_graphs", False):
+                    continue
+                time_decode(engine, state, 4, graphs)  # warm-up (and capture)
+                ms = statistics.median(time_decode(engine, state, a.decode, graphs)) * 1000
+                bw = (weights + kv) / (ms / 1000) / 1e12
+                rows.append((chunk, graphs, enc, n / enc, ms, bw, kv / 2**30, peak / 2**30))
+            if a.profile and chunk == int(a.chunks.split(",")[0]):
+                from torch.profiler import ProfilerActivity, profile
+
+                engine.cuda_graphs = False
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    time_decode(engine, state, 3, False)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+                kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+                print(f"CUDA kernels per decode step: {kernels / 3:.0f}")
+            del state, engine
+            if cuda:
+                torch.cuda.empty_cache()
+    where = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{a.arch} {lm.dtype}, {n} tokens, weights {weights / 2**30:.2f} GiB, {where}")
+    print("chunk graphs encode_s enc_tok/s decode_ms TB/s kv_GiB peak_beyond_weights_GiB")
+    for r in rows:
+        print(f"{r[0]:5d} {r[1]!s:6} {r[2]:8.2f} {r[3]:9.0f} {r[4]:9.2f} {r[5]:5.2f} {r[6]:6.2f} {r[7]:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
