@@ -87,6 +87,10 @@ def _flash_cpu_available() -> bool:
 
 
 _FLASH_CPU = _flash_cpu_available()
+# Up to this many query rows (decode: g rows), CUDA takes the eager matmuls: two
+# batched GEMVs read K and V once at full bandwidth, while the fused kernel has
+# one query tile per head and leaves most of the GPU idle (measured 6x slower).
+CUDA_EAGER_MAX_ROWS = 16
 # (device, dtype) -> whether the CUDA memory-efficient kernel passed its self-check.
 _CUDA_LSE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -159,7 +163,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
         return out, lse.float()
-    if fused and q.device.type == "cuda" and _cuda_kernel_ok(q.device, q.dtype):
+    if (fused and q.device.type == "cuda" and q.shape[-2] > CUDA_EAGER_MAX_ROWS
+            and _cuda_kernel_ok(q.device, q.dtype)):
         return _cuda_efficient_lse(q, k, v, bias, scale)
     return _eager_lse(q, k, v, bias, scale)
 
@@ -188,7 +193,9 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     ql = q_local.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
     out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)  # [B, Hkv, g*C, D]
     if global_bias is None or k_global is None or k_global.shape[2] == 0:
-        return (out.view(b, h, c, d), lse) if return_lse else out.view(b, h, c, d)
+        # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed.
+        out = out.reshape(b, h, c, d)
+        return (out, lse) if return_lse else out
     qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
     g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
     if softcap is not None:
@@ -200,7 +207,7 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     local_w = torch.exp(lse - total)[..., None]
     g_probs = torch.exp(g_scores - total[..., None])
     merged = out.float() * local_w + torch.matmul(g_probs.to(v_global.dtype), v_global).float()
-    merged = merged.to(q_local.dtype).view(b, h, c, d)
+    merged = merged.to(q_local.dtype).reshape(b, h, c, d)
     return (merged, total) if return_lse else merged
 
 

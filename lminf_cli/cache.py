@@ -13,8 +13,9 @@ after millions of tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -228,8 +229,11 @@ class LambdaCache:
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
         self._cap_mat: Tensor | None = None
+        self._cap: tuple[Tensor, Tensor] | None = None
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
+        self._frozen: StepPlan | None = None   # see replaying()
+        self.step_graph = None                 # a captured decode step (graphs.StepGraph), if any
         # A layer whose own sliding window fits in n_local keeps the model's rule:
         # that window and nothing else (it was trained never to see further).
         windows = list(layer_windows or [None] * n_layers)
@@ -263,8 +267,9 @@ class LambdaCache:
         return max(0, self.length - 1 - self.base)
 
     def _slot_positions(self, total: int, view: int) -> Tensor:
-        """Stream index held by each of the first `view` ring slots once `total` tokens are stored."""
-        slots = torch.arange(view)
+        """Stream index held by each of the first `view` ring slots once `total` tokens are stored ([view],
+        on the cache's device: masks are built where they are used, never copied over)."""
+        slots = torch.arange(view, device=self.device)
         return slots + self.ring_size * torch.div(total - 1 - slots, self.ring_size, rounding_mode="floor")
 
     def _maybe_rebase(self, end: int) -> None:
@@ -281,16 +286,29 @@ class LambdaCache:
         self.base = new_base
         self.rebases += 1
 
+    @contextlib.contextmanager
+    def replaying(self, plan: StepPlan) -> Iterator[None]:
+        """Forwards inside take `plan` as it is and leave the bookkeeping to the caller
+        (a plan made earlier, possibly with static tensors for a CUDA graph)."""
+        self._frozen = plan
+        try:
+            yield
+        finally:
+            self._frozen = None
+
     def plan(self, n_new: int) -> StepPlan:
         """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers."""
+        if self._frozen is not None:
+            return self._frozen
         if not 0 < n_new <= self.max_chunk:
             raise ValueError(f"a forward adds 1..{self.max_chunk} tokens, got {n_new}")
         s = self.settings
         start, end = self.length, self.length + n_new
         self._maybe_rebase(end)
-        idx = torch.arange(start, end)                                    # [C] stream indices
-        q_cos, q_sin = self.rope.cos_sin(idx - self.base, self.device, self.dtype)
-        cap_cos, cap_sin = self.rope.cos_sin(torch.tensor([s.limit_distance]), self.device, self.dtype)
+        # Angles in float64 on the host (exact at any offset); index arithmetic and masks on the device.
+        q_cos, q_sin = self.rope.cos_sin(torch.arange(start, end) - self.base, self.device, self.dtype)
+        cap_cos, cap_sin = self._cap_cos_sin()
+        idx = torch.arange(start, end, device=self.device)                # [C] stream indices
 
         ring_view = min(end, self.ring_size)
         kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
@@ -305,7 +323,7 @@ class LambdaCache:
         global_view = min(end, s.n_global)
         global_bias = None
         if global_view and end - 1 >= s.n_local:  # some query is far enough from token 0
-            gdist = idx[:, None] - torch.arange(global_view)[None, :]     # [C, G]
+            gdist = idx[:, None] - torch.arange(global_view, device=self.device)[None, :]  # [C, G]
             global_bias = self._bias(gdist >= s.n_local)
         plan = StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
                         ring_view, local_bias, global_new, global_view, global_bias, window_bias=window_bias)
@@ -332,19 +350,26 @@ class LambdaCache:
             plan.ins_cos, plan.ins_sin = self.rope.cos_sin(torch.tensor([s.middle_distance]), self.device,
                                                            self.dtype)
 
+    def _cap_cos_sin(self) -> tuple[Tensor, Tensor]:
+        """Rotation to the distance cap L ([1, R] each); the same for every forward."""
+        if self._cap is None:
+            self._cap = self.rope.cos_sin(torch.tensor([self.settings.limit_distance]), self.device, self.dtype)
+        return self._cap
+
     def _cap_matrix(self) -> Tensor:
         if self._cap_mat is None:
-            cos, sin = self.rope.cos_sin(torch.tensor([self.settings.limit_distance]), self.device, self.dtype)
-            self._cap_mat = self.rope.matrix(cos, sin)
+            self._cap_mat = self.rope.matrix(*self._cap_cos_sin())
         return self._cap_mat
 
     def _bias(self, visible: Tensor) -> Tensor:
-        """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N]."""
-        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, NEG_INF)
-        return bias.repeat(self.groups, 1).to(self.device)
+        """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N] (on visible's device)."""
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(~visible, NEG_INF)
+        return bias.repeat(self.groups, 1)
 
     def commit(self, plan: StepPlan) -> None:
         """Record that the planned tokens are now stored in every layer."""
+        if self._frozen is not None:
+            return
         self.length = plan.start + plan.n_new
 
 
@@ -386,13 +411,15 @@ class AlibiCache(LambdaCache):
 
     def plan(self, n_new: int) -> StepPlan:
         """The RoPE plan's slots and masks, with the linear biases added per head."""
+        if self._frozen is not None:
+            return self._frozen
         plan = super().plan(n_new)
-        idx = torch.arange(plan.start, plan.start + n_new)                          # [C]
+        idx = torch.arange(plan.start, plan.start + n_new, device=self.device)      # [C]
         kpos = self._slot_positions(plan.start + n_new, plan.ring_view)              # [N]
         local = plan.local_bias.float() + self._linear_bias(idx[:, None] - kpos[None, :])
         glob = None
         if plan.global_bias is not None:
-            gdist = idx[:, None] - torch.arange(plan.global_view)[None, :]            # [C, G]
+            gdist = idx[:, None] - torch.arange(plan.global_view, device=self.device)[None, :]  # [C, G]
             glob = plan.global_bias.float() + self._linear_bias(gdist.clamp(max=self.settings.limit_distance))
         return replace(plan, local_bias=local, global_bias=glob)
 

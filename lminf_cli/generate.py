@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .cache import LambdaCache, LambdaSettings
 from .errors import UsageError
+from .graphs import graphed_step
 from .models import LoadedModel
 
 # Measured on 2 CPU cores with SmolLM2-135M: 256-token chunks encode fastest
@@ -161,8 +162,10 @@ class IncrementalDecoder:
 class Engine:
     """LM-Infinite inference over one loaded model."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, lm: LoadedModel, settings: LambdaSettings | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True, cuda_graphs: bool = True) -> None:
         if chunk_size <= 0:
             raise UsageError(f"--chunk-size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -176,6 +179,8 @@ class Engine:
         self.settings = settings
         self.chunk_size = chunk_size
         self.fused = fused
+        # Decode steps on a GPU replay a captured graph once shapes stop changing (graphs.py).
+        self.cuda_graphs = cuda_graphs
 
     def new_cache(self) -> LambdaCache:
         """An empty constant-size cache for this model and settings."""
@@ -235,9 +240,12 @@ class Engine:
 
     def step(self, state: State, token: int) -> Tensor:
         """Append one token; return the logits for the next one ([V])."""
-        x = torch.tensor([[token]], dtype=torch.long, device=self.lm.device)
         state.cache.retrieve_last_row = True
-        state.logits = self.adapter.forward(x, state.cache, rows=slice(-1, None))[0, -1]
+        if self.cuda_graphs and self.lm.device.type == "cuda":
+            state.logits = graphed_step(self.adapter, state.cache, token)
+        else:
+            x = torch.tensor([[token]], dtype=torch.long, device=self.lm.device)
+            state.logits = self.adapter.forward(x, state.cache, rows=slice(-1, None))[0, -1]
         state.cache.retrieve_last_row = False
         return state.logits
 

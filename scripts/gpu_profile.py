@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from lminf_cli import attention
 from lminf_cli.bench import PeakMemory, arch_config
 from lminf_cli.cache import LambdaSettings
 from lminf_cli.generate import Engine, sync
@@ -41,6 +42,31 @@ def time_decode(engine: Engine, state, steps: int, graphs: bool) -> list[float]:
     return out
 
 
+def memory_probe(lm, settings, ids, chunk: int) -> None:
+    """Per layer of the last chunk: memory allocated on entering attention and the peak inside it."""
+    from lminf_cli import cache as cache_mod
+
+    log: list[tuple[int, int]] = []
+    original = cache_mod.LayerCache.attend
+
+    def attend(self, q, k, v, plan):
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = original(self, q, k, v, plan)
+        log.append((before, torch.cuda.max_memory_allocated() - before))
+        return out
+
+    cache_mod.LayerCache.attend = attend
+    try:
+        Engine(lm, settings, chunk_size=chunk).encode(ids)
+    finally:
+        cache_mod.LayerCache.attend = original
+    last = log[-lm.adapter.n_layers:]
+    print(f"memory probe, chunk {chunk}: entry MiB per layer of the last chunk "
+          f"{[round(b / 2**20) for b, _ in last[:4]]} ... {[round(b / 2**20) for b, _ in last[-2:]]}; "
+          f"peak inside attend MiB max {max(p for _, p in log) / 2**20:.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="llama-2-7b")
@@ -49,14 +75,22 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--memprobe", action="store_true")
+    ap.add_argument("--fused-decode", action="store_true", help="decode attention through the fused kernel")
     a = ap.parse_args()
     n = parse_length(a.length)
+    if a.fused_decode:
+        attention.CUDA_EAGER_MAX_ROWS = 0
     cuda = a.device.startswith("cuda")
     lm = build(a.arch, torch.bfloat16 if cuda else torch.float32, a.device)
     ids = torch.randint(0, lm.model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     settings = LambdaSettings.for_model(lm.adapter.trained_length)
     weights = lm.weight_bytes
     rows = []
+    if a.memprobe:
+        with torch.inference_mode():
+            for chunk in (int(c) for c in a.chunks.split(",")):
+                memory_probe(lm, settings, ids[:8192], chunk)
     with torch.inference_mode():
         for chunk in (int(c) for c in a.chunks.split(",")):
             engine = Engine(lm, settings, chunk_size=chunk)

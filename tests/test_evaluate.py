@@ -97,7 +97,7 @@ def naive_window_nll(model, ids, window, stride):
             a = window + (p - window) // stride * stride
             start = min(a + stride, len(ids)) - window
         assert p - start <= window - 1
-        logits = model(ids[start:p + 1].reshape(1, -1)).logits[0, -2].float()
+        logits = model(ids[start:p + 1].reshape(1, -1).to(model.device)).logits[0, -2].float().cpu()
         out.append(-torch.log_softmax(logits, -1)[ids[p]])
     return torch.stack(out)
 

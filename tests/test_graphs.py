@@ -1,0 +1,76 @@
+"""Decode steps through a static plan (captured as a CUDA graph on a GPU) equal ordinary steps.
+
+On the CPU the static-buffer step runs eagerly: everything but the capture
+itself is checked.  On CUDA the same tests capture and replay real graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+from families import build
+
+from lminf_cli.cache import LambdaSettings
+from lminf_cli.generate import Engine
+from lminf_cli.graphs import StepGraph, graphed_step
+from lminf_cli.models import from_hf
+from lminf_cli.state_io import Checkpoint
+
+CAPTURE = DEVICE.type == "cuda"
+
+
+def decode_both(name: str, steps: int, prompt: int = 10, n_global: int = 3, n_local: int = 8, chunk: int = 4,
+                top_k: int = 0):
+    """Logits of `steps` teacher-forced decode steps, ordinary vs graphed, from the same prompt."""
+    lm = from_hf(build(name, device=DEVICE), None, name)
+    settings = LambdaSettings.for_model(16, n_global=n_global, n_local=n_local, middle_top_k=top_k,
+                                        middle_from_layer=0)
+    engine = Engine(lm, settings, chunk_size=chunk, cuda_graphs=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (prompt + steps,), generator=g).tolist()
+    plain, graphed = engine.encode(ids[:prompt]), engine.encode(ids[:prompt])
+    out_plain, out_graphed = [], []
+    for t in ids[prompt:]:
+        out_plain.append(engine.step(plain, t).clone())
+        graphed.cache.retrieve_last_row = True
+        out_graphed.append(graphed_step(lm.adapter, graphed.cache, t, capture=CAPTURE).clone())
+        graphed.cache.retrieve_last_row = False
+    return torch.stack(out_plain), torch.stack(out_graphed), graphed.cache, plain.cache
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gptj", "falcon-mq", "bloom"])
+def test_graphed_steps_equal_plain_steps(name):
+    # 40 steps past a 10-token prompt: the window fills, the ring wraps and re-bases.
+    plain, graphed, cache, plain_cache = decode_both(name, steps=40)
+    torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
+    assert cache.length == plain_cache.length == 50 and cache.rebases == plain_cache.rebases >= 1
+    assert isinstance(cache.step_graph, StepGraph)
+
+
+def test_one_graph_serves_every_step_after_the_window_fills():
+    lm = from_hf(build("llama", device=DEVICE), None, "llama")
+    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    state = engine.encode(list(range(12)))
+    graphs = set()
+    for t in range(30):
+        graphed_step(lm.adapter, state.cache, t, capture=CAPTURE)
+        graphs.add(id(state.cache.step_graph))
+    assert len(graphs) == 1
+
+
+def test_retrieval_steps_stay_eager_and_exact():
+    plain, graphed, cache, _ = decode_both("llama", steps=20, top_k=2)
+    torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
+    assert cache.step_graph is None and cache.middle_nbytes > 0
+
+
+def test_restored_checkpoint_replays_the_same_answer():
+    lm = from_hf(build("llama", device=DEVICE), None, "llama")
+    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    state = engine.encode(list(range(20)))
+    mark = Checkpoint(state, budget=8)
+    first = [graphed_step(lm.adapter, state.cache, t, capture=CAPTURE).clone() for t in (5, 6, 7)]
+    mark.restore()
+    again = [graphed_step(lm.adapter, state.cache, t, capture=CAPTURE).clone() for t in (5, 6, 7)]
+    torch.testing.assert_close(torch.stack(again), torch.stack(first), atol=0, rtol=0)
