@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -115,7 +116,9 @@ class LayerCache:
 
     def __init__(self, owner: LambdaCache, n_kv_heads: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, middle: MiddleStore | None = None) -> None:
-        self.owner = owner
+        # A weak reference: a strong one would make a cycle, and a dropped cache would hold
+        # its (GPU) buffers until the garbage collector happened to run.
+        self.owner = weakref.proxy(owner)
         self.middle = middle
         ring, glob = owner.ring_size, owner.settings.n_global
         self.k_ring = torch.zeros(1, n_kv_heads, ring, head_dim, device=device, dtype=dtype)

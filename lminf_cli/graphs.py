@@ -12,6 +12,7 @@ middle-token retrieval, a model split over devices) run eagerly as before.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from torch import Tensor
@@ -35,7 +36,8 @@ class StepGraph:
     `capture`, the same static-buffer step run eagerly: the path the tests check on CPU)."""
 
     def __init__(self, adapter, cache: LambdaCache, plan: StepPlan, capture: bool = True) -> None:
-        self.adapter, self.cache = adapter, cache
+        # Weak: the cache holds this graph, and a cycle would keep both alive after the cache is dropped.
+        self.adapter, self.cache = adapter, weakref.proxy(cache)
         # Private copies of every per-step tensor; ring_span None sends writes through the slot index.
         self.plan = dataclasses.replace(
             plan, ring_span=None, **{k: v.clone() for k, v in _tensor_fields(plan).items()},

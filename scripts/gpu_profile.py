@@ -121,6 +121,20 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
                 kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
                 print(f"CUDA kernels per decode step: {kernels / 3:.0f}")
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    engine.encode(ids[: 2 * chunk], state=state)
+                    sync(lm.device)
+                print(f"encode of 2 chunks of {chunk} after {n} tokens:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+            if a.profile:
+                cache = engine.new_cache()
+                sync(lm.device)
+                t0 = time.perf_counter()
+                for s in range(0, n, chunk):
+                    cache.commit(cache.plan(min(chunk, n - s)))
+                sync(lm.device)
+                print(f"planning alone, chunk {chunk}: {time.perf_counter() - t0:.3f} s for {n} tokens")
+                del cache
             del state, engine
             if cuda:
                 torch.cuda.empty_cache()

@@ -69,7 +69,7 @@ def test_ppl_window_only_with_stride_matches_core(tiny_model_dir, text_file):
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert list(rep["methods"]) == ["window"] and rep["window_stride"] == 24
-    lm = load_model(str(tiny_model_dir), "cpu", "float32")
+    lm = load_model(str(tiny_model_dir), "auto", "auto")  # what the CLI picked (CUDA and bf16 on a GPU)
     ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 200)
     ref = ev.bucket_means(DenseModel(lm).window_nll(ids, 64, 24).nll, 50)
     assert [b["nll"] for b in rep["methods"]["window"]["buckets"]] == pytest.approx([b.nll for b in ref], abs=1e-5)

@@ -74,3 +74,23 @@ def test_restored_checkpoint_replays_the_same_answer():
     mark.restore()
     again = [graphed_step(lm.adapter, state.cache, t, capture=CAPTURE).clone() for t in (5, 6, 7)]
     torch.testing.assert_close(torch.stack(again), torch.stack(first), atol=0, rtol=0)
+
+
+def test_a_dropped_cache_frees_its_buffers_at_once():
+    # No reference cycle (layer -> cache -> layer, graph -> cache -> graph): GPU memory
+    # comes back when the last reference goes, not whenever the garbage collector runs.
+    import gc
+    import weakref
+
+    lm = from_hf(build("llama", device=DEVICE), None, "llama")
+    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    state = engine.encode(list(range(20)))
+    for t in range(5):
+        graphed_step(lm.adapter, state.cache, t, capture=CAPTURE)
+    ring = weakref.ref(state.cache.layers[0].k_ring)
+    gc.disable()
+    try:
+        del state
+        assert ring() is None
+    finally:
+        gc.enable()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rope_at, tiny_llama
+from conftest import DEVICE, rope_at, tiny_llama
 
 from lminf_cli.cache import LambdaSettings
 from lminf_cli.errors import UsageError
@@ -21,8 +21,8 @@ def dense_topk_logits(model, ids, n_local, n_global, limit, top_k, from_layer, d
     n = ids.shape[1]
     h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // h
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
+    i = torch.arange(n, device=ids.device)[:, None]
+    j = torch.arange(n, device=ids.device)[None, :]
     local = (i - j >= 0) & (i - j < n_local)
     glob = (j < n_global) & (i - j >= n_local)
     middle = (j >= n_global) & (i - j >= n_local)
@@ -65,7 +65,7 @@ def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
     settings = LambdaSettings.for_model(16, n_global=3, n_local=8, limit_distance=12, middle_top_k=5,
                                         middle_from_layer=1, middle_distance=4)
     settings = LambdaSettings(**{**settings.__dict__, "middle_block": 4})  # many blocks: exercise the bounds
-    ids = torch.randint(0, 97, (1, 120))
+    ids = torch.randint(0, 97, (1, 120)).to(DEVICE)
     prompt, n_decode = 100, 20
     ref, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 1, 4, rows=list(range(prompt - 1, 120)))
     for chunk in (7, 32):
@@ -83,7 +83,7 @@ def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
 def test_topk_changes_the_answer_only_where_it_should():
     # Sanity of the reference: without retrieval rows the rule is plain Λ-attention.
     model = tiny_llama(4, 2, trained=16, layers=2, seed=3)
-    ids = torch.randint(0, 97, (1, 60))
+    ids = torch.randint(0, 97, (1, 60)).to(DEVICE)
     plain, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 0, 4, rows=[])
     with_rows, chosen = dense_topk_logits(model, ids, 8, 3, 12, 5, 0, 4, rows=[59])
     assert torch.allclose(plain[0, :59], with_rows[0, :59], atol=1e-6)
