@@ -191,6 +191,11 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     g = h // hkv
     # Fold the g query heads sharing one KV head into the row axis: KV is never repeated.
     ql = q_local.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
+    if (fused and q_local.device.type == "cuda" and g * c <= CUDA_EAGER_MAX_ROWS and not return_lse
+            and softcap is None and global_bias is not None and k_global is not None and k_global.shape[2]):
+        qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
+        return joint_few_rows(ql, qg, k_local, v_local, local_bias, k_global, v_global, global_bias,
+                              scale).reshape(b, h, c, d)
     out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)  # [B, Hkv, g*C, D]
     if global_bias is None or k_global is None or k_global.shape[2] == 0:
         # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed.
@@ -209,6 +214,29 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     merged = out.float() * local_w + torch.matmul(g_probs.to(v_global.dtype), v_global).float()
     merged = merged.to(q_local.dtype).reshape(b, h, c, d)
     return (merged, total) if return_lse else merged
+
+
+def joint_few_rows(q_local: Tensor, q_global: Tensor, k_local: Tensor, v_local: Tensor, local_bias: Tensor,
+                   k_global: Tensor, v_global: Tensor, global_bias: Tensor, scale: float) -> Tensor:
+    """Both branches under one plain softmax, for a few query rows (decode).
+
+    Shapes as in lambda_attention, queries already folded: q [B, Hkv, R, D].  Every
+    row sees at least its own key, so no row is fully masked.  About ten small
+    kernels per layer, against some thirty for two log-sum-exp branches and their
+    merge: on a GPU a decode step is mostly kernel count.
+    """
+    s = torch.cat([torch.matmul(q_local, k_local.transpose(-1, -2)),
+                   torch.matmul(q_global, k_global.transpose(-1, -2))], dim=-1)   # [B, Hkv, R, N + G]
+    rows = s.shape[:-1]
+    bias = torch.cat([local_bias.expand(*rows, local_bias.shape[-1]),
+                      global_bias.expand(*rows, global_bias.shape[-1])], dim=-1)  # [B, Hkv, R, N + G]
+    p = torch.softmax(s.float() * scale + bias.float(), dim=-1).to(v_local.dtype)
+    n = k_local.shape[-2]
+    b, hkv, r, d = q_local.shape
+    out = torch.matmul(p[..., :n], v_local)                                         # [B, Hkv, R, D]
+    # out += p_global @ v_global, accumulated in float32 inside the batched GEMM.
+    return torch.baddbmm(out.view(b * hkv, r, d), p[..., n:].reshape(b * hkv, r, -1),
+                         v_global.reshape(b * hkv, -1, d)).view(b, hkv, r, d)
 
 
 def merge_extra_keys(out: Tensor, lse: Tensor, scores: Tensor, values: Tensor) -> Tensor:

@@ -236,7 +236,7 @@ class LambdaCache:
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
         self._frozen: StepPlan | None = None   # see replaying()
-        self.step_graph = None                 # a captured decode step (graphs.StepGraph), if any
+        self.graphs: dict = {}                 # captured forwards by (block size, logits): graphs.StepGraph
         # A layer whose own sliding window fits in n_local keeps the model's rule:
         # that window and nothing else (it was trained never to see further).
         windows = list(layer_windows or [None] * n_layers)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .cache import LambdaCache, LambdaSettings
 from .errors import UsageError
-from .graphs import graphed_step
+from .graphs import graphed_forward, graphed_step
 from .models import LoadedModel
 
 # Measured on 2 CPU cores with SmolLM2-135M: 256-token chunks encode fastest
@@ -182,6 +182,9 @@ class Engine:
         # Decode steps on a GPU replay a captured graph once shapes stop changing (graphs.py).
         self.cuda_graphs = cuda_graphs
 
+    def _graphs_on(self) -> bool:
+        return self.cuda_graphs and self.lm.device.type == "cuda"
+
     def new_cache(self) -> LambdaCache:
         """An empty constant-size cache for this model and settings."""
         return self.adapter.new_cache(self.settings, self.chunk_size, fused=self.fused)
@@ -206,7 +209,10 @@ class Engine:
             e = min(n, s + self.chunk_size)
             # Only the row that will be continued retrieves middle tokens (paper, final version).
             state.cache.retrieve_last_row = e == n
-            logits = self.adapter.forward(x[:, s:e], state.cache, rows=slice(-1, None) if e == n else None)
+            if self._graphs_on():
+                logits = graphed_forward(self.adapter, state.cache, x[:, s:e], logits=e == n)
+            else:
+                logits = self.adapter.forward(x[:, s:e], state.cache, rows=slice(-1, None) if e == n else None)
             if progress is not None:
                 progress(e, n)
         state.cache.retrieve_last_row = False
@@ -241,7 +247,7 @@ class Engine:
     def step(self, state: State, token: int) -> Tensor:
         """Append one token; return the logits for the next one ([V])."""
         state.cache.retrieve_last_row = True
-        if self.cuda_graphs and self.lm.device.type == "cuda":
+        if self._graphs_on():
             state.logits = graphed_step(self.adapter, state.cache, token)
         else:
             x = torch.tensor([[token]], dtype=torch.long, device=self.lm.device)

@@ -67,6 +67,26 @@ def memory_probe(lm, settings, ids, chunk: int) -> None:
           f"peak inside attend MiB max {max(p for _, p in log) / 2**20:.0f}")
 
 
+def measure(lm, settings, ids, chunk: int, graphs: bool, decode: int):
+    """Encode all ids then decode `decode` tokens; returns the engine, the state and a table row."""
+    engine = Engine(lm, settings, chunk_size=chunk, cuda_graphs=graphs)
+    warm = engine.encode(ids[: 2 * chunk])
+    del warm
+    sync(lm.device)
+    mem = PeakMemory(lm.device)
+    mem.reset()
+    t0 = time.perf_counter()
+    state = engine.encode(ids)
+    sync(lm.device)
+    enc = time.perf_counter() - t0
+    peak = mem.read() - lm.weight_bytes
+    kv = state.cache.nbytes
+    time_decode(engine, state, 4, graphs)  # warm-up (and capture)
+    ms = statistics.median(time_decode(engine, state, decode, graphs)) * 1000
+    bw = (lm.weight_bytes + kv) / (ms / 1000) / 1e12
+    return engine, state, (chunk, graphs, enc, len(ids) / enc, ms, bw, kv / 2**30, peak / 2**30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="llama-2-7b")
@@ -86,32 +106,18 @@ def main() -> None:
     ids = torch.randint(0, lm.model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     settings = LambdaSettings.for_model(lm.adapter.trained_length)
     weights = lm.weight_bytes
-    rows = []
+    rows: list[tuple] = []
     if a.memprobe:
         with torch.inference_mode():
             for chunk in (int(c) for c in a.chunks.split(",")):
                 memory_probe(lm, settings, ids[:8192], chunk)
     with torch.inference_mode():
         for chunk in (int(c) for c in a.chunks.split(",")):
-            engine = Engine(lm, settings, chunk_size=chunk)
-            warm = engine.encode(ids[: 2 * chunk])
-            del warm
-            sync(lm.device)
-            mem = PeakMemory(lm.device)
-            mem.reset()
-            t0 = time.perf_counter()
-            state = engine.encode(ids)
-            sync(lm.device)
-            enc = time.perf_counter() - t0
-            peak = mem.read() - weights
-            kv = state.cache.nbytes
-            for graphs in (False, True):
-                if graphs and not getattr(Engine, "supports_cuda_graphs", False):
-                    continue
-                time_decode(engine, state, 4, graphs)  # warm-up (and capture)
-                ms = statistics.median(time_decode(engine, state, a.decode, graphs)) * 1000
-                bw = (weights + kv) / (ms / 1000) / 1e12
-                rows.append((chunk, graphs, enc, n / enc, ms, bw, kv / 2**30, peak / 2**30))
+            for graphs in (True, False):  # the eager engine stays for the profiles below
+                engine, state, row = measure(lm, settings, ids, chunk, graphs, a.decode)
+                rows.append(row)
+                if graphs:  # freed before the next run, whose peak must not include it
+                    del engine, state
             if a.profile and chunk == int(a.chunks.split(",")[0]):
                 from torch.profiler import ProfilerActivity, profile
 
@@ -136,8 +142,6 @@ def main() -> None:
                 print(f"planning alone, chunk {chunk}: {time.perf_counter() - t0:.3f} s for {n} tokens")
                 del cache
             del state, engine
-            if cuda:
-                torch.cuda.empty_cache()
     where = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{a.arch} {lm.dtype}, {n} tokens, weights {weights / 2**30:.2f} GiB, {where}")
     print("chunk graphs encode_s enc_tok/s decode_ms TB/s kv_GiB peak_beyond_weights_GiB")

@@ -173,3 +173,25 @@ def test_sampler():
     assert len(set(a)) == 1  # same seed, same draw
     with pytest.raises(UsageError):
         SamplingParams(top_p=0).validate()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_joint_few_rows_equals_two_branch_merge(rows, alibi, device):
+    from lminf_cli.attention import joint_few_rows
+
+    g = torch.Generator().manual_seed(rows)
+    hkv, n, glob, d = 3, 50, 7, 16
+    ql, qg = (torch.randn(1, hkv, rows, d, generator=g).to(device) for _ in range(2))
+    kl, vl = (torch.randn(1, hkv, n, d, generator=g).to(device) for _ in range(2))
+    kg, vg = (torch.randn(1, hkv, glob, d, generator=g).to(device) for _ in range(2))
+    lb = torch.zeros(rows, n, device=device)
+    lb[:, : n // 3] = float("-inf")                 # old slots out of the window
+    gb = torch.zeros(rows, glob, device=device)
+    gb[0, 2:] = float("-inf")                       # a row that sees only some global keys
+    if alibi:  # per-head biases, as ALiBi models pass them
+        lb = lb - torch.rand(1, hkv, rows, n, generator=g).to(device)
+        gb = gb - torch.rand(1, hkv, rows, glob, generator=g).to(device)
+    got = joint_few_rows(ql, qg, kl, vl, lb, kg, vg, gb, 0.25)
+    want = lambda_attention(ql, qg, kl, vl, lb, kg, vg, gb, 0.25, fused=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

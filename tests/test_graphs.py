@@ -13,7 +13,7 @@ from families import build
 
 from lminf_cli.cache import LambdaSettings
 from lminf_cli.generate import Engine
-from lminf_cli.graphs import StepGraph, graphed_step
+from lminf_cli.graphs import StepGraph, graphed_forward, graphed_step
 from lminf_cli.models import from_hf
 from lminf_cli.state_io import Checkpoint
 
@@ -45,7 +45,7 @@ def test_graphed_steps_equal_plain_steps(name):
     plain, graphed, cache, plain_cache = decode_both(name, steps=40)
     torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
     assert cache.length == plain_cache.length == 50 and cache.rebases == plain_cache.rebases >= 1
-    assert isinstance(cache.step_graph, StepGraph)
+    assert isinstance(cache.graphs[(1, True)], StepGraph)
 
 
 def test_one_graph_serves_every_step_after_the_window_fills():
@@ -55,14 +55,14 @@ def test_one_graph_serves_every_step_after_the_window_fills():
     graphs = set()
     for t in range(30):
         graphed_step(lm.adapter, state.cache, t, capture=CAPTURE)
-        graphs.add(id(state.cache.step_graph))
+        graphs.add(id(state.cache.graphs[(1, True)]))
     assert len(graphs) == 1
 
 
 def test_retrieval_steps_stay_eager_and_exact():
     plain, graphed, cache, _ = decode_both("llama", steps=20, top_k=2)
     torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
-    assert cache.step_graph is None and cache.middle_nbytes > 0
+    assert not cache.graphs and cache.middle_nbytes > 0
 
 
 def test_restored_checkpoint_replays_the_same_answer():
@@ -94,3 +94,19 @@ def test_a_dropped_cache_frees_its_buffers_at_once():
         assert ring() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "bloom"])
+def test_graphed_prefill_chunks_equal_plain_chunks(name):
+    lm = from_hf(build(name, device=DEVICE), None, name)
+    engine = Engine(lm, LambdaSettings.for_model(16, n_global=3, n_local=8), chunk_size=5, cuda_graphs=False)
+    ids = torch.randint(0, 97, (1, 63), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    plain, graphed = engine.new_cache(), engine.new_cache()
+    for s in range(0, 63, 5):
+        last = s + 5 >= 63
+        want = lm.adapter.forward(ids[:, s:s + 5], plain, rows=slice(-1, None) if last else None)
+        got = graphed_forward(lm.adapter, graphed, ids[:, s:s + 5], logits=last, capture=CAPTURE)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (5, False) in graphed.graphs  # full chunks after the window filled went through one graph
+    for a, b in zip(plain.layers, graphed.layers, strict=True):
+        torch.testing.assert_close(a.k_ring, b.k_ring, atol=1e-5, rtol=1e-5)
