@@ -226,11 +226,9 @@ def run_one(spec: BenchSpec) -> RunResult:
     with torch.inference_mode():
         if spec.variant == "lminf":
             from .cache import LambdaSettings
-            from .generate import DEFAULT_CHUNK_SIZE
-
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
                                                 spec.limit_distance, spec.middle_top_k, spec.middle_from_layer)
-            engine = Engine(lm, settings, chunk_size=spec.chunk_size or DEFAULT_CHUNK_SIZE)
+            engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):
                 engine.step(warm, 1)

@@ -81,7 +81,7 @@ NGlobalOpt = Annotated[Optional[int], typer.Option(
 LimitOpt = Annotated[Optional[int], typer.Option(
     "--limit-distance", help="Distance cap L for the global branch [default: trained length].")]
 ChunkOpt = Annotated[Optional[int], typer.Option(
-    "--chunk-size", help="Tokens per prefill forward pass [default: 256].")]
+    "--chunk-size", help="Tokens per prefill forward pass [default: 256 on CPU, 512 on GPU].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 MiddleTopKOpt = Annotated[int, typer.Option(
     "--middle-top-k", help="Retrieval: the token being generated also attends to the K best-matching "
@@ -115,14 +115,14 @@ def build_engine(model: str | None, device: str, dtype: str, n_local: int | None
                  limit: int | None, chunk: int | None, quiet: bool, middle_top_k: int = 0,
                  middle_from_layer: int = 4, middle_distance: int | None = None):
     from .cache import LambdaSettings
-    from .generate import DEFAULT_CHUNK_SIZE, Engine
+    from .generate import Engine
     from .models import load_model
 
     with status("Loading model", quiet):
         lm = load_model(model, device, dtype)
     settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global, n_local, limit,
                                         middle_top_k, middle_from_layer, middle_distance)
-    return Engine(lm, settings, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
+    return Engine(lm, settings, chunk_size=chunk)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .documents import Document
 from .errors import UsageError
-from .generate import DEFAULT_CHUNK_SIZE, Engine, IncrementalDecoder, SamplingParams, State
+from .generate import Engine, IncrementalDecoder, SamplingParams, State
 from .prompts import PromptFormat, check_question, opening_words, summary_length
 from .state_io import Checkpoint, StateHeader, build_header
 
@@ -334,4 +334,4 @@ def chunk_size_for(header: StateHeader | None, requested: int | None) -> int | N
     if requested is not None and requested != header.max_chunk:
         raise UsageError(f"this state was encoded with --chunk-size {header.max_chunk}; "
                          f"--chunk-size {requested} cannot be used with it")
-    return header.max_chunk or DEFAULT_CHUNK_SIZE
+    return header.max_chunk or None
