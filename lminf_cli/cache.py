@@ -115,7 +115,9 @@ class LayerCache:
     """One layer's buffers.  Attends a block of new tokens and stores them."""
 
     def __init__(self, owner: LambdaCache, n_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, middle: MiddleStore | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, middle: MiddleStore | None = None,
+                 index: int = 0) -> None:
+        self.index = index  # layer number: retrieval starts at settings.middle_from_layer
         # A weak reference: a strong one would make a cycle, and a dropped cache would hold
         # its (GPU) buffers until the garbage collector happened to run.
         self.owner = weakref.proxy(owner)
@@ -165,7 +167,8 @@ class LayerCache:
         elif q_cap is None:
             q_cap = rope.rotate(q, plan.cap_cos, plan.cap_sin)
         gv = plan.global_view
-        retrieve = plan.retrieve and self.middle is not None and self.middle.length > 0
+        retrieve = (plan.retrieve and self.middle is not None and self.middle.length > 0
+                    and self.index >= self.owner.settings.middle_from_layer)
         out = lambda_attention(
             q_local, q_cap,
             self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
@@ -251,7 +254,9 @@ class LambdaCache:
             if settings.middle_top_k and i >= settings.middle_from_layer:
                 middle = MiddleStore(n_kv_heads, head_dim, settings.middle_block, dev, torch.device(store_device),
                                      store_dtype or dtype)
-            self.layers.append(LayerCache(self, n_kv_heads, head_dim, dev, dtype, middle))
+            self.layers.append(LayerCache(self, n_kv_heads, head_dim, dev, dtype, middle, index=i))
+        self.has_middle = any(layer.middle is not None for layer in self.layers)
+        self._stores_from = settings.middle_from_layer
 
     # -- bookkeeping -------------------------------------------------------
     @property
@@ -263,6 +268,25 @@ class LambdaCache:
     def middle_nbytes(self) -> int:
         """Bytes of the middle stores (grows with the stream; off the fast device)."""
         return sum(layer.middle_nbytes for layer in self.layers)
+
+    def set_retrieval(self, top_k: int, from_layer: int | None = None, distance: int | None = None) -> None:
+        """Change top-k retrieval for the rows still to come; 0 switches it off.
+
+        Everything else in the cache is independent of these three, so one encoded
+        stream can be asked under several retrieval settings (checkpoint, ask, restore).
+        Stores exist only for the layers chosen when the cache was made.
+        """
+        s = self.settings
+        from_layer = s.middle_from_layer if from_layer is None else from_layer
+        if top_k and not self.has_middle:
+            raise UsageError("this cache keeps no middle-token store (it was made with --middle-top-k 0)")
+        if top_k < 0 or from_layer < self._stores_from:
+            raise UsageError(f"retrieval needs top_k >= 0 and a first layer >= {self._stores_from} "
+                             f"(the stores this cache keeps), got {top_k} and {from_layer}")
+        distance = s.middle_distance if distance is None else distance
+        if not 0 <= distance <= s.limit_distance:
+            raise UsageError(f"--middle-distance must be between 0 and {s.limit_distance}, got {distance}")
+        self.settings = replace(s, middle_top_k=top_k, middle_from_layer=from_layer, middle_distance=distance)
 
     @property
     def max_relative_position(self) -> int:
@@ -335,7 +359,7 @@ class LambdaCache:
             plan.ring_span = (first, first + n_new)
         if n_new == 1 and self.rope.rotary_dim:
             plan.step_mat = torch.cat([self.rope.matrix(q_cos, q_sin), self._cap_matrix()], dim=1)
-        if s.middle_top_k:
+        if self.has_middle:  # stores keep filling even while retrieval is switched off
             self._plan_middle(plan, end)
         return plan
 
@@ -348,7 +372,7 @@ class LambdaCache:
             plan.evict_slots = (pos % self.ring_size).to(self.device)
             plan.evict_cos, plan.evict_sin = self.rope.cos_sin(-(pos - self.base), self.device, self.dtype)
             self.stored_upto = hi
-        if self.retrieve_last_row:
+        if self.retrieve_last_row and s.middle_top_k:
             plan.retrieve = True
             plan.ins_cos, plan.ins_sin = self.rope.cos_sin(torch.tensor([s.middle_distance]), self.device,
                                                            self.dtype)

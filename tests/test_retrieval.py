@@ -11,6 +11,7 @@ from lminf_cli.errors import UsageError
 from lminf_cli.generate import Engine
 from lminf_cli.models import from_hf
 from lminf_cli.retrieval import MiddleStore
+from lminf_cli.state_io import Checkpoint
 
 
 @torch.no_grad()
@@ -153,7 +154,6 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
 
 
 def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
-    from lminf_cli.state_io import Checkpoint
     engine = _engine_with_retrieval(tiny_model_dir)
     ids = torch.randint(0, 200, (100,))
     state = engine.encode(ids)
@@ -166,3 +166,41 @@ def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
     assert [layer.middle.length if layer.middle else 0 for layer in state.cache.layers] == before
     assert torch.equal(state.cache.layers[1].middle.kmin, kmin)
     assert list(engine.generate(state, 8)) == list(engine.generate(engine.encode(ids), 8))
+
+
+def test_retrieval_settings_switched_on_an_encoded_stream_equal_fresh_engines():
+    # One stream, encoded with stores for every layer, then asked under other settings:
+    # each answer equals an engine built with those settings from the start.
+    model = tiny_llama(4, 2, trained=16, layers=3, seed=5)
+    lm = from_hf(model, None)
+    ids = torch.randint(0, 97, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def settings(k, layer, dist):
+        return LambdaSettings.for_model(16, n_global=3, n_local=8, limit_distance=12, middle_top_k=k,
+                                        middle_from_layer=layer, middle_distance=dist)
+
+    def run(engine, state, tail):
+        logits = [engine.encode(tail, state=state).logits.clone()]
+        for t in (7, 8, 9):
+            logits.append(engine.step(state, t).clone())
+        return torch.stack(logits)
+
+    shared = Engine(lm, settings(5, 0, 4), chunk_size=8)
+    state = shared.encode([])
+    state.cache.set_retrieval(0)  # the prefix's last row must not retrieve: in one encode it is not last
+    shared.encode(ids[:88], state=state)  # a chunk boundary of the one-shot encode of all 90 tokens
+    mark = Checkpoint(state, budget=16)
+    answers = []
+    for k, layer, dist in [(0, 0, 4), (5, 1, 4), (2, 2, 10), (5, 0, 4)]:
+        state.cache.set_retrieval(k, layer, dist)
+        got = run(shared, state, ids[88:])
+        mark.restore()
+        fresh = Engine(lm, settings(k, layer, dist), chunk_size=8)
+        want = run(fresh, fresh.encode([]), ids)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        answers.append(got)
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(answers) for b in answers[i + 1:])
+    with pytest.raises(UsageError):
+        Engine(lm, settings(0, 0, 4), chunk_size=8).new_cache().set_retrieval(5)
+    with pytest.raises(UsageError):
+        Engine(lm, settings(5, 2, 4), chunk_size=8).new_cache().set_retrieval(5, from_layer=1)
