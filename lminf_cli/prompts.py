@@ -26,8 +26,12 @@ DOC_INTRO = "Read the following document. Questions about it come after it.\n\n"
 QUESTION_FIRST = "Keep this question in mind while reading; it is asked again after the document: {q}\n\n"
 FIRST_QUESTION = "\n\nAnswer this question about the document above, briefly and precisely.\nQuestion: {q}"
 NEXT_QUESTION = "Another question about the document: {q}"
-SECTION_NOTE = ("\n\nStop reading for a moment. In two or three sentences, write notes on the passage that "
-                "begins with \u201c{opening}\u201d and ends here: the main people, events and points.")
+# Measured on SmolLM2-135M: quoting the section's first words made it copy them, and
+# without a start to its reply it went on with the document; a plain request and a
+# reply opened for it ("In this passage,") give prose notes.
+SECTION_NOTE = ("\n\nStop reading for a moment. Summarize the passage you just read in two or three "
+                "sentences of plain prose: who is in it and what happens.")
+NOTE_START = "In this passage,"
 NOTES_SUMMARY = ("\n\nThe document has ended. Notes on its successive parts, in order:\n\n{notes}\n\n"
                  "Using these notes and what you read, write {length} of the whole document, "
                  "from beginning to end.")
@@ -80,9 +84,9 @@ class PromptFormat:
         """Appended after a previous answer: closes it and asks the next question."""
         return self.assistant_end + NEXT_QUESTION.format(q=check_question(question)) + self.user_end
 
-    def section_note(self, opening: str) -> str:
-        """Appended after a section of the document: asks for notes on it."""
-        return SECTION_NOTE.format(opening=opening) + self.user_end
+    def section_note(self) -> str:
+        """Appended after a section of the document: asks for notes on it and opens the reply with NOTE_START."""
+        return SECTION_NOTE + self.user_end + NOTE_START
 
     def summary(self, length: str, notes: Sequence[str] = ()) -> str:
         """Appended after the whole document: asks for a summary (from section notes when given)."""
@@ -135,10 +139,3 @@ def summary_length(length: str) -> tuple[str, int]:
         return SUMMARY_LENGTHS[length]
     except KeyError:
         raise UsageError(f"--length must be one of {', '.join(SUMMARY_LENGTHS)}, got '{length}'") from None
-
-
-def opening_words(text: str, words: int = 10) -> str:
-    """The first words of a section, on one line, for quoting in a prompt."""
-    parts = text.split()
-    quote = " ".join(parts[:words]).replace("\u201c", '"').replace("\u201d", '"')
-    return quote + ("\u2026" if len(parts) > words else "")

@@ -196,7 +196,8 @@ def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: st
     fp = model_fingerprint(engine.lm)
     if header.model_fingerprint != fp:
         raise InputError(f"{name} was encoded by another model ({header.model_name}, fingerprint "
-                         f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}): pass --model")
+                         f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}); "
+                         "load that model with --model")
     if header.settings != engine.settings:
         s, e = header.settings, engine.settings
         raise InputError(f"{name} was encoded with n_global={s.n_global}, n_local={s.n_local}, "

@@ -24,13 +24,19 @@ from dataclasses import dataclass, field
 from .documents import Document
 from .errors import UsageError
 from .generate import Engine, IncrementalDecoder, SamplingParams, State
-from .prompts import PromptFormat, check_question, opening_words, summary_length
+from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .state_io import Checkpoint, StateHeader, build_header
 
 Progress = Callable[[int, int], None]
-# Small models sometimes emit newline after newline instead of their end token: three
-# blank lines in a row end a reply (no prose answer needs them).
+# Small models sometimes loop instead of emitting their end token: three blank lines in a
+# row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
 _RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
+LOOP_SPAN = 60  # a reply whose last LOOP_SPAN characters already appeared in it is looping
+
+
+def _looping(text: str) -> bool:
+    """True when the text ends by repeating, verbatim, a span it already contains."""
+    return len(text) >= 2 * LOOP_SPAN and text[-LOOP_SPAN:] in text[:-LOOP_SPAN]
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
 DEFAULT_ANSWER_TOKENS = 200
@@ -98,7 +104,7 @@ def stream_reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_ne
             if piece:
                 reply.text += piece
                 yield piece
-                if _RUNAWAY_BLANKS.search(reply.text[-64:]):
+                if _RUNAWAY_BLANKS.search(reply.text[-64:]) or _looping(reply.text):
                     break
     finally:
         checkpoint.restore()
@@ -190,10 +196,9 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
         if b > a:
             engine.encode(stream[a:b], state, progress=report)
         if notes:
-            opening = opening_words(engine.lm.tokenizer.decode(stream[a:a + 40]))
             last = k == len(bounds) - 1
-            prompt = (tail if last else "") + fmt.section_note(opening)
-            note = generate_text(engine, state, prompt, note_tokens, sampling)
+            prompt = (tail if last else "") + fmt.section_note()
+            note = f"{NOTE_START} {generate_text(engine, state, prompt, note_tokens, sampling)}"
             written.append(note)
             if on_note is not None:
                 on_note(k + 1, len(bounds), note)

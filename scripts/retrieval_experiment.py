@@ -111,7 +111,7 @@ def table(path: Path) -> None:
     print("|---|---|" + "---|" * len(DEPTHS) + "---|")
     for length, mode in keys:
         sel = {r["depth"]: r for r in rows if r["length"] == length and r["mode"] == mode}
-        cells = ["yes" if sel[d]["correct"] else "no" if d in sel else "-" for d in DEPTHS]
+        cells = [("yes" if sel[d]["correct"] else "no") if d in sel else "-" for d in DEPTHS]
         n = sum(r["correct"] for r in sel.values())
         tokens = next(iter(sel.values()))["doc_tokens"]
         print(f"| {tokens:,} | {mode} | " + " | ".join(cells) + f" | {n}/{len(sel)} |")

@@ -259,3 +259,15 @@ def test_ctrl_c_while_chat_waits_exits_130(files, tiny_model_dir):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130
     assert b"Traceback" not in err
+
+
+def test_encode_with_notes_then_summarize_the_state(files, tiny_model_dir, tmp_path):
+    path = tmp_path / "notes.lminf"
+    r = invoke(["encode", files / "doc.txt", "-o", path, "--notes", "--section-tokens", "150", "--note-tokens", "6",
+                "--model", tiny_model_dir, *WINDOW])
+    assert r.exit_code == 0, r.stderr
+    notes = json.loads(invoke(["info", "--json", path]).stdout)["notes"]
+    assert len(notes) >= 2
+    s = invoke(["summarize", path, "-n", "6", "--json"])
+    assert s.exit_code == 0 and s.stderr == ""  # no "covers mainly its end" warning: the notes cover it all
+    assert json.loads(s.stdout)["notes"] == notes

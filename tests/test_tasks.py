@@ -310,9 +310,11 @@ def test_fingerprint_ignores_dtype_but_not_weights(tiny_model_dir, lm):
 def test_runaway_blank_lines_end_a_reply_and_are_not_printed(capsys):
     import lminf_cli.cli  # noqa: F401 - the command modules are loaded through the app
     from lminf_cli.commands.documents import _stream
-    from lminf_cli.tasks import _RUNAWAY_BLANKS
+    from lminf_cli.tasks import _RUNAWAY_BLANKS, _looping
 
     assert _RUNAWAY_BLANKS.search("An answer.\n\n \n\n")
     assert not _RUNAWAY_BLANKS.search("Para one.\n\nPara two.\n\n")
+    line = "DROMIO OF SYRACUSE: I will, my lord, and so I will, my lord.\n"
+    assert _looping("Prologue. " + line * 2) and not _looping("Prologue. " + line)
     _stream(iter(["\n ", "The ", "answer", ".", "\n\n", "Second", " line.", "\n", " \n", "\n"]))
     assert capsys.readouterr().out == "The answer.\n\nSecond line.\n"
