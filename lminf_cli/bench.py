@@ -100,6 +100,7 @@ class BenchSpec:
     chunk_size: int | None = None
     middle_top_k: int = 0
     middle_from_layer: int = 4
+    middle_distance: int | None = None
     seed: int = 0
 
 
@@ -227,7 +228,8 @@ def run_one(spec: BenchSpec) -> RunResult:
         if spec.variant == "lminf":
             from .cache import LambdaSettings
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
-                                                spec.limit_distance, spec.middle_top_k, spec.middle_from_layer)
+                                                spec.limit_distance, spec.middle_top_k, spec.middle_from_layer,
+                                                spec.middle_distance)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):

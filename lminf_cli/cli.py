@@ -7,9 +7,13 @@ else goes to stderr.  Errors become one line on stderr and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib
+import inspect
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Optional
 
 import typer
@@ -85,11 +89,97 @@ ChunkOpt = Annotated[Optional[int], typer.Option(
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 MiddleTopKOpt = Annotated[int, typer.Option(
     "--middle-top-k", help="Retrieval: the token being generated also attends to the K best-matching "
-    "middle tokens (beyond the window) [default: 0 = off].")]
+    "middle tokens (beyond the window); 0 = off.")]
 MiddleLayerOpt = Annotated[int, typer.Option(
     "--middle-from-layer", help="Retrieval: first layer that retrieves (paper: 4).")]
 MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
     "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: n_local/2].")]
+
+
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """The model, attention and retrieval options of every command that loads a model."""
+
+    model: ModelOpt = None
+    device: DeviceOpt = "auto"
+    dtype: DtypeOpt = "auto"
+    n_local: NLocalOpt = None
+    n_global: NGlobalOpt = None
+    limit_distance: LimitOpt = None
+    chunk_size: ChunkOpt = None
+    middle_top_k: MiddleTopKOpt = 0
+    middle_from_layer: MiddleLayerOpt = 4
+    middle_distance: MiddleDistanceOpt = None
+    quiet: QuietOpt = False
+
+    def check(self) -> None:
+        """Fail fast on bad values, before the (slow) model load."""
+        check_attention_options(self.n_local, self.n_global, self.limit_distance, self.chunk_size,
+                                self.middle_top_k, self.middle_from_layer)
+
+    def engine(self, **overrides: Any):
+        """Load the model and build the engine these options describe (fields may be overridden)."""
+        o = dataclasses.replace(self, **overrides) if overrides else self
+        return build_engine(o.model, o.device, o.dtype, o.n_local, o.n_global, o.limit_distance, o.chunk_size,
+                            o.quiet, o.middle_top_k, o.middle_from_layer, o.middle_distance)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling options of every command that generates text (greedy by default)."""
+
+    temperature: TemperatureOpt = 0.0
+    top_p: TopPOpt = 1.0
+    top_k: TopKOpt = 0
+    seed: SeedOpt = None
+
+    def params(self):
+        """Validated SamplingParams."""
+        from .generate import SamplingParams
+
+        params = SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        params.validate()
+        return params
+
+
+RETRIEVAL = ("middle_top_k", "middle_from_layer", "middle_distance")
+
+
+def with_options(group: type, name: str, exclude: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Give a Typer command the fields of dataclass `group` as options, handed to it as one `name` argument.
+
+    One declaration of each shared option (help, default) instead of a copy in every
+    command; `exclude` leaves out fields that mean nothing for that command.
+    """
+    hints = typing.get_type_hints(group, include_extras=True)
+    fields = [f for f in dataclasses.fields(group) if f.name not in exclude]
+
+    def decorate(fn: Callable) -> Callable:
+        fn_hints = typing.get_type_hints(fn, include_extras=True)
+        sig = inspect.signature(fn)
+        own = [p.replace(annotation=fn_hints.get(p.name, p.annotation))
+               for p in sig.parameters.values() if p.name != name]
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                   annotation=hints[f.name]) for f in fields]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in fields}
+            return fn(*args, **{name: group(**values)}, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD else p
+                  for p in own] + added
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -139,43 +229,29 @@ def cli_errors() -> Iterator[None]:
 
 
 @app.command("continue")
+@with_options(SamplingOptions, "sampling")
+@with_options(EngineOptions, "opts")
 def continue_(
     file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    middle_top_k: MiddleTopKOpt = 0,
-    middle_from_layer: MiddleLayerOpt = 4,
-    middle_distance: MiddleDistanceOpt = None,
-    quiet: QuietOpt = False,
+    sampling: SamplingOptions = SamplingOptions(),
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Encode a whole document, then stream its continuation to stdout."""
     from .documents import read_document
-    from .generate import SamplingParams
 
     with cli_errors():
-        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
+        opts.check()
         if max_new_tokens < 0:
             raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
-        sampling.validate()
+        params = sampling.params()
         doc = read_document(file)
-        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet,
-                              middle_top_k, middle_from_layer, middle_distance)
+        engine = opts.engine()
         ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
-        with encode_progress(quiet) as progress:
+        with encode_progress(opts.quiet) as progress:
             state = engine.encode(ids, progress=progress)
         wrote = False
-        for piece in engine.stream_text(state, max_new_tokens, sampling):
+        for piece in engine.stream_text(state, max_new_tokens, params):
             write_stdout(piece)
             wrote = True
         if wrote:

@@ -49,13 +49,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default="off,5@4:4096")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--n-local", type=int, default=None, help="window [default: the trained length]")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     configs = [(c, *parse_config(c)) for c in a.configs.split(",")]
     lm = load_model(a.model, "auto", "auto")
     tok = lm.tokenizer
     on = [c for c in configs if c[1]]
-    settings = LambdaSettings.for_model(lm.adapter.trained_length, middle_top_k=max((c[1] for c in on), default=0),
+    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_local=a.n_local,
+                                        middle_top_k=max((c[1] for c in on), default=0),
                                         middle_from_layer=min((c[2] for c in on), default=4))
     engine = Engine(lm, settings)
     chunk = engine.chunk_size
@@ -80,7 +82,8 @@ def main() -> None:
                         engine.encode(p.ids[cut:], state=state)
                         answer = ev.read_answer(engine.generate(state, ev.PASSKEY_NEW_TOKENS, SamplingParams()), tok)
                         steps = state.metrics.step_seconds[steps_before:]
-                        row = {"config": name, "length": n, "tokens": len(p.ids), "depth": d, "sample": sample,
+                        row = {"config": name, "n_local": settings.n_local, "length": n, "tokens": len(p.ids),
+                               "depth": d, "sample": sample,
                                "key": key, "answer": answer, "correct": ev.first_integer(answer) == key,
                                "prefix_seconds": round(prefix_s, 2), "seconds": round(time.perf_counter() - t1, 2),
                                "median_step_ms": round(statistics.median(steps) * 1000, 1) if steps else None,

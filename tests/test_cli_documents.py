@@ -146,6 +146,29 @@ def test_state_round_trip_through_the_cli(files, state, tiny_model_dir):
     assert saved.stdout == fresh.stdout and fresh.stdout.strip()
 
 
+def test_retrieval_in_ask_and_through_a_saved_state(files, tiny_model_dir, tmp_path):
+    # The document is ~5x the window: with retrieval the answer's rows also read the middle.
+    q = ["Who keeps the lighthouse?", *SHORT]
+    top = ["--middle-top-k", "3", "--middle-from-layer", "0", "--middle-distance", "8"]
+    fresh = invoke(["ask", files / "doc.txt", *q, "--model", tiny_model_dir, *WINDOW, *top])
+    assert fresh.exit_code == 0, fresh.stderr
+    plain = invoke(["ask", files / "doc.txt", *q, "--model", tiny_model_dir, *WINDOW])
+    assert fresh.stdout.strip() and fresh.stdout != plain.stdout
+    path = tmp_path / "top.lminf"
+    r = invoke(["encode", files / "doc.txt", "-o", path, "--model", tiny_model_dir, *WINDOW, *top])
+    assert r.exit_code == 0, r.stderr
+    saved = invoke(["ask", path, *q])  # the state's retrieval settings and stores come with it
+    assert saved.exit_code == 0, saved.stderr
+    assert saved.stdout == fresh.stdout
+    assert invoke(["ask", path, *q, "--middle-top-k", "0"]).stdout == saved.stdout  # 0: the state's own
+
+
+def test_retrieval_on_a_state_without_stores_is_refused(state):
+    r = invoke(["ask", state, "Who keeps the lighthouse?", "--middle-top-k", "3"])
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("lminf: error: ") and "middle-top-k" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_info_on_text_pdf_and_state(files, state):
     r = invoke(["info", files / "doc.txt", files / "doc.pdf", state])
     assert r.exit_code == 0 and r.stderr == ""

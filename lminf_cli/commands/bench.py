@@ -10,25 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import (
-    ChunkOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LimitOpt,
-    MiddleLayerOpt,
-    MiddleTopKOpt,
-    ModelOpt,
-    NGlobalOpt,
-    NLocalOpt,
-    QuietOpt,
-    check_attention_options,
-    cli_errors,
-)
+from ..cli import EngineOptions, cli_errors, with_options
 from ..errors import UsageError
 from ..ui import status, write_stdout
 from ..units import human_bytes, human_tokens, parse_lengths
 
 
+@with_options(EngineOptions, "opts")
 def bench(
     length: Annotated[str, typer.Option("--length", "-l", help="Input length(s): 4096, 32k, 128K, 1M; "
                                         "comma-separated for several.")] = "32k",
@@ -46,30 +34,21 @@ def bench(
                                                       "the GPUs and CPU with accelerate.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of time and memory against length.")] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    middle_top_k: MiddleTopKOpt = 0,
-    middle_from_layer: MiddleLayerOpt = 4,
-    quiet: QuietOpt = False,
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
     from ..bench import BenchSpec, ratios, run_bench
 
     with cli_errors():
         lengths = parse_lengths(length)
-        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
+        opts.check()
         if decode_tokens < 0:
             raise UsageError(f"--decode-tokens must be >= 0, got {decode_tokens}")
         if baseline_timeout <= 0:
             raise UsageError(f"--baseline-timeout must be positive, got {baseline_timeout}")
         if (arch is None) != (not random_weights):
             raise UsageError("--arch and --random-weights go together (shapes without weights)")
-        if arch and model:
+        if arch and opts.model:
             raise UsageError("give either --model or --arch, not both")
         if arch:
             from ..bench import ARCHS
@@ -80,17 +59,19 @@ def bench(
             read_document(text)  # fail now, not inside every child
         if plot:
             _check_matplotlib()
-        spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=model, arch=arch,
-                         device=device, dtype=dtype, device_map=device_map, text=text, n_local=n_local,
-                         n_global=n_global, limit_distance=limit_distance, chunk_size=chunk_size,
-                         middle_top_k=middle_top_k, middle_from_layer=middle_from_layer)
+        o = opts
+        spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=o.model, arch=arch,
+                         device=o.device, dtype=o.dtype, device_map=device_map, text=text, n_local=o.n_local,
+                         n_global=o.n_global, limit_distance=o.limit_distance, chunk_size=o.chunk_size,
+                         middle_top_k=o.middle_top_k, middle_from_layer=o.middle_from_layer,
+                         middle_distance=o.middle_distance)
         console = Console(stderr=True)
 
         def started(variant: str, n: int) -> None:
-            if not quiet:
+            if not opts.quiet:
                 console.print(f"[dim]running {variant} at {human_tokens(n)} tokens…[/dim]", highlight=False)
 
-        with status("Benchmarking", quiet):
+        with status("Benchmarking", opts.quiet):
             results = run_bench(spec, lengths, baseline=baseline, baseline_timeout=baseline_timeout,
                                 on_start=started)
         summary = ratios(results)

@@ -16,19 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import (
-    ChunkOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LimitOpt,
-    ModelOpt,
-    NGlobalOpt,
-    NLocalOpt,
-    QuietOpt,
-    build_engine,
-    check_attention_options,
-    cli_errors,
-)
+from ..cli import EngineOptions, QuietOpt, SamplingOptions, cli_errors, with_options
 from ..errors import InputError, LminfError, UsageError
 from ..ui import status, task_progress, write_stdout
 
@@ -36,32 +24,10 @@ FilesArg = Annotated[list[str], typer.Argument(
     help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
 MaxNewOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", "-n", help="Longest answer, in tokens [default: 200; summaries: by --length].")]
-TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (reproducible).")]
-TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
-TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")]
 SectionOpt = Annotated[Optional[int], typer.Option(
     "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
 NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
-
-
-class EngineOptions:
-    """The model and attention options shared by every command that loads a model."""
-
-    def __init__(self, model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
-                 limit: int | None, chunk: int | None, quiet: bool) -> None:
-        check_attention_options(n_local, n_global, limit, chunk)
-        self.model, self.device, self.dtype = model, device, dtype
-        self.n_local, self.n_global, self.limit, self.chunk, self.quiet = n_local, n_global, limit, chunk, quiet
-
-
-def _sampling(temperature: float, top_k: int, top_p: float, seed: int | None):
-    from ..generate import SamplingParams
-
-    params = SamplingParams(temperature, top_k, top_p, seed)
-    params.validate()
-    return params
 
 
 def _check_max_new(value: int | None) -> None:
@@ -102,8 +68,7 @@ def open_document(source: Any, opts: EngineOptions, notes: bool | None = False, 
     if isinstance(source, str):
         return _open_state(source, opts)
     spec = resolve_model_spec(opts.model)
-    engine = build_engine(spec, opts.device, opts.dtype, opts.n_local, opts.n_global, opts.limit, opts.chunk,
-                          opts.quiet)
+    engine = opts.engine(model=spec)
     with task_progress(opts.quiet, "Encoding") as bar:
         def on_note(k: int, n: int, _note: str) -> None:
             if bar is not None:
@@ -121,17 +86,22 @@ def _open_state(path: str, opts: EngineOptions):
     from ..tasks import EncodedDocument, chunk_size_for
 
     header = read_header(path)
-    chunk = chunk_size_for(header, opts.chunk)
     model = opts.model
     if model is None and Path(header.model_spec).exists():
         model = header.model_spec
-    engine = build_engine(model, opts.device, opts.dtype,
-                          opts.n_local if opts.n_local is not None else header.n_local,
-                          opts.n_global if opts.n_global is not None else header.n_global,
-                          opts.limit if opts.limit is not None else header.limit_distance, chunk, opts.quiet)
+    # Unset options take the state's values; retrieval too (its stores were built for them).
+    engine = opts.engine(
+        model=model, chunk_size=chunk_size_for(header, opts.chunk_size),
+        n_local=header.n_local if opts.n_local is None else opts.n_local,
+        n_global=header.n_global if opts.n_global is None else opts.n_global,
+        limit_distance=header.limit_distance if opts.limit_distance is None else opts.limit_distance,
+        middle_top_k=header.middle_top_k, middle_from_layer=header.middle_from_layer,
+        middle_distance=header.middle_distance if header.middle_top_k else None)
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     with status("Loading state", opts.quiet):
         state = load_state(path, engine, header, fmt.fingerprint)
+    if opts.middle_top_k:  # asked for retrieval on a state: only where its stores allow
+        state.cache.set_retrieval(opts.middle_top_k, opts.middle_from_layer, opts.middle_distance)
     return engine, EncodedDocument(state, fmt, header)
 
 
@@ -223,6 +193,7 @@ def _state_lines(row: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {_fmt(v)}" for k, v in lines if v is not None)
 
 
+@with_options(EngineOptions, "opts")
 def encode(
     files: FilesArg,
     output: Annotated[str, typer.Option("--output", "-o", help="State file to write (.lminf).")],
@@ -230,37 +201,32 @@ def encode(
     = False,
     section_tokens: SectionOpt = None,
     note_tokens: NoteTokensOpt = 96,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    quiet: QuietOpt = False,
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Encode documents once and save the constant-size state for ask, summarize and chat."""
     from ..documents import STATE_SUFFIX, is_state_path
 
     with cli_errors():
-        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        opts.check()
         if not output.lower().endswith(STATE_SUFFIX):
             raise UsageError(f"--output must end in {STATE_SUFFIX}, got '{output}'")
         if any(is_state_path(f) for f in files):
             raise UsageError("encode reads text or PDF files, not a saved state")
         if note_tokens <= 0:
             raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
-        source = read_source(files, quiet)
+        source = read_source(files, opts.quiet)
         from ..state_io import save_state
 
         engine, encoded = open_document(source, opts, notes=notes, section_tokens=section_tokens,
                                         note_tokens=note_tokens)
-        with status("Saving state", quiet):
+        with status("Saving state", opts.quiet):
             size = save_state(output, encoded.state, encoded.header)
         _note(f"wrote {output}: {encoded.document_tokens:,} document tokens, "
-              f"{size / 2**20:,.1f} MiB", quiet)
+              f"{size / 2**20:,.1f} MiB", opts.quiet)
 
 
+@with_options(SamplingOptions, "sampling")
+@with_options(EngineOptions, "opts")
 def ask(
     args: Annotated[list[str], typer.Argument(
         metavar="FILE... QUESTION",
@@ -268,18 +234,8 @@ def ask(
              "then the question, in quotes.")],
     json_out: JsonOpt = False,
     max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    seed: SeedOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    quiet: QuietOpt = False,
+    sampling: SamplingOptions = SamplingOptions(),
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Answer a question about documents (or a saved state), streaming the answer to stdout."""
     from ..prompts import check_question
@@ -289,16 +245,16 @@ def ask(
         if len(args) < 2:
             raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
         files, question = args[:-1], check_question(args[-1])
-        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        opts.check()
         _check_max_new(max_new_tokens)
-        source = read_source(files, quiet)
+        source = read_source(files, opts.quiet)
         from ..tasks import DEFAULT_ANSWER_TOKENS, Reply
         from ..tasks import ask as ask_task
 
-        sampling = _sampling(temperature, top_k, top_p, seed)
+        params = sampling.params()
         engine, encoded = open_document(source, opts)
         reply = Reply()
-        pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling, reply)
+        pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reply)
         if json_out:
             for _ in pieces:
                 pass
@@ -308,6 +264,8 @@ def ask(
             _stream(pieces)
 
 
+@with_options(SamplingOptions, "sampling")
+@with_options(EngineOptions, "opts")
 def summarize(
     files: FilesArg,
     length: Annotated[str, typer.Option("--length", "-l", help="short, medium or long.")] = "medium",
@@ -315,45 +273,35 @@ def summarize(
     section_tokens: SectionOpt = None,
     note_tokens: NoteTokensOpt = 96,
     max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    seed: SeedOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    quiet: QuietOpt = False,
+    sampling: SamplingOptions = SamplingOptions(),
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Summarize whole documents: section notes while reading, then a summary from them."""
     from ..prompts import summary_length
 
     t0 = time.perf_counter()
     with cli_errors():
-        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        opts.check()
         _check_max_new(max_new_tokens)
         if note_tokens <= 0:
             raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
         budget = max_new_tokens or summary_length(length)[1]
-        source = read_source(files, quiet)
+        source = read_source(files, opts.quiet)
         from ..tasks import SUMMARY_PROMPT_RESERVE, Reply, condense_notes, notes_budget, plan_summary
         from ..tasks import summarize as summarize_task
 
-        sampling = _sampling(temperature, top_k, top_p, seed)
+        params = sampling.params()
         # Sections with notes only when the document, a summary prompt and the summary overflow one window.
         engine, encoded = open_document(source, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
-                                        section_tokens=section_tokens, note_tokens=note_tokens, sampling=sampling)
+                                        section_tokens=section_tokens, note_tokens=note_tokens, sampling=params)
         plan = plan_summary(engine, encoded, length, budget)
         if not plan.covers_whole_document:
             _note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
                   "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
-        with status("Condensing notes", quiet):
-            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens)
+        with status("Condensing notes", opts.quiet):
+            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), params, 2 * note_tokens)
         reply = Reply()
-        pieces = summarize_task(engine, encoded, length, budget, sampling, reply, notes)
+        pieces = summarize_task(engine, encoded, length, budget, params, reply, notes)
         if json_out:
             for _ in pieces:
                 pass
@@ -368,42 +316,34 @@ CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the con
              "/save PATH (.lminf: the encoded document; other names: the transcript), /quit.")
 
 
+@with_options(SamplingOptions, "sampling")
+@with_options(EngineOptions, "opts")
 def chat(
     files: FilesArg,
     history: Annotated[int, typer.Option(help="Previous exchanges replayed before each question "
                                               "(0: every answer depends on the document alone).")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per answer (JSON lines).")] = False,
     max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    seed: SeedOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    quiet: QuietOpt = False,
+    sampling: SamplingOptions = SamplingOptions(),
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Interactive questions about documents, encoded once; reads one question per line when piped."""
     with cli_errors():
-        opts = EngineOptions(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        opts.check()
         if "-" in files:
             raise UsageError("chat reads its questions from stdin, so the document cannot come from stdin too; "
                              "give a file (or use lminf ask - QUESTION)")
         if history < 0:
             raise UsageError(f"--history must be >= 0, got {history}")
         _check_max_new(max_new_tokens)
-        source = read_source(files, quiet)
+        source = read_source(files, opts.quiet)
         from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, Reply
 
-        sampling = _sampling(temperature, top_k, top_p, seed)
+        params = sampling.params()
         engine, encoded = open_document(source, opts)
-        session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, sampling)
+        session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
-        if tty and not quiet:
+        if tty and not opts.quiet:
             typer.echo(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. {CHAT_HELP}",
                        err=True)
         for line in _questions(tty):

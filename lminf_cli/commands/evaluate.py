@@ -9,22 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import (
-    ChunkOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LimitOpt,
-    MiddleDistanceOpt,
-    MiddleLayerOpt,
-    MiddleTopKOpt,
-    ModelOpt,
-    NGlobalOpt,
-    NLocalOpt,
-    QuietOpt,
-    build_engine,
-    check_attention_options,
-    cli_errors,
-)
+from ..cli import RETRIEVAL, EngineOptions, cli_errors, with_options
 from ..errors import UsageError
 from ..ui import encode_progress, write_stdout
 
@@ -75,6 +60,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 @eval_app.command("ppl")
+@with_options(EngineOptions, "opts", exclude=RETRIEVAL)  # scoring never retrieves
 def ppl(
     file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
     max_length: Annotated[str, typer.Option("--max-length", help="Tokens to score (e.g. 32k, 128k).")] = "128k",
@@ -90,14 +76,7 @@ def ppl(
     no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    quiet: QuietOpt = False,
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Mean NLL and perplexity by position bucket, with LM-Infinite and optional baselines."""
     from .. import evaluate as ev
@@ -115,11 +94,11 @@ def ppl(
         stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
         if no_lminf and not baselines:
             raise UsageError("--no-lminf needs at least one --baseline")
-        check_attention_options(n_local, n_global, limit_distance, chunk_size)
+        opts.check()
         if plot:
             ev.check_plotting()
         doc = read_document(file)
-        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet)
+        engine = opts.engine()
         lm = engine.lm
         ids = ev.tokenize_prefix(lm.tokenizer, doc.text, n_max)
         ev.check_file_long_enough(len(ids), size, doc.name)
@@ -130,11 +109,11 @@ def ppl(
 
         runs = []
         if not no_lminf:
-            with encode_progress(quiet, "LM-Infinite") as progress:
+            with encode_progress(opts.quiet, "LM-Infinite") as progress:
                 runs.append(ev.lminf_nll(engine, ids, progress))
         dense = ev.DenseModel(lm, budget=budget) if baselines else None
         for b in baselines:
-            with encode_progress(quiet, ev.METHOD_LABELS[b]) as progress:
+            with encode_progress(opts.quiet, ev.METHOD_LABELS[b]) as progress:
                 if b == ev.VANILLA:
                     run = dense.nll(ids, progress)
                 else:
@@ -222,6 +201,7 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
 
 
 @eval_app.command("passkey")
+@with_options(EngineOptions, "opts")
 def passkey(
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "4k,8k,16k,32k",
     depths: Annotated[str, typer.Option("--depths", help="Where the key sits, 0 = start, 1 = end.")]
@@ -236,17 +216,7 @@ def passkey(
         "--template", help="plain: the tokenizer's plain encoding; chat: the model's chat template.")] = "plain",
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    n_local: NLocalOpt = None,
-    n_global: NGlobalOpt = None,
-    limit_distance: LimitOpt = None,
-    chunk_size: ChunkOpt = None,
-    middle_top_k: MiddleTopKOpt = 0,
-    middle_from_layer: MiddleLayerOpt = 4,
-    middle_distance: MiddleDistanceOpt = None,
-    quiet: QuietOpt = False,
+    opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
     from .. import evaluate as ev
@@ -262,11 +232,10 @@ def passkey(
         budget = _budget(baseline_max_length, baseline_time)
         if no_lminf and not baseline:
             raise UsageError("--no-lminf needs --baseline")
-        check_attention_options(n_local, n_global, limit_distance, chunk_size, middle_top_k, middle_from_layer)
+        opts.check()
         if plot:
             ev.check_plotting()
-        engine = build_engine(model, device, dtype, n_local, n_global, limit_distance, chunk_size, quiet,
-                              middle_top_k, middle_from_layer, middle_distance)
+        engine = opts.engine()
         lm = engine.lm
         prompts = [(i, ev.passkey_prompt(lm.tokenizer, n, d, ev.passkey_key(seed, n, d, i), template))
                    for n in lens for d in deps for i in range(samples)]
@@ -279,14 +248,14 @@ def passkey(
                                "middle_from_layer": s.middle_from_layer, "middle_distance": s.middle_distance}},
             lengths=lens, depths=deps)
         if not no_lminf:
-            with encode_progress(quiet, "LM-Infinite") as progress:
+            with encode_progress(opts.quiet, "LM-Infinite") as progress:
                 report.results += ev.run_passkey(ev.LMINF, prompts, lambda p: ev.lminf_answer(engine, p.ids),
                                                  progress)
         if baseline:
             dense = ev.DenseModel(lm, budget=budget)
             dense.start_clock()
             stops = engine.stop_ids()
-            with encode_progress(quiet, "unmodified") as progress:
+            with encode_progress(opts.quiet, "unmodified") as progress:
                 base = ev.run_passkey(ev.VANILLA, prompts, lambda p: ev.dense_answer(dense, p.ids, stops), progress)
             skipped = [r for r in base if r.skipped]
             if skipped:
