@@ -108,6 +108,27 @@ def test_store_top_k_is_exact_and_reads_few_blocks():
     assert torch.allclose(scores, torch.topk(exact, 6, dim=1).values, atol=1e-5)
     assert torch.allclose(v, 2 * k)
     assert torch.equal(k[2, 0], keys[1, 517])
+    # Every query head of both paths: the bounds settle it (few blocks read) or one scan does.
+    for trial in range(20):
+        q = torch.randn(4, 16) * (1 + trial)
+        if trial % 2:
+            q[:2], q[2:] = keys[0, 40 * trial], keys[1, 33 * trial] * 4
+        scores, k, v = store.top_k(q, 5, groups=2)
+        exact = torch.einsum("hd,hnd->hn", q, keys.repeat_interleave(2, 0))
+        assert torch.allclose(scores, torch.topk(exact, 5, dim=1).values, atol=1e-4)
+        assert torch.allclose(torch.einsum("hd,hkd->hk", q, k), scores, atol=1e-4) and torch.allclose(v, 2 * k)
+    assert store.reads["scans"] > 0  # random keys: box bounds in 16 dims are loose
+    # Keys that cluster (one block far ahead of the rest): the bounds settle it, reading 2 blocks per head.
+    sharp = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                        dtype=torch.float32)
+    keys = torch.randn(2, 1000, 16) * 0.01
+    keys[:, 300:310] += torch.randn(2, 1, 16)
+    sharp.append(keys, -keys)
+    q = keys[:, 305].repeat_interleave(2, 0) * 3                                # [4, 16]
+    scores, k, v = sharp.top_k(q, 5, groups=2)
+    exact = torch.einsum("hd,hnd->hn", q, keys.repeat_interleave(2, 0))
+    assert torch.allclose(scores, torch.topk(exact, 5, dim=1).values, atol=1e-5) and torch.allclose(v, -k)
+    assert sharp.reads == {"blocks": 8, "scans": 0}
 
 
 def test_store_bytes_stay_off_the_window_cache():
