@@ -1,5 +1,10 @@
 """`python -m lminf_cli` runs the CLI."""
 
-from .cli import run
+import sys
+
+try:
+    from .cli import run
+except KeyboardInterrupt:  # Ctrl-C while the CLI itself is still loading: no traceback
+    sys.exit(130)
 
 run()

@@ -295,4 +295,7 @@ register_all(app)
 
 def run() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside click's own handling (e.g. while a module loads)
+        sys.exit(130)
