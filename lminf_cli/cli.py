@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -293,8 +295,22 @@ from .commands import register_all  # noqa: E402
 register_all(app)
 
 
+def _on_sigint(signum: int, frame: Any) -> None:
+    """First Ctrl-C: KeyboardInterrupt (clean exit 130 through click); a second one, in
+    case a library swallowed the first: leave at once, still with 130 and no traceback."""
+    global _SIGINTS
+    _SIGINTS += 1
+    if _SIGINTS > 1:
+        os._exit(130)
+    raise KeyboardInterrupt
+
+
+_SIGINTS = 0
+
+
 def run() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except KeyboardInterrupt:  # outside click's own handling (e.g. while a module loads)
