@@ -43,6 +43,19 @@ def rope_at(model, x, positions):
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def lambda_masks(model, ids, n_local: int, n_global: int):
+    """Shapes and the Λ rule's masks for a dense reference: (n, h, hkv, d, local, global, middle) with
+    local = 0 <= i - j < n_local, global = j < n_global beyond it, middle = the rest beyond it."""
+    cfg = model.config
+    n = ids.shape[1]
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    i = torch.arange(n, device=ids.device)[:, None]
+    j = torch.arange(n, device=ids.device)[None, :]
+    far = i - j >= n_local
+    return (n, h, hkv, cfg.hidden_size // h, (i - j >= 0) & ~far, (j < n_global) & far,
+            (j >= n_global) & far)
+
+
 @torch.no_grad()
 def dense_lambda_logits(model, ids, n_local: int, n_global: int, limit: int):
     """Full-sequence logits of the Λ rule computed the slow, obvious way.
@@ -50,14 +63,7 @@ def dense_lambda_logits(model, ids, n_local: int, n_global: int, limit: int):
     Local branch: 0 <= i - j < n_local at true distance; global branch: j < n_global
     and i - j >= n_local at distance `limit`; one softmax over both.
     """
-    cfg = model.config
-    n = ids.shape[1]
-    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // h
-    i = torch.arange(n, device=ids.device)[:, None]
-    j = torch.arange(n, device=ids.device)[None, :]
-    local = (i - j >= 0) & (i - j < n_local)
-    glob = (j < n_global) & (i - j >= n_local)
+    n, h, hkv, d, local, glob, _ = lambda_masks(model, ids, n_local, n_global)
     x = model.model.embed_tokens(ids)
     for layer in model.model.layers:
         a = layer.self_attn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, rope_at, tiny_llama
+from conftest import DEVICE, lambda_masks, rope_at, tiny_llama
 
 from lminf_cli.cache import LambdaSettings
 from lminf_cli.errors import UsageError
@@ -18,15 +18,7 @@ from lminf_cli.state_io import Checkpoint
 def dense_topk_logits(model, ids, n_local, n_global, limit, top_k, from_layer, distance, rows):
     """Λ rule for every row; rows in `rows` (in layers >= from_layer) also attend to the
     top_k middle tokens (n_global <= j <= i - n_local) per head, scored at `distance`."""
-    cfg = model.config
-    n = ids.shape[1]
-    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // h
-    i = torch.arange(n, device=ids.device)[:, None]
-    j = torch.arange(n, device=ids.device)[None, :]
-    local = (i - j >= 0) & (i - j < n_local)
-    glob = (j < n_global) & (i - j >= n_local)
-    middle = (j >= n_global) & (i - j >= n_local)
+    n, h, hkv, d, local, glob, middle = lambda_masks(model, ids, n_local, n_global)
     x = model.model.embed_tokens(ids)
     chosen = {}
     for li, layer in enumerate(model.model.layers):
