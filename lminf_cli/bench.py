@@ -277,10 +277,9 @@ def run_one(spec: BenchSpec) -> RunResult:
         result.median_step_ms = sorted(steps)[len(steps) // 2] * 1000
     result.peak_memory_bytes = mem.read()
     result.weight_bytes = weights
-    if dev.type == "cuda":  # CUDA counts allocations only: the weights are part of them
-        result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
-    else:  # RSS also holds the runtime itself; still, weights are the part both variants share
-        result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
+    # CUDA counts allocations only; RSS also holds the runtime itself. Either way the
+    # weights are the part both variants share.
+    result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
     _bandwidth(result, dev, weights + (result.kv_cache_bytes or 0))
     return result
 

@@ -324,9 +324,11 @@ class LambdaCache:
             self._frozen = None
 
     def plan(self, n_new: int) -> StepPlan:
-        """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers."""
-        if self._frozen is not None:
-            return self._frozen
+        """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers
+        (inside `replaying`, the plan given there)."""
+        return self._frozen if self._frozen is not None else self._build_plan(n_new)
+
+    def _build_plan(self, n_new: int) -> StepPlan:
         if not 0 < n_new <= self.max_chunk:
             raise ValueError(f"a forward adds 1..{self.max_chunk} tokens, got {n_new}")
         s = self.settings
@@ -436,11 +438,9 @@ class AlibiCache(LambdaCache):
                          scale, fused)
         self.slopes = slopes.detach().float().to(self.device)  # [H]
 
-    def plan(self, n_new: int) -> StepPlan:
+    def _build_plan(self, n_new: int) -> StepPlan:
         """The RoPE plan's slots and masks, with the linear biases added per head."""
-        if self._frozen is not None:
-            return self._frozen
-        plan = super().plan(n_new)
+        plan = super()._build_plan(n_new)
         idx = torch.arange(plan.start, plan.start + n_new, device=self.device)      # [C]
         kpos = self._slot_positions(plan.start + n_new, plan.ring_view)              # [N]
         local = plan.local_bias.float() + self._linear_bias(idx[:, None] - kpos[None, :])

@@ -122,14 +122,25 @@ class EngineOptions:
 
     def check(self) -> None:
         """Fail fast on bad values, before the (slow) model load."""
-        check_attention_options(self.n_local, self.n_global, self.limit_distance, self.chunk_size,
-                                self.middle_top_k, self.middle_from_layer)
+        _check_positive("--middle-top-k", self.middle_top_k, allow_zero=True)
+        _check_positive("--middle-from-layer", self.middle_from_layer, allow_zero=True)
+        _check_positive("--n-local", self.n_local)
+        _check_positive("--n-global", self.n_global, allow_zero=True)
+        _check_positive("--limit-distance", self.limit_distance)
+        _check_positive("--chunk-size", self.chunk_size)
 
     def engine(self, **overrides: Any):
         """Load the model and build the engine these options describe (fields may be overridden)."""
+        from .cache import LambdaSettings
+        from .generate import Engine
+        from .models import load_model
+
         o = dataclasses.replace(self, **overrides) if overrides else self
-        return build_engine(o.model, o.device, o.dtype, o.n_local, o.n_global, o.limit_distance, o.chunk_size,
-                            o.quiet, o.middle_top_k, o.middle_from_layer, o.middle_distance)
+        with status("Loading model", o.quiet):
+            lm = load_model(o.model, o.device, o.dtype)
+        settings = LambdaSettings.for_model(lm.adapter.trained_length, o.n_global, o.n_local, o.limit_distance,
+                                            o.middle_top_k, o.middle_from_layer, o.middle_distance)
+        return Engine(lm, settings, chunk_size=o.chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,31 +201,6 @@ def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> N
     if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
                          f"number of tokens, got {value}")
-
-
-def check_attention_options(n_local: int | None, n_global: int | None, limit: int | None,
-                            chunk: int | None, middle_top_k: int = 0, middle_from_layer: int = 4) -> None:
-    """Fail fast, before the (slow) model load."""
-    _check_positive("--middle-top-k", middle_top_k, allow_zero=True)
-    _check_positive("--middle-from-layer", middle_from_layer, allow_zero=True)
-    _check_positive("--n-local", n_local)
-    _check_positive("--n-global", n_global, allow_zero=True)
-    _check_positive("--limit-distance", limit)
-    _check_positive("--chunk-size", chunk)
-
-
-def build_engine(model: str | None, device: str, dtype: str, n_local: int | None, n_global: int | None,
-                 limit: int | None, chunk: int | None, quiet: bool, middle_top_k: int = 0,
-                 middle_from_layer: int = 4, middle_distance: int | None = None):
-    from .cache import LambdaSettings
-    from .generate import Engine
-    from .models import load_model
-
-    with status("Loading model", quiet):
-        lm = load_model(model, device, dtype)
-    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global, n_local, limit,
-                                        middle_top_k, middle_from_layer, middle_distance)
-    return Engine(lm, settings, chunk_size=chunk)
 
 
 @contextlib.contextmanager

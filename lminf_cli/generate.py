@@ -170,8 +170,6 @@ class IncrementalDecoder:
 class Engine:
     """LM-Infinite inference over one loaded model."""
 
-    supports_cuda_graphs = True
-
     def __init__(self, lm: LoadedModel, settings: LambdaSettings | None = None,
                  chunk_size: int | None = None, fused: bool = True, cuda_graphs: bool = True) -> None:
         if chunk_size is None:

@@ -114,12 +114,12 @@ class MiddleStore:
         h = q.shape[0]
         k = min(k, self.length)
         qf = q.float()
-        kv_of = torch.arange(h, device=q.device) // groups                            # [H]
-        # Best score any token of a block can reach, per head: [H, nb].
-        bound = torch.maximum(qf[:, None, :] * self.kmax[kv_of], qf[:, None, :] * self.kmin[kv_of]).sum(-1)
         nb = self.n_blocks
         m = min(nb, -(-k // self.block) + 1)
         if m < nb:
+            kv_of = torch.arange(h, device=q.device) // groups                        # [H]
+            # Best score any token of a block can reach, per head: [H, nb].
+            bound = torch.maximum(qf[:, None, :] * self.kmax[kv_of], qf[:, None, :] * self.kmin[kv_of]).sum(-1)
             top_bounds, order = torch.topk(bound, m + 1, dim=1)                    # [H, m+1]
             blocks = order[:, :m]                                                   # [H, m]
             tok = (blocks[:, :, None] * self.block + torch.arange(self.block, device=q.device)).flatten(1)

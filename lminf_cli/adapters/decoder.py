@@ -68,6 +68,12 @@ class DecoderAdapter(Adapter):
         o = lc.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan)  # [1, H, C, D]
         return o.transpose(1, 2).reshape(1, c, self.n_heads * self.head_dim)
 
+    def project_qkv(self, attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Separate q/k/v projections (q_proj, k_proj, v_proj) of h [1, C, hidden], split into heads."""
+        return (heads_view(attn.q_proj(h), self.n_heads, self.head_dim),     # [1, C, H, D]
+                heads_view(attn.k_proj(h), self.n_kv_heads, self.head_dim),  # [1, C, Hkv, D]
+                heads_view(attn.v_proj(h), self.n_kv_heads, self.head_dim))
+
     def logits(self, x: Tensor) -> Tensor:
         """Head output with the family's final soft-capping, if any."""
         out = self.head(x)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, StepPlan
 from .base import config_layer_windows, register
-from .decoder import DecoderAdapter, heads_view
+from .decoder import DecoderAdapter
 from .llama import LlamaAdapter
 
 
@@ -52,9 +52,7 @@ class Gemma2Adapter(DecoderAdapter):
     def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = heads_view(a.q_proj(h), self.n_heads, self.head_dim)     # [1, C, H, D]
-        k = heads_view(a.k_proj(h), self.n_kv_heads, self.head_dim)  # [1, C, Hkv, D]
-        v = heads_view(a.v_proj(h), self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(a, h)  # [1, C, H or Hkv, D]
         x = x + layer.post_attention_layernorm(a.o_proj(self.attend(lc, plan, q, k, v)))
         return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
 

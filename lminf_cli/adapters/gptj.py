@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..attention import Rope
 from ..cache import LayerCache, StepPlan
 from .base import register
-from .decoder import DecoderAdapter, heads_view
+from .decoder import DecoderAdapter
 
 
 @register
@@ -42,9 +42,7 @@ class GPTJAdapter(DecoderAdapter):
     def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
         a = layer.attn
         h = layer.ln_1(x)
-        q = heads_view(a.q_proj(h), self.n_heads, self.head_dim)  # [1, C, H, D]
-        k = heads_view(a.k_proj(h), self.n_heads, self.head_dim)
-        v = heads_view(a.v_proj(h), self.n_heads, self.head_dim)
+        q, k, v = self.project_qkv(a, h)  # [1, C, H or Hkv, D]
         return x + a.out_proj(self.attend(lc, plan, q, k, v)) + layer.mlp(h)
 
     def head(self, x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, StepPlan
 from .base import register
-from .decoder import DecoderAdapter, heads_view
+from .decoder import DecoderAdapter
 
 
 @register
@@ -27,9 +27,7 @@ class PhiAdapter(DecoderAdapter):
     def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = heads_view(a.q_proj(h), self.n_heads, self.head_dim)     # [1, C, H, D]
-        k = heads_view(a.k_proj(h), self.n_kv_heads, self.head_dim)  # [1, C, Hkv, D]
-        v = heads_view(a.v_proj(h), self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(a, h)  # [1, C, H or Hkv, D]
         if a.qk_layernorm:
             q, k = a.q_layernorm(q), a.k_layernorm(k)
         return x + a.dense(self.attend(lc, plan, q, k, v)) + layer.mlp(h)
