@@ -101,6 +101,8 @@ class BenchSpec:
     middle_top_k: int = 0
     middle_from_layer: int = 4
     middle_distance: int | None = None
+    middle_blocks: int = 32
+    middle_dtype: str = "auto"
     seed: int = 0
 
 
@@ -229,7 +231,7 @@ def run_one(spec: BenchSpec) -> RunResult:
             from .cache import LambdaSettings
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
                                                 spec.limit_distance, spec.middle_top_k, spec.middle_from_layer,
-                                                spec.middle_distance)
+                                                spec.middle_distance, spec.middle_blocks, spec.middle_dtype)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):
@@ -249,7 +251,7 @@ def run_one(spec: BenchSpec) -> RunResult:
             result.kv_cache_bytes = state.cache.nbytes
             result.extra = {"n_local": settings.n_local, "n_global": settings.n_global,
                             "limit_distance": settings.limit_distance, "chunk_size": engine.chunk_size,
-                            "middle_top_k": settings.middle_top_k,
+                            "middle_top_k": settings.middle_top_k, "middle_blocks": settings.middle_blocks,
                             "middle_store_bytes": state.cache.middle_nbytes}
         else:
             model = lm.model

@@ -26,6 +26,8 @@ from .attention import NEG_INF, Rope, lambda_attention, merge_extra_keys
 from .errors import UsageError
 from .retrieval import MiddleStore
 
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 @dataclass(frozen=True)
 class LambdaSettings:
@@ -39,11 +41,28 @@ class LambdaSettings:
     middle_from_layer: int = 4
     middle_distance: int = 0
     middle_block: int = 64
+    middle_blocks: int = 32         # blocks each head reads per search; 0 = exact search of the whole store
+    middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
+
+    @property
+    def layout(self) -> dict[str, object]:
+        """The settings that decide what a cache holds (the rest only steer retrieval and can change)."""
+        keep = self.middle_top_k > 0
+        return {"n_global": self.n_global, "n_local": self.n_local, "limit_distance": self.limit_distance,
+                "middle stores": keep, "middle_from_layer": self.middle_from_layer if keep else None,
+                "middle_block": self.middle_block if keep else None}
+
+    def store_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The middle store's precision for a model computing in `model_dtype`."""
+        if self.middle_dtype == "auto":
+            return torch.float16 if model_dtype == torch.float32 else model_dtype
+        return STORE_DTYPES[self.middle_dtype]
 
     @classmethod
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
                   limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
-                  middle_distance: int | None = None) -> LambdaSettings:
+                  middle_distance: int | None = None, middle_blocks: int = 32,
+                  middle_dtype: str = "auto") -> LambdaSettings:
         """Paper defaults (n_local = L = trained length, n_global = 100), validated.
 
         The middle insertion distance defaults to half the window: retrieved
@@ -65,11 +84,16 @@ class LambdaSettings:
             raise UsageError(f"--middle-top-k must be zero or more, got {middle_top_k}")
         if middle_from_layer < 0:
             raise UsageError(f"--middle-from-layer must be zero or more, got {middle_from_layer}")
+        if middle_blocks < 0:
+            raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {middle_blocks}")
+        if middle_dtype != "auto" and middle_dtype not in STORE_DTYPES:
+            raise UsageError(f"--middle-dtype must be auto, {', '.join(STORE_DTYPES)}; got '{middle_dtype}'")
         distance = local // 2 if middle_distance is None else middle_distance
         if not 0 <= distance <= limit:
             raise UsageError(f"--middle-distance must be between 0 and --limit-distance ({limit}), got {distance}")
         return cls(n_global=glob, n_local=local, limit_distance=limit, middle_top_k=middle_top_k,
-                   middle_from_layer=middle_from_layer, middle_distance=distance)
+                   middle_from_layer=middle_from_layer, middle_distance=distance, middle_blocks=middle_blocks,
+                   middle_dtype=middle_dtype)
 
 
 @dataclass
@@ -182,7 +206,8 @@ class LayerCache:
         g = h // lse.shape[1]
         last_lse = lse.view(b, lse.shape[1], g, c)[0, :, :, -1].reshape(h)      # [H], head = kv * g + gi
         q_ins = rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)             # [H, D]
-        scores, _, values = self.middle.top_k(q_ins, self.owner.settings.middle_top_k, g)
+        s = self.owner.settings
+        scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks)
         out = out.clone()
         out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * scale, values)
         return out
@@ -216,7 +241,7 @@ class LambdaCache:
                  fused: bool = True, rebase_every: int | None = None, softcap: float | None = None,
                  layer_windows: Sequence[int | None] | None = None,
                  layer_devices: list[torch.device] | None = None,
-                 store_device: torch.device | str = "cpu", store_dtype: torch.dtype | None = None) -> None:
+                 store_device: torch.device | str = "cpu") -> None:
         if max_chunk <= 0:
             raise UsageError(f"--chunk-size must be a positive number of tokens, got {max_chunk}")
         self.settings = settings
@@ -253,7 +278,7 @@ class LambdaCache:
             middle = None
             if settings.middle_top_k and i >= settings.middle_from_layer:
                 middle = MiddleStore(n_kv_heads, head_dim, settings.middle_block, dev, torch.device(store_device),
-                                     store_dtype or dtype)
+                                     settings.store_dtype(dtype))
             self.layers.append(LayerCache(self, n_kv_heads, head_dim, dev, dtype, middle, index=i))
         self.has_middle = any(layer.middle is not None for layer in self.layers)
         self._stores_from = settings.middle_from_layer
@@ -269,10 +294,11 @@ class LambdaCache:
         """Bytes of the middle stores (grows with the stream; off the fast device)."""
         return sum(layer.middle_nbytes for layer in self.layers)
 
-    def set_retrieval(self, top_k: int, from_layer: int | None = None, distance: int | None = None) -> None:
+    def set_retrieval(self, top_k: int, from_layer: int | None = None, distance: int | None = None,
+                      blocks: int | None = None) -> None:
         """Change top-k retrieval for the rows still to come; 0 switches it off.
 
-        Everything else in the cache is independent of these three, so one encoded
+        Everything else in the cache is independent of these four, so one encoded
         stream can be asked under several retrieval settings (checkpoint, ask, restore).
         Stores exist only for the layers chosen when the cache was made.
         """
@@ -286,7 +312,11 @@ class LambdaCache:
         distance = s.middle_distance if distance is None else distance
         if not 0 <= distance <= s.limit_distance:
             raise UsageError(f"--middle-distance must be between 0 and {s.limit_distance}, got {distance}")
-        self.settings = replace(s, middle_top_k=top_k, middle_from_layer=from_layer, middle_distance=distance)
+        blocks = s.middle_blocks if blocks is None else blocks
+        if blocks < 0:
+            raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {blocks}")
+        self.settings = replace(s, middle_top_k=top_k, middle_from_layer=from_layer, middle_distance=distance,
+                                middle_blocks=blocks)
 
     @property
     def max_relative_position(self) -> int:

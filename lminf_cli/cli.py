@@ -96,6 +96,12 @@ MiddleLayerOpt = Annotated[int, typer.Option(
     "--middle-from-layer", help="Retrieval: first layer that retrieves (paper: 4).")]
 MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
     "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: n_local/2].")]
+MiddleBlocksOpt = Annotated[int, typer.Option(
+    "--middle-blocks", help="Retrieval: blocks of 64 middle tokens each head reads per step, chosen by "
+    "their summary keys (fixed cost at any length); 0 = exact search of every stored token.")]
+MiddleDtypeOpt = Annotated[str, typer.Option(
+    "--middle-dtype", help="Retrieval: precision of the middle store in host memory: auto (float16 for a "
+    "float32 model, else the model's), float16, bfloat16, float32.")]
 
 
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
@@ -118,12 +124,17 @@ class EngineOptions:
     middle_top_k: MiddleTopKOpt = 0
     middle_from_layer: MiddleLayerOpt = 4
     middle_distance: MiddleDistanceOpt = None
+    middle_blocks: MiddleBlocksOpt = 32
+    middle_dtype: MiddleDtypeOpt = "auto"
     quiet: QuietOpt = False
 
     def check(self) -> None:
         """Fail fast on bad values, before the (slow) model load."""
         _check_positive("--middle-top-k", self.middle_top_k, allow_zero=True)
         _check_positive("--middle-from-layer", self.middle_from_layer, allow_zero=True)
+        _check_positive("--middle-blocks", self.middle_blocks, allow_zero=True)
+        if self.middle_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise UsageError(f"--middle-dtype must be auto, float16, bfloat16 or float32; got '{self.middle_dtype}'")
         _check_positive("--n-local", self.n_local)
         _check_positive("--n-global", self.n_global, allow_zero=True)
         _check_positive("--limit-distance", self.limit_distance)
@@ -139,7 +150,8 @@ class EngineOptions:
         with status("Loading model", o.quiet):
             lm = load_model(o.model, o.device, o.dtype)
         settings = LambdaSettings.for_model(lm.adapter.trained_length, o.n_global, o.n_local, o.limit_distance,
-                                            o.middle_top_k, o.middle_from_layer, o.middle_distance)
+                                            o.middle_top_k, o.middle_from_layer, o.middle_distance,
+                                            o.middle_blocks, o.middle_dtype)
         return Engine(lm, settings, chunk_size=o.chunk_size)
 
 
@@ -161,7 +173,7 @@ class SamplingOptions:
         return params
 
 
-RETRIEVAL = ("middle_top_k", "middle_from_layer", "middle_distance")
+RETRIEVAL = ("middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype")
 
 
 def with_options(group: type, name: str, exclude: Sequence[str] = ()) -> Callable[[Callable], Callable]:

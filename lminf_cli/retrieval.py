@@ -2,17 +2,24 @@
 
 Tokens that leave the local window and are not among the first n_global land
 in a per-layer `MiddleStore`: unrotated keys and values kept off the hot path
-(host memory by default, optionally float16), in blocks of `block` tokens with
-per-block, per-dim min/max summary keys on the fast device.
+(host memory, float16 by default), in blocks of `block` tokens with per-block,
+per-dim min/max summary keys on the fast device.
 
 For the query being generated, the k middle tokens with the highest score
-q_d . k (q rotated to the insertion distance d) are found exactly.  A block's
-summary bounds the best score any of its tokens can reach (sum over dims of
-max(q*kmax, q*kmin)); the few best-bound blocks are scored first, and when
-their k-th best score beats every other bound nothing else is read.  Otherwise
-a single batched matmul over the store settles it (an earlier block-by-block
-walk cost ~7 ms per layer at 8k stored tokens: bounds in 64 dimensions are
-loose).  Only the chosen tokens move to the fast device.
+q_d . k (q rotated to the insertion distance d) are wanted.  A block's summary
+bounds the best score any of its tokens can reach (sum over dims of
+max(q*kmax, q*kmin), as in Quest).  Two searches:
+
+* bounded (`max_blocks` > 0, the default): each head reads only its
+  `max_blocks` best-bound blocks and takes the exact top-k among their tokens.
+  The cost per step is fixed whatever the length (bounds over every block are a
+  few flops per block); a token is missed only when its block's bound ranks
+  below `max_blocks` others, which the passkey grid measures.
+* exact (`max_blocks` = 0): the few best-bound blocks first, and when their
+  k-th best score beats every other bound nothing else is read; otherwise one
+  batched matmul over the store settles it.
+
+Only the chosen tokens move to the fast device.
 """
 
 from __future__ import annotations
@@ -100,22 +107,20 @@ class MiddleStore:
         self.kmin = torch.cat([self.kmin[:, :first], lo], dim=1)
         self.kmax = torch.cat([self.kmax[:, :first], hi], dim=1)
 
-    def top_k(self, q: Tensor, k: int, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact top-k middle tokens for queries q [H, D] (already rotated and scaled).
+    def top_k(self, q: Tensor, k: int, groups: int, max_blocks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k middle tokens for queries q [H, D] (already rotated and scaled).
 
-        Returns (scores [H, k'], keys [H, k', D], values [H, k', D]) on the fast
-        device, k' = min(k, stored tokens); heads h share KV head h // groups.
-
-        First the few blocks with the best bounds are scored exactly; when their
-        k-th best score beats every other block's bound that is the answer (a
-        small read).  Otherwise one batched matmul over the whole store decides:
-        the cost is capped at a single scan, never a block-by-block walk.
+        Returns (scores [H, k'], keys [H, k', D], values [H, k', D]) as float32
+        on the fast device, k' = min(k, stored tokens); heads h share KV head
+        h // groups.  `max_blocks` > 0 reads at most that many blocks per head
+        (bounded, approximate); 0 gives the exact answer (see the module note).
         """
         h = q.shape[0]
         k = min(k, self.length)
         qf = q.float()
         nb = self.n_blocks
-        m = min(nb, -(-k // self.block) + 1)
+        bounded = 0 < max_blocks < nb
+        m = max_blocks if bounded else min(nb, -(-k // self.block) + 1)
         if m < nb:
             kv_of = torch.arange(h, device=q.device) // groups                        # [H]
             # Best score any token of a block can reach, per head: [H, nb].
@@ -126,12 +131,12 @@ class MiddleStore:
             valid = tok < self.length                                               # [H, m*B]
             tok = tok.clamp(max=self.length - 1)
             keys = self._gather(self.k, kv_of, tok)                                 # [H, m*B, D]
-            scores = torch.einsum("hd,hnd->hn", qf, keys.float()).masked_fill(~valid, float("-inf"))
+            scores = torch.einsum("hd,hnd->hn", qf, keys).masked_fill(~valid, float("-inf"))
             best = torch.topk(scores, k, dim=1)
-            if bool((best.values[:, -1] >= top_bounds[:, m]).all()):
+            if bounded or bool((best.values[:, -1] >= top_bounds[:, m]).all()):
                 self.reads["blocks"] += m * h
-                idx = tok.gather(1, best.indices)                                   # [H, k] store positions
-                return best.values, self._gather(self.k, kv_of, idx), self._gather(self.v, kv_of, idx)
+                idx = best.indices[:, :, None].expand(h, k, self.head_dim)           # [H, k, D]
+                return best.values, keys.gather(1, idx), self._gather(self.v, kv_of, tok.gather(1, best.indices))
         self.reads["scans"] += 1
         return self._scan(qf, k, groups)
 
@@ -140,16 +145,18 @@ class MiddleStore:
         h, d = qf.shape
         hkv, n = self.n_kv_heads, self.length
         keys, values = self.k[:, :n], self.v[:, :n]                                  # [Hkv, n, D]
+        if self.store_device.type == "cpu":  # CPU half-precision matmuls are slow and imprecise
+            keys = keys.float()
         qs = qf.to(self.store_device, keys.dtype).view(hkv, groups, d)              # [Hkv, g, D]
         scores = torch.matmul(qs, keys.transpose(1, 2)).float()                     # [Hkv, g, n]
         best = torch.topk(scores, k, dim=-1)                                        # [Hkv, g, k]
         idx = best.indices.reshape(hkv, groups * k, 1).expand(hkv, groups * k, d)   # [Hkv, g*k, D]
         sel_k = torch.gather(keys, 1, idx).view(h, k, d)                            # [H, k, D]
         sel_v = torch.gather(values, 1, idx).view(h, k, d)
-        return (best.values.view(h, k).to(self.fast_device), sel_k.to(self.fast_device),
-                sel_v.to(self.fast_device))
+        return (best.values.view(h, k).to(self.fast_device), sel_k.to(self.fast_device, torch.float32),
+                sel_v.to(self.fast_device, torch.float32))
 
     def _gather(self, store: Tensor, kv_of: Tensor, tok: Tensor) -> Tensor:
-        """store[kv_of[h], tok[h, j]] -> [H, n, D] on the fast device, moving only those rows."""
+        """store[kv_of[h], tok[h, j]] -> float32 [H, n, D] on the fast device, moving only those rows."""
         kv = kv_of.to(self.store_device)[:, None].expand_as(tok)
-        return store[kv, tok.to(self.store_device)].to(self.fast_device)
+        return store[kv, tok.to(self.store_device)].to(self.fast_device, torch.float32)

@@ -92,12 +92,15 @@ class StateHeader:
     middle_from_layer: int = 4
     middle_distance: int = 0
     middle_block: int = 64
+    middle_blocks: int = 32
+    middle_dtype: str = "auto"
 
     @property
     def settings(self) -> LambdaSettings:
         """The attention settings the state was encoded with."""
         return LambdaSettings(self.n_global, self.n_local, self.limit_distance, self.middle_top_k,
-                              self.middle_from_layer, self.middle_distance, self.middle_block)
+                              self.middle_from_layer, self.middle_distance, self.middle_block,
+                              self.middle_blocks, self.middle_dtype)
 
     def to_json(self) -> str:
         """The header as one JSON object."""
@@ -118,7 +121,8 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
         prompt_fingerprint=prompt_fingerprint, document_name=document_name, document_sha256=document_sha256,
         document_tokens=document_tokens, document_characters=document_characters, document_pages=document_pages,
         notes=list(notes or []), tail=tail, middle_top_k=s.middle_top_k, middle_from_layer=s.middle_from_layer,
-        middle_distance=s.middle_distance, middle_block=s.middle_block)
+        middle_distance=s.middle_distance, middle_block=s.middle_block, middle_blocks=s.middle_blocks,
+        middle_dtype=s.middle_dtype)
 
 
 def _views(header: StateHeader) -> tuple[int, int]:
@@ -198,11 +202,11 @@ def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: st
         raise InputError(f"{name} was encoded by another model ({header.model_name}, fingerprint "
                          f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}); "
                          "load that model with --model")
-    if header.settings != engine.settings:
-        s, e = header.settings, engine.settings
-        raise InputError(f"{name} was encoded with n_global={s.n_global}, n_local={s.n_local}, "
-                         f"limit_distance={s.limit_distance}; these options ask for n_global={e.n_global}, "
-                         f"n_local={e.n_local}, limit_distance={e.limit_distance}")
+    s, e = header.settings.layout, engine.settings.layout
+    if s != e:
+        diff = [k for k in s if s[k] != e[k]]
+        raise InputError(f"{name} was encoded with " + ", ".join(f"{k}={s[k]}" for k in diff)
+                         + "; these options ask for " + ", ".join(f"{k}={e[k]}" for k in diff))
     if header.prompt_fingerprint != prompt_fingerprint:
         raise InputError(f"{name} was encoded with another prompt layout (another lminf version or chat "
                          "template); encode the document again")
@@ -239,8 +243,9 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
                 if layer.middle is not None:
                     n_mid = max(0, header.length - header.n_local - header.n_global)
                     shape = (cache.n_kv_heads, n_mid, cache.head_dim)
-                    mk = _tensor(f, keys, f"layers.{i}.middle_k", shape, layer.middle.dtype, name)
-                    mv = _tensor(f, keys, f"layers.{i}.middle_v", shape, layer.middle.dtype, name)
+                    # Any float precision: a store written on a GPU (bfloat16) loads into a CPU one (float16).
+                    mk = _tensor(f, keys, f"layers.{i}.middle_k", shape, None, name)
+                    mv = _tensor(f, keys, f"layers.{i}.middle_v", shape, None, name)
                     layer.middle.append(mk, mv)
     except SafetensorError as exc:
         raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
@@ -250,14 +255,15 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
     return State(cache, logits.to(device=engine.lm.device, dtype=engine.lm.dtype), metrics)
 
 
-def _tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...] | None, dtype: torch.dtype,
+def _tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...] | None, dtype: torch.dtype | None,
             name: str) -> Tensor:
     if key not in keys:
         raise InputError(f"{name} is missing tensor '{key}' (truncated or damaged)")
     t = f.get_tensor(key)
-    if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
+    want = dtype if dtype is not None else (t.dtype if t.is_floating_point() else torch.float32)
+    if t.dtype != want or (shape is not None and tuple(t.shape) != shape):
         raise InputError(f"{name}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
-                         f"expected {str(dtype).removeprefix('torch.')} {shape}")
+                         f"expected {str(want).removeprefix('torch.')} {shape}")
     return t
 
 

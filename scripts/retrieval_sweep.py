@@ -11,8 +11,9 @@ checkpoint.  tests/test_retrieval.py checks that this equals a fresh
     PYTHONPATH=. python scripts/retrieval_sweep.py --lengths 8k,16k,32k \\
         --configs off,5@4:4096,16@4:4096,64@4:4096,5@2:4096,5@8:4096,5@4:1024,5@4:8192 --out out/sweep.jsonl
 
-A setting is K@L0:D: K middle tokens per head, from layer L0, scored at insertion
-distance D ("off": Λ-attention alone).  Results go to a JSON-lines file; a
+A setting is K@L0:D[/B]: K middle tokens per head, from layer L0, scored at
+insertion distance D, searching B blocks per head (0: exact search; default:
+the engine's) ("off": Λ-attention alone).  Results go to a JSON-lines file; a
 Markdown table (accuracy per length and setting) is printed at the end.
 """
 
@@ -32,13 +33,14 @@ from lminf_cli.state_io import Checkpoint
 from lminf_cli.units import format_length, parse_lengths
 
 
-def parse_config(text: str) -> tuple[int, int, int]:
-    """'off' -> (0, 0, 0); 'K@L0:D' -> (K, L0, D)."""
+def parse_config(text: str) -> tuple[int, int, int, int | None]:
+    """'off' -> (0, 0, 0, None); 'K@L0:D' -> (K, L0, D, None); 'K@L0:D/B' -> (K, L0, D, B)."""
     if text == "off":
-        return 0, 0, 0
+        return 0, 0, 0, None
     k, rest = text.split("@")
     layer, dist = rest.split(":")
-    return int(k), int(layer), int(dist)
+    dist, _, blocks = dist.partition("/")
+    return int(k), int(layer), int(dist), int(blocks) if blocks else None
 
 
 def main() -> None:
@@ -50,6 +52,9 @@ def main() -> None:
     ap.add_argument("--configs", default="off,5@4:4096")
     ap.add_argument("--model", default=None)
     ap.add_argument("--n-local", type=int, default=None, help="window [default: the trained length]")
+    ap.add_argument("--limit-distance", type=int, default=None, help="distance cap [default: the trained length]")
+    ap.add_argument("--n-global", type=int, default=None)
+    ap.add_argument("--middle-dtype", default="auto", help="store precision (auto: float16 for a float32 model)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     configs = [(c, *parse_config(c)) for c in a.configs.split(",")]
@@ -57,8 +62,10 @@ def main() -> None:
     tok = lm.tokenizer
     on = [c for c in configs if c[1]]
     settings = LambdaSettings.for_model(lm.adapter.trained_length, n_local=a.n_local,
+                                        limit_distance=a.limit_distance, n_global=a.n_global,
                                         middle_top_k=max((c[1] for c in on), default=0),
-                                        middle_from_layer=min((c[2] for c in on), default=4))
+                                        middle_from_layer=min((c[2] for c in on), default=4),
+                                        middle_dtype=a.middle_dtype)
     engine = Engine(lm, settings)
     chunk = engine.chunk_size
     rows = []
@@ -75,14 +82,16 @@ def main() -> None:
                     engine.encode(p.ids[:cut], state=state)
                     prefix_s = time.perf_counter() - t0
                     mark = Checkpoint(state, budget=len(p.ids) - cut + ev.PASSKEY_NEW_TOKENS + 1)
-                    for name, k, layer, dist in configs:
-                        state.cache.set_retrieval(k, layer or None, dist or None)
+                    for name, k, layer, dist, blocks in configs:
+                        state.cache.set_retrieval(k, layer or None, dist or None, blocks)
                         steps_before = len(state.metrics.step_seconds)
                         t1 = time.perf_counter()
                         engine.encode(p.ids[cut:], state=state)
                         answer = ev.read_answer(engine.generate(state, ev.PASSKEY_NEW_TOKENS, SamplingParams()), tok)
                         steps = state.metrics.step_seconds[steps_before:]
-                        row = {"config": name, "n_local": settings.n_local, "length": n, "tokens": len(p.ids),
+                        row = {"config": name, "n_local": settings.n_local, "limit": settings.limit_distance,
+                               "n_global": settings.n_global, "blocks": state.cache.settings.middle_blocks,
+                               "store_dtype": settings.middle_dtype, "length": n, "tokens": len(p.ids),
                                "depth": d, "sample": sample,
                                "key": key, "answer": answer, "correct": ev.first_integer(answer) == key,
                                "prefix_seconds": round(prefix_s, 2), "seconds": round(time.perf_counter() - t1, 2),

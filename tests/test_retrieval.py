@@ -57,7 +57,9 @@ def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
     lm = from_hf(model, None)
     settings = LambdaSettings.for_model(16, n_global=3, n_local=8, limit_distance=12, middle_top_k=5,
                                         middle_from_layer=1, middle_distance=4)
-    settings = LambdaSettings(**{**settings.__dict__, "middle_block": 4})  # many blocks: exercise the bounds
+    # Many blocks (exercise the bounds), exact search, a float32 store: the rule itself, to 1e-4.
+    settings = LambdaSettings(**{**settings.__dict__, "middle_block": 4, "middle_blocks": 0,
+                                 "middle_dtype": "float32"})
     ids = torch.randint(0, 97, (1, 120)).to(DEVICE)
     prompt, n_decode = 100, 20
     ref, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 1, 4, rows=list(range(prompt - 1, 120)))
@@ -123,6 +125,58 @@ def test_store_top_k_is_exact_and_reads_few_blocks():
     assert sharp.reads == {"blocks": 8, "scans": 0}
 
 
+def test_bounded_search_reads_at_most_its_blocks_and_is_exact_within_them():
+    torch.manual_seed(1)
+    store = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                        dtype=torch.float32)
+    keys = torch.randn(2, 2000, 16)
+    store.append(keys, keys * 3)
+    nb = store.n_blocks
+    for trial in range(10):
+        q = torch.randn(4, 16) * (1 + trial)
+        scores, k, v = store.top_k(q, 5, groups=2, max_blocks=6)
+        kv = torch.arange(4) // 2
+        # Reference: the 6 best-bound blocks of each head, then the exact top-5 among their tokens.
+        bound = torch.maximum(q[:, None] * store.kmax[kv], q[:, None] * store.kmin[kv]).sum(-1)   # [4, nb]
+        for h in range(4):
+            blocks = torch.topk(bound[h], 6).indices
+            toks = (blocks[:, None] * 32 + torch.arange(32)).flatten()
+            ref = torch.topk(keys[kv[h], toks] @ q[h], 5).values
+            assert torch.allclose(scores[h], ref, atol=1e-5)
+        assert torch.allclose(torch.einsum("hd,hkd->hk", q, k), scores, atol=1e-4) and torch.allclose(v, 3 * k)
+    assert store.reads == {"blocks": 10 * 4 * 6, "scans": 0} and nb == 63  # never a scan
+    # A standout key sits in a block whose bound ranks first: the bounded search finds it.
+    keys[1, 1234] *= 10
+    sharp = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                        dtype=torch.float32)
+    sharp.append(keys, keys)
+    scores, k, _ = sharp.top_k(keys[1, 1234].expand(4, 16), 1, groups=2, max_blocks=2)
+    assert torch.equal(k[2, 0], keys[1, 1234]) and torch.equal(k[3, 0], keys[1, 1234])
+
+
+def test_half_precision_store_halves_the_bytes_and_returns_float32():
+    torch.manual_seed(2)
+    keys = torch.randn(2, 500, 16)
+    full, half = (MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                              dtype=dt) for dt in (torch.float32, torch.float16))
+    for s in (full, half):
+        s.append(keys, -keys)
+    assert half.store_nbytes * 2 == full.store_nbytes
+    q = torch.randn(4, 16)
+    for blocks in (0, 4):
+        (s32, k32, v32), (s16, k16, v16) = full.top_k(q, 5, 2, blocks), half.top_k(q, 5, 2, blocks)
+        assert k16.dtype == v16.dtype == s16.dtype == torch.float32
+        assert torch.allclose(s16, s32, atol=1e-2) and torch.allclose(k16, k32, atol=1e-2)
+        assert torch.allclose(v16, v32, atol=1e-2)
+    settings = LambdaSettings.for_model(16, middle_top_k=5)
+    assert settings.store_dtype(torch.float32) == torch.float16
+    assert settings.store_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(UsageError, match="--middle-dtype"):
+        LambdaSettings.for_model(16, middle_top_k=5, middle_dtype="int3")
+    with pytest.raises(UsageError, match="--middle-blocks"):
+        LambdaSettings.for_model(16, middle_top_k=5, middle_blocks=-1)
+
+
 def test_store_bytes_stay_off_the_window_cache():
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     settings = LambdaSettings.for_model(16, n_global=2, n_local=8, middle_top_k=3, middle_from_layer=0)
@@ -164,6 +218,17 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
     fresh = list(engine.generate(engine.encode(ids), 12))
     assert list(engine.generate(loaded, 12)) == fresh
     assert list(engine.generate(state, 12)) == fresh
+    assert read_header(tmp_path / "s.lminf").middle_dtype == "auto"
+    assert loaded.cache.layers[1].middle.dtype == torch.float16
+    # A store written in another precision (e.g. bfloat16 on a GPU) loads into this one's.
+    wide = Engine(engine.lm, LambdaSettings(**{**engine.settings.__dict__, "middle_dtype": "float32"}), chunk_size=8)
+    other = wide.encode(ids)
+    save_state(tmp_path / "w.lminf", other, build_header(wide, other, str(tiny_model_dir), "fp", "doc", "sha",
+                                                          150, 600, None))
+    moved = load_state(tmp_path / "w.lminf", engine, read_header(tmp_path / "w.lminf"), "fp")
+    assert moved.cache.layers[1].middle.dtype == torch.float16
+    n = moved.cache.layers[1].middle.length  # loaded has since generated 12 more tokens
+    assert torch.equal(moved.cache.layers[1].middle.k[:, :n], loaded.cache.layers[1].middle.k[:, :n])
 
 
 def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):

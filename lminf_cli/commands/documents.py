@@ -96,12 +96,14 @@ def _open_state(path: str, opts: EngineOptions):
         n_global=header.n_global if opts.n_global is None else opts.n_global,
         limit_distance=header.limit_distance if opts.limit_distance is None else opts.limit_distance,
         middle_top_k=header.middle_top_k, middle_from_layer=header.middle_from_layer,
-        middle_distance=header.middle_distance if header.middle_top_k else None)
+        middle_distance=header.middle_distance if header.middle_top_k else None,
+        middle_blocks=header.middle_blocks, middle_dtype=header.middle_dtype)
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     with status("Loading state", opts.quiet):
         state = load_state(path, engine, header, fmt.fingerprint)
     if opts.middle_top_k:  # asked for retrieval on a state: only where its stores allow
-        state.cache.set_retrieval(opts.middle_top_k, opts.middle_from_layer, opts.middle_distance)
+        state.cache.set_retrieval(opts.middle_top_k, opts.middle_from_layer, opts.middle_distance,
+                                  opts.middle_blocks)
     return engine, EncodedDocument(state, fmt, header)
 
 

@@ -245,7 +245,8 @@ def passkey(
                   "trained_length": engine.adapter.trained_length,
                   "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
                                "chunk_size": engine.chunk_size, "middle_top_k": s.middle_top_k,
-                               "middle_from_layer": s.middle_from_layer, "middle_distance": s.middle_distance}},
+                               "middle_from_layer": s.middle_from_layer, "middle_distance": s.middle_distance,
+                               "middle_blocks": s.middle_blocks, "middle_dtype": s.middle_dtype}},
             lengths=lens, depths=deps)
         if not no_lminf:
             with encode_progress(opts.quiet, "LM-Infinite") as progress:
