@@ -103,6 +103,7 @@ class BenchSpec:
     middle_distance: int | None = None
     middle_blocks: int = 32
     middle_dtype: str = "auto"
+    retrieval: bool = False
     seed: int = 0
 
 
@@ -231,7 +232,8 @@ def run_one(spec: BenchSpec) -> RunResult:
             from .cache import LambdaSettings
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
                                                 spec.limit_distance, spec.middle_top_k, spec.middle_from_layer,
-                                                spec.middle_distance, spec.middle_blocks, spec.middle_dtype)
+                                                spec.middle_distance, spec.middle_blocks, spec.middle_dtype,
+                                                spec.retrieval)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):

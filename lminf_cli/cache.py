@@ -26,6 +26,7 @@ from .attention import NEG_INF, Rope, lambda_attention, merge_extra_keys
 from .errors import UsageError
 from .retrieval import MiddleStore
 
+RETRIEVAL_TOP_K = 5  # the paper's k; the passkey grid found no gain from more
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -62,12 +63,19 @@ class LambdaSettings:
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
                   limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
                   middle_distance: int | None = None, middle_blocks: int = 32,
-                  middle_dtype: str = "auto") -> LambdaSettings:
+                  middle_dtype: str = "auto", retrieval: bool = False) -> LambdaSettings:
         """Paper defaults (n_local = L = trained length, n_global = 100), validated.
 
-        The middle insertion distance defaults to half the window: retrieved
-        tokens read as if they sat well inside the trained range.
+        `retrieval` turns on the measured retrieval recipe (docs/results.md): top-k 5
+        and a window and distance cap of L/2, where the model itself still reads
+        reliably (with a full L window it already misses keys in plain view).
+        The middle insertion distance defaults to L/8: retrieved tokens read as
+        close, recent text (at L/4 and beyond the embedded model stopped using them).
+        Explicit values override the recipe.
         """
+        if retrieval:
+            limit_distance = trained_length // 2 if limit_distance is None else limit_distance
+            middle_top_k = middle_top_k or RETRIEVAL_TOP_K
         limit = trained_length if limit_distance is None else limit_distance
         if limit <= 0:
             raise UsageError(f"--limit-distance must be a positive number of tokens, got {limit}")
@@ -88,7 +96,7 @@ class LambdaSettings:
             raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {middle_blocks}")
         if middle_dtype != "auto" and middle_dtype not in STORE_DTYPES:
             raise UsageError(f"--middle-dtype must be auto, {', '.join(STORE_DTYPES)}; got '{middle_dtype}'")
-        distance = local // 2 if middle_distance is None else middle_distance
+        distance = min(trained_length // 8, limit) if middle_distance is None else middle_distance
         if not 0 <= distance <= limit:
             raise UsageError(f"--middle-distance must be between 0 and --limit-distance ({limit}), got {distance}")
         return cls(n_global=glob, n_local=local, limit_distance=limit, middle_top_k=middle_top_k,

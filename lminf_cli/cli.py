@@ -89,13 +89,18 @@ LimitOpt = Annotated[Optional[int], typer.Option(
 ChunkOpt = Annotated[Optional[int], typer.Option(
     "--chunk-size", help="Tokens per prefill forward pass [default: 256 on CPU, 512 on GPU].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+RetrievalOpt = Annotated[bool, typer.Option(
+    "--retrieval", help="Find facts anywhere in a long document: top-k retrieval of middle tokens with the "
+    "measured recipe (top-k 5, window and distance cap of half the trained length); the --middle-* and "
+    "window options still override it. Keeps the document's middle in host memory (float16).")]
 MiddleTopKOpt = Annotated[int, typer.Option(
     "--middle-top-k", help="Retrieval: the token being generated also attends to the K best-matching "
     "middle tokens (beyond the window); 0 = off.")]
 MiddleLayerOpt = Annotated[int, typer.Option(
     "--middle-from-layer", help="Retrieval: first layer that retrieves (paper: 4).")]
 MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
-    "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: n_local/2].")]
+    "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: trained "
+    "length / 8].")]
 MiddleBlocksOpt = Annotated[int, typer.Option(
     "--middle-blocks", help="Retrieval: blocks of 64 middle tokens each head reads per step, chosen by "
     "their summary keys (fixed cost at any length); 0 = exact search of every stored token.")]
@@ -121,6 +126,7 @@ class EngineOptions:
     n_global: NGlobalOpt = None
     limit_distance: LimitOpt = None
     chunk_size: ChunkOpt = None
+    retrieval: RetrievalOpt = False
     middle_top_k: MiddleTopKOpt = 0
     middle_from_layer: MiddleLayerOpt = 4
     middle_distance: MiddleDistanceOpt = None
@@ -151,7 +157,7 @@ class EngineOptions:
             lm = load_model(o.model, o.device, o.dtype)
         settings = LambdaSettings.for_model(lm.adapter.trained_length, o.n_global, o.n_local, o.limit_distance,
                                             o.middle_top_k, o.middle_from_layer, o.middle_distance,
-                                            o.middle_blocks, o.middle_dtype)
+                                            o.middle_blocks, o.middle_dtype, o.retrieval)
         return Engine(lm, settings, chunk_size=o.chunk_size)
 
 
@@ -173,7 +179,7 @@ class SamplingOptions:
         return params
 
 
-RETRIEVAL = ("middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype")
+RETRIEVAL = ("retrieval", "middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype")
 
 
 def with_options(group: type, name: str, exclude: Sequence[str] = ()) -> Callable[[Callable], Callable]:

@@ -71,6 +71,13 @@ def test_bench_json_and_table_on_tiny_model(tiny_model_dir):
     table = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--length", "64", "--decode-tokens", "2",
                                 "--no-baseline", "--quiet"])
     assert table.exit_code == 0 and "lminf" in table.stdout and "baseline" not in table.stdout
+    # The retrieval recipe reaches the engine: half-L window, top-k 5, a middle store that is reported.
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--length", "160", "--decode-tokens", "2",
+                            "--no-baseline", "--retrieval", "--middle-from-layer", "0", "--json", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    extra = json.loads(r.stdout)["results"][0]["extra"]
+    assert (extra["n_local"], extra["limit_distance"], extra["middle_top_k"]) == (32, 32, 5)
+    assert extra["middle_store_bytes"] > 0
 
 
 def test_failed_cells_are_reported_and_the_run_goes_on():

@@ -163,10 +163,21 @@ def test_retrieval_in_ask_and_through_a_saved_state(files, tiny_model_dir, tmp_p
     assert invoke(["ask", path, *q, "--middle-top-k", "0"]).stdout == saved.stdout  # 0: the state's own
 
 
-def test_retrieval_on_a_state_without_stores_is_refused(state):
-    r = invoke(["ask", state, "Who keeps the lighthouse?", "--middle-top-k", "3"])
+def test_retrieval_recipe_is_its_options(files, tiny_model_dir):
+    # --retrieval on a model trained on 64 tokens: top-k 5, window and cap 32, insertion distance 8.
+    q = ["Who keeps the lighthouse?", *SHORT, "--model", tiny_model_dir, "--middle-from-layer", "0"]
+    recipe = invoke(["ask", files / "doc.txt", *q, "--retrieval"])
+    spelled = invoke(["ask", files / "doc.txt", *q, "--middle-top-k", "5", "--n-local", "32",
+                      "--limit-distance", "32", "--middle-distance", "8"])
+    assert recipe.exit_code == spelled.exit_code == 0, recipe.stderr
+    assert recipe.stdout == spelled.stdout and recipe.stdout.strip()
+
+
+@pytest.mark.parametrize("flag", [["--middle-top-k", "3"], ["--retrieval"]])
+def test_retrieval_on_a_state_without_stores_is_refused(state, flag):
+    r = invoke(["ask", state, "Who keeps the lighthouse?", *flag])
     assert r.exit_code == 2 and r.stdout == ""
-    assert r.stderr.startswith("lminf: error: ") and "middle-top-k" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("lminf: error: ") and "--retrieval" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_info_on_text_pdf_and_state(files, state):

@@ -81,6 +81,8 @@ def open_document(source: Any, opts: EngineOptions, notes: bool | None = False, 
 
 
 def _open_state(path: str, opts: EngineOptions):
+    from ..cache import RETRIEVAL_TOP_K
+    from ..errors import UsageError
     from ..prompts import PromptFormat
     from ..state_io import load_state, read_header
     from ..tasks import EncodedDocument, chunk_size_for
@@ -95,15 +97,18 @@ def _open_state(path: str, opts: EngineOptions):
         n_local=header.n_local if opts.n_local is None else opts.n_local,
         n_global=header.n_global if opts.n_global is None else opts.n_global,
         limit_distance=header.limit_distance if opts.limit_distance is None else opts.limit_distance,
-        middle_top_k=header.middle_top_k, middle_from_layer=header.middle_from_layer,
+        retrieval=False, middle_top_k=header.middle_top_k, middle_from_layer=header.middle_from_layer,
         middle_distance=header.middle_distance if header.middle_top_k else None,
         middle_blocks=header.middle_blocks, middle_dtype=header.middle_dtype)
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     with status("Loading state", opts.quiet):
         state = load_state(path, engine, header, fmt.fingerprint)
-    if opts.middle_top_k:  # asked for retrieval on a state: only where its stores allow
-        state.cache.set_retrieval(opts.middle_top_k, opts.middle_from_layer, opts.middle_distance,
-                                  opts.middle_blocks)
+    if opts.middle_top_k or opts.retrieval:  # asked for retrieval on a state: only where its stores allow
+        if not state.cache.has_middle:
+            raise UsageError(f"{header.document_name}: this state was encoded without retrieval; "
+                             "encode it again with --retrieval (or --middle-top-k)")
+        state.cache.set_retrieval(opts.middle_top_k or RETRIEVAL_TOP_K, opts.middle_from_layer,
+                                  opts.middle_distance, opts.middle_blocks)
     return engine, EncodedDocument(state, fmt, header)
 
 
