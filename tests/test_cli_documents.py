@@ -128,7 +128,13 @@ def test_state_from_another_model_is_refused(state, other_model_dir):
 def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     args = [files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir, *WINDOW, *SHORT]
     text = invoke(["ask", *args])
-    assert text.exit_code == 0 and text.stderr == ""
+    # stderr: one hint, since the document outgrew the window and nothing retrieves (--quiet drops it).
+    assert text.exit_code == 0 and text.stderr.startswith("lminf: ") and text.stderr.count("\n") == 1
+    assert "longer than the 32-token window" in text.stderr and "--retrieval" in text.stderr
+    quiet = invoke(["ask", *args, "--quiet"])
+    assert quiet.stderr == "" and quiet.stdout == text.stdout
+    found = invoke(["ask", *args, "--retrieval", "--middle-from-layer", "0"])
+    assert found.exit_code == 0 and found.stderr == ""
     assert text.stdout.endswith("\n") and text.stdout.strip()
     js = invoke(["ask", *args, "--json"])
     obj = json.loads(js.stdout)
@@ -219,7 +225,7 @@ def test_chat_history_zero_equals_ask(files, tiny_model_dir):
     questions = ["Who keeps the lighthouse?", "What was lost?"]
     args = [files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT]
     r = invoke(["chat", *args, "--history", "0"], input="\n".join(questions) + "\n")
-    assert r.exit_code == 0 and r.stderr == ""
+    assert r.exit_code == 0 and r.stderr.count("\n") == 1 and "--retrieval" in r.stderr  # the hint only
     expected = "".join(invoke(["ask", args[0], q, *args[1:]]).stdout for q in questions)
     assert r.stdout == expected
 
@@ -261,7 +267,7 @@ def _lminf(*args, **kw) -> subprocess.Popen:
 
 def test_ask_on_stdin_in_a_shell_pipeline(files, tiny_model_dir):
     cmd = (f"cat {files / 'doc.txt'} | {sys.executable} -m lminf_cli ask - 'Who keeps the lighthouse?' "
-           f"--model {tiny_model_dir} {' '.join(WINDOW + SHORT)} --json | cat")
+           f"--model {tiny_model_dir} {' '.join(WINDOW + SHORT)} --json --quiet | cat")
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
@@ -271,7 +277,7 @@ def test_ask_on_stdin_in_a_shell_pipeline(files, tiny_model_dir):
 
 
 def test_ask_closed_stdout_ends_quietly(files, tiny_model_dir):
-    p = _lminf("ask", files / "doc.txt", "Tell me everything.", "--model", tiny_model_dir, *WINDOW, "-n", "400",
+    p = _lminf("ask", files / "doc.txt", "Tell me everything.", "--model", tiny_model_dir, *WINDOW, "-n", "400", "-q",
                "--temperature", "1", "--seed", "3", stdout=subprocess.PIPE)
     head = p.stdout.read(3)
     p.stdout.close()

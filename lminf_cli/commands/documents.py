@@ -140,6 +140,14 @@ def _note(message: str, quiet: bool = False) -> None:
         typer.echo(f"lminf: {message}", err=True)
 
 
+def _hint_retrieval(engine: Any, encoded: Any, quiet: bool) -> None:
+    """Say when a question may miss facts: the document outgrew the window and nothing retrieves."""
+    s = encoded.state.cache.settings
+    if not s.middle_top_k and encoded.document_tokens > s.n_global + s.n_local:
+        _note(f"{encoded.header.document_name} ({encoded.document_tokens:,} tokens) is longer than the "
+              f"{s.n_local:,}-token window: facts from its middle may be missed (--retrieval finds them)", quiet)
+
+
 # -- commands -----------------------------------------------------------------
 
 def info(
@@ -260,6 +268,7 @@ def ask(
 
         params = sampling.params()
         engine, encoded = open_document(source, opts)
+        _hint_retrieval(engine, encoded, opts.quiet)
         reply = Reply()
         pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reply)
         if json_out:
@@ -348,6 +357,7 @@ def chat(
 
         params = sampling.params()
         engine, encoded = open_document(source, opts)
+        _hint_retrieval(engine, encoded, opts.quiet)
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
         if tty and not opts.quiet:
