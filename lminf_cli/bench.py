@@ -104,6 +104,7 @@ class BenchSpec:
     middle_blocks: int = 32
     middle_dtype: str = "auto"
     retrieval: bool = False
+    middle_dir: str | None = None
     seed: int = 0
 
 
@@ -233,7 +234,7 @@ def run_one(spec: BenchSpec) -> RunResult:
             settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
                                                 spec.limit_distance, spec.middle_top_k, spec.middle_from_layer,
                                                 spec.middle_distance, spec.middle_blocks, spec.middle_dtype,
-                                                spec.retrieval)
+                                                spec.retrieval, spec.middle_dir)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ class LambdaSettings:
     middle_block: int = 64
     middle_blocks: int = 32         # blocks each head reads per search; 0 = exact search of the whole store
     middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
+    middle_dir: str | None = None   # keep the store in memory-mapped files here instead of RAM
 
     @property
     def layout(self) -> dict[str, object]:
@@ -63,7 +65,8 @@ class LambdaSettings:
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
                   limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
                   middle_distance: int | None = None, middle_blocks: int = 32,
-                  middle_dtype: str = "auto", retrieval: bool = False) -> LambdaSettings:
+                  middle_dtype: str = "auto", retrieval: bool = False,
+                  middle_dir: str | None = None) -> LambdaSettings:
         """Paper defaults (n_local = L = trained length, n_global = 100), validated.
 
         `retrieval` turns on the measured retrieval recipe (docs/results.md): top-k 5
@@ -96,12 +99,14 @@ class LambdaSettings:
             raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {middle_blocks}")
         if middle_dtype != "auto" and middle_dtype not in STORE_DTYPES:
             raise UsageError(f"--middle-dtype must be auto, {', '.join(STORE_DTYPES)}; got '{middle_dtype}'")
+        if middle_dir is not None and not (os.path.isdir(middle_dir) and os.access(middle_dir, os.W_OK | os.X_OK)):
+            raise UsageError(f"--middle-dir: '{middle_dir}' is not a writable directory")
         distance = min(trained_length // 8, limit) if middle_distance is None else middle_distance
         if not 0 <= distance <= limit:
             raise UsageError(f"--middle-distance must be between 0 and --limit-distance ({limit}), got {distance}")
         return cls(n_global=glob, n_local=local, limit_distance=limit, middle_top_k=middle_top_k,
                    middle_from_layer=middle_from_layer, middle_distance=distance, middle_blocks=middle_blocks,
-                   middle_dtype=middle_dtype)
+                   middle_dtype=middle_dtype, middle_dir=middle_dir)
 
 
 @dataclass
@@ -286,7 +291,7 @@ class LambdaCache:
             middle = None
             if settings.middle_top_k and i >= settings.middle_from_layer:
                 middle = MiddleStore(n_kv_heads, head_dim, settings.middle_block, dev, torch.device(store_device),
-                                     settings.store_dtype(dtype))
+                                     settings.store_dtype(dtype), spill_dir=settings.middle_dir)
             self.layers.append(LayerCache(self, n_kv_heads, head_dim, dev, dtype, middle, index=i))
         self.has_middle = any(layer.middle is not None for layer in self.layers)
         self._stores_from = settings.middle_from_layer

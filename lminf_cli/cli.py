@@ -104,6 +104,9 @@ MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
 MiddleBlocksOpt = Annotated[int, typer.Option(
     "--middle-blocks", help="Retrieval: blocks of 64 middle tokens each head reads per step, chosen by "
     "their summary keys (fixed cost at any length); 0 = exact search of every stored token.")]
+MiddleDirOpt = Annotated[Optional[str], typer.Option(
+    "--middle-dir", help="Retrieval: keep the middle store in memory-mapped files in this directory instead of "
+    "RAM (very long inputs; the files are removed when lminf exits).")]
 MiddleDtypeOpt = Annotated[str, typer.Option(
     "--middle-dtype", help="Retrieval: precision of the middle store in host memory: auto (float16 for a "
     "float32 model, else the model's), float16, bfloat16, float32.")]
@@ -132,6 +135,7 @@ class EngineOptions:
     middle_distance: MiddleDistanceOpt = None
     middle_blocks: MiddleBlocksOpt = 32
     middle_dtype: MiddleDtypeOpt = "auto"
+    middle_dir: MiddleDirOpt = None
     quiet: QuietOpt = False
 
     def check(self) -> None:
@@ -141,6 +145,8 @@ class EngineOptions:
         _check_positive("--middle-blocks", self.middle_blocks, allow_zero=True)
         if self.middle_dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"--middle-dtype must be auto, float16, bfloat16 or float32; got '{self.middle_dtype}'")
+        if self.middle_dir is not None and not os.path.isdir(self.middle_dir):
+            raise UsageError(f"--middle-dir: '{self.middle_dir}' is not a directory")
         _check_positive("--n-local", self.n_local)
         _check_positive("--n-global", self.n_global, allow_zero=True)
         _check_positive("--limit-distance", self.limit_distance)
@@ -157,7 +163,7 @@ class EngineOptions:
             lm = load_model(o.model, o.device, o.dtype)
         settings = LambdaSettings.for_model(lm.adapter.trained_length, o.n_global, o.n_local, o.limit_distance,
                                             o.middle_top_k, o.middle_from_layer, o.middle_distance,
-                                            o.middle_blocks, o.middle_dtype, o.retrieval)
+                                            o.middle_blocks, o.middle_dtype, o.retrieval, o.middle_dir)
         return Engine(lm, settings, chunk_size=o.chunk_size)
 
 
@@ -179,7 +185,8 @@ class SamplingOptions:
         return params
 
 
-RETRIEVAL = ("retrieval", "middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype")
+RETRIEVAL = ("retrieval", "middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype",
+             "middle_dir")
 
 
 def with_options(group: type, name: str, exclude: Sequence[str] = ()) -> Callable[[Callable], Callable]:

@@ -2,8 +2,9 @@
 
 Tokens that leave the local window and are not among the first n_global land
 in a per-layer `MiddleStore`: unrotated keys and values kept off the hot path
-(host memory, float16 by default), in blocks of `block` tokens with per-block,
-per-dim min/max summary keys on the fast device.
+(host memory, float16 by default; memory-mapped files for very long inputs),
+in blocks of `block` tokens with per-block, per-dim min/max summary keys on
+the fast device.
 
 For the query being generated, the k middle tokens with the highest score
 q_d . k (q rotated to the insertion distance d) are wanted.  A block's summary
@@ -24,21 +25,49 @@ Only the chosen tokens move to the fast device.
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
+import weakref
+
 import torch
 from torch import Tensor
+
+
+def mapped_zeros(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero tensor backed by a memory-mapped temporary file that nothing outlives.
+
+    On Linux the file is unlinked at once and mapped through /proc/self/fd (the
+    mapping keeps it alive), so not even a crash leaves it behind; elsewhere it
+    is removed when the tensor is dropped.  The file is sparse until written.
+    """
+    fd, path = tempfile.mkstemp(prefix="lminf-middle-", suffix=".bin", dir=directory)
+    try:
+        source = f"/proc/self/fd/{fd}"
+        unlinked = os.path.exists(source)
+        if unlinked:
+            os.unlink(path)
+        t = torch.from_file(source if unlinked else path, shared=True, size=math.prod(shape), dtype=dtype)
+    finally:
+        os.close(fd)  # the mapping holds the file from here on
+    if not unlinked:
+        weakref.finalize(t.untyped_storage(), os.unlink, path)
+    return t.view(shape)
 
 
 class MiddleStore:
     """Unrotated middle K/V of one layer, grown in blocks, searched by bounds."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, block: int, fast_device: torch.device,
-                 store_device: torch.device, dtype: torch.dtype) -> None:
+                 store_device: torch.device, dtype: torch.dtype, spill_dir: str | None = None) -> None:
         self.n_kv_heads, self.head_dim, self.block = n_kv_heads, head_dim, block
         self.fast_device, self.store_device, self.dtype = fast_device, store_device, dtype
         self.length = 0
-        cap = 4 * block
-        self.k = torch.zeros(n_kv_heads, cap, head_dim, device=store_device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        # Token-major buffers [cap, Hkv, D] (a file grows at its end); k/v are [Hkv, cap, D] views.
+        if spill_dir is not None and store_device.type != "cpu":
+            raise ValueError("a memory-mapped middle store lives in host memory (store_device cpu)")
+        self.spill_dir = spill_dir
+        self._grow(4 * block)
         self.kmin = torch.zeros(n_kv_heads, 0, head_dim, device=fast_device, dtype=torch.float32)
         self.kmax = torch.zeros_like(self.kmin)
         self.reads = {"blocks": 0, "scans": 0}  # how top-k searches ended (bounds held, or a full scan)
@@ -70,18 +99,29 @@ class MiddleStore:
             return
         need = self.length + n
         if need > self.k.shape[1]:
-            cap = max(need, 2 * self.k.shape[1])
-            cap = -(-cap // self.block) * self.block
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = torch.zeros(self.n_kv_heads, cap, self.head_dim, device=self.store_device, dtype=self.dtype)
-                new[:, : self.length] = old[:, : self.length]
-                setattr(self, name, new)
+            self._grow(-(-max(need, 2 * self.k.shape[1]) // self.block) * self.block)
         self.k[:, self.length:need] = k.to(self.store_device, self.dtype)
         self.v[:, self.length:need] = v.to(self.store_device, self.dtype)
         first = self.length // self.block  # the first block whose summary changes
         self.length = need
         self._summarise(first)
+
+    def _grow(self, cap: int) -> None:
+        """Make room for cap tokens (a whole number of blocks), keeping what is stored."""
+        shape = (cap, self.n_kv_heads, self.head_dim)
+        for name in ("k", "v"):
+            if self.spill_dir is not None:
+                new = mapped_zeros(self.spill_dir, shape, self.dtype)  # a new file: the old one goes with its map
+            else:
+                new = torch.zeros(shape, device=self.store_device, dtype=self.dtype)
+            if self.length:
+                new[: self.length] = getattr(self, name)[:, : self.length].transpose(0, 1)
+            setattr(self, name, new.permute(1, 0, 2))  # [Hkv, cap, D] view
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the keys and values live in memory-mapped files rather than RAM."""
+        return self.spill_dir is not None
 
     def truncate(self, n: int) -> None:
         """Keep only the first n tokens (undo appends), summaries included."""

@@ -74,6 +74,9 @@ def _bad(tmp_path: Path) -> dict[str, list]:
         "bad top-p": [ok, "--top-p", "1.5"],
         "not a number": [ok, "--n-local", "lots"],
         "unknown option": [ok, "--frobnicate"],
+        "no store directory": [ok, "--retrieval", "--middle-dir", tmp_path / "no-such-dir"],
+        "bad store precision": [ok, "--retrieval", "--middle-dtype", "int3"],
+        "negative blocks": [ok, "--retrieval", "--middle-blocks", "-2"],
     }
 
 

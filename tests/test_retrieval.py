@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import DEVICE, lambda_masks, rope_at, tiny_llama
@@ -175,6 +177,43 @@ def test_half_precision_store_halves_the_bytes_and_returns_float32():
         LambdaSettings.for_model(16, middle_top_k=5, middle_dtype="int3")
     with pytest.raises(UsageError, match="--middle-blocks"):
         LambdaSettings.for_model(16, middle_top_k=5, middle_blocks=-1)
+
+
+def test_memory_mapped_store_equals_the_ram_store_and_leaves_no_files(tmp_path):
+    torch.manual_seed(3)
+    keys = torch.randn(2, 900, 16)
+    ram = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                      dtype=torch.float16)
+    mapped = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                         dtype=torch.float16, spill_dir=str(tmp_path))
+    for s in range(0, 900, 101):  # several growths: the mapping is widened in place
+        for store in (ram, mapped):
+            store.append(keys[:, s:s + 101], keys[:, s:s + 101] + 1)
+    assert mapped.spilled and not ram.spilled and mapped.length == ram.length == 900
+    assert torch.equal(mapped.k[:, :900], ram.k[:, :900]) and torch.equal(mapped.v[:, :900], ram.v[:, :900])
+    q = torch.randn(4, 16)
+    for blocks in (0, 5):
+        got, want = mapped.top_k(q, 5, 2, blocks), ram.top_k(q, 5, 2, blocks)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    for store in (ram, mapped):  # a checkpoint's undo, then new tokens over the old ones
+        store.truncate(300)
+        store.append(keys[:, :50], keys[:, :50])
+    assert torch.equal(mapped.kmax, ram.kmax) and torch.equal(mapped.k[:, :350], ram.k[:, :350])
+    if os.path.exists("/proc/self/fd"):
+        assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing to clean up, even after a crash
+    lm = from_hf(tiny_llama(4, 2, trained=16), None)
+    ids = torch.randint(0, 97, (200,))
+    outs = []
+    for where in (None, str(tmp_path)):
+        settings = LambdaSettings.for_model(16, n_global=2, n_local=8, middle_top_k=3, middle_from_layer=0,
+                                            middle_dir=where)
+        engine = Engine(lm, settings, chunk_size=8)
+        state = engine.encode(ids)
+        outs.append([state.logits] + [engine.step(state, t) for t in (5, 6, 7)])
+        assert state.cache.layers[0].middle.spilled == (where is not None)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    with pytest.raises(UsageError, match="--middle-dir"):
+        LambdaSettings.for_model(16, middle_top_k=3, middle_dir=str(tmp_path / "missing"))
 
 
 def test_store_bytes_stay_off_the_window_cache():

@@ -65,7 +65,7 @@ def bench(
                          n_global=o.n_global, limit_distance=o.limit_distance, chunk_size=o.chunk_size,
                          middle_top_k=o.middle_top_k, middle_from_layer=o.middle_from_layer,
                          middle_distance=o.middle_distance, middle_blocks=o.middle_blocks,
-                         middle_dtype=o.middle_dtype, retrieval=o.retrieval)
+                         middle_dtype=o.middle_dtype, retrieval=o.retrieval, middle_dir=o.middle_dir)
         console = Console(stderr=True)
 
         def started(variant: str, n: int) -> None:
