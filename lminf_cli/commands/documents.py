@@ -10,7 +10,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -114,6 +114,16 @@ def _open_state(path: str, opts: EngineOptions):
 
 def _emit_json(obj: dict[str, Any]) -> None:
     write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _deliver(pieces: Iterator[str], json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
+    """Stream the reply to stdout, or (--json) run it to the end and print `fields()` as one object."""
+    if not json_out:
+        _stream(pieces)
+        return
+    for _ in pieces:
+        pass
+    _emit_json(fields())
 
 
 def _stream(pieces: Iterator[str]) -> None:
@@ -271,13 +281,9 @@ def ask(
         _hint_retrieval(engine, encoded, opts.quiet)
         reply = Reply()
         pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reply)
-        if json_out:
-            for _ in pieces:
-                pass
-            _emit_json({"answer": reply.text.strip(), "document_tokens": encoded.document_tokens,
-                        "answer_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
-        else:
-            _stream(pieces)
+        _deliver(pieces, json_out, lambda: {
+            "answer": reply.text.strip(), "document_tokens": encoded.document_tokens,
+            "answer_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
 
 
 @with_options(SamplingOptions, "sampling")
@@ -318,14 +324,9 @@ def summarize(
             notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), params, 2 * note_tokens)
         reply = Reply()
         pieces = summarize_task(engine, encoded, length, budget, params, reply, notes)
-        if json_out:
-            for _ in pieces:
-                pass
-            _emit_json({"summary": reply.text.strip(), "notes": encoded.notes, "document_tokens":
-                        encoded.document_tokens, "summary_tokens": len(reply.token_ids),
-                        "seconds": round(time.perf_counter() - t0, 3)})
-        else:
-            _stream(pieces)
+        _deliver(pieces, json_out, lambda: {
+            "summary": reply.text.strip(), "notes": encoded.notes, "document_tokens": encoded.document_tokens,
+            "summary_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
 
 
 CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "
