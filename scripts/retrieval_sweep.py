@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first-sample", type=int, default=0, help="sample index to start from (extend a grid)")
     ap.add_argument("--configs", default="off,5@4:4096")
     ap.add_argument("--model", default=None)
     ap.add_argument("--n-local", type=int, default=None, help="window [default: the trained length]")
@@ -72,7 +73,7 @@ def main() -> None:
     with a.out.open("a") as out:
         for n in parse_lengths(a.lengths, "--lengths"):
             for d in ev.parse_depths(a.depths):
-                for sample in range(a.samples):
+                for sample in range(a.first_sample, a.first_sample + a.samples):
                     key = ev.passkey_key(a.seed, n, d, sample)
                     p = ev.passkey_prompt(tok, n, d, key, "plain")
                     cut = (len(p.ids) - 1) // chunk * chunk  # where the one-shot encode's last chunk starts
