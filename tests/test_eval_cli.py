@@ -107,6 +107,16 @@ def test_passkey_json_and_table(tiny_model_dir):
                                              "longer than the baseline length limit of 800 tokens"]
 
 
+def test_passkey_with_the_retrieval_recipe(tiny_model_dir):
+    # The recipe reaches the engine (and the report says so): top-k 5, half-L window and cap, L/8 distance.
+    r = invoke(["eval", "passkey", "--model", tiny_model_dir, "--lengths", "600", "--depths", "0.5",
+                "--retrieval", "--middle-from-layer", "0", "--json", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)["settings"]
+    assert (s["n_local"], s["limit_distance"], s["middle_top_k"], s["middle_distance"], s["middle_blocks"]) == \
+        (32, 32, 5, 8, 32)
+
+
 def test_passkey_table_baseline_only(tiny_model_dir):
     r = invoke(["eval", "passkey", "--model", tiny_model_dir, "--lengths", "600", "--depths", "0.5",
                 "--baseline", "--no-lminf", *TINY_FAST])
