@@ -101,7 +101,7 @@ class BenchSpec:
     middle_top_k: int = 0
     middle_from_layer: int = 4
     middle_distance: int | None = None
-    middle_blocks: int = 32
+    middle_blocks: int = 16
     middle_dtype: str = "auto"
     retrieval: bool = False
     middle_dir: str | None = None

@@ -43,7 +43,7 @@ class LambdaSettings:
     middle_from_layer: int = 4
     middle_distance: int = 0
     middle_block: int = 64
-    middle_blocks: int = 32         # blocks each head reads per search; 0 = exact search of the whole store
+    middle_blocks: int = 16         # blocks each KV head reads per search; 0 = exact search of the whole store
     middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
     middle_dir: str | None = None   # keep the store in memory-mapped files here instead of RAM
 
@@ -64,7 +64,7 @@ class LambdaSettings:
     @classmethod
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
                   limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
-                  middle_distance: int | None = None, middle_blocks: int = 32,
+                  middle_distance: int | None = None, middle_blocks: int = 16,
                   middle_dtype: str = "auto", retrieval: bool = False,
                   middle_dir: str | None = None) -> LambdaSettings:
         """Paper defaults (n_local = L = trained length, n_global = 100), validated.

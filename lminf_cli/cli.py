@@ -102,7 +102,7 @@ MiddleDistanceOpt = Annotated[Optional[int], typer.Option(
     "--middle-distance", help="Retrieval: distance at which retrieved tokens are scored [default: trained "
     "length / 8].")]
 MiddleBlocksOpt = Annotated[int, typer.Option(
-    "--middle-blocks", help="Retrieval: blocks of 64 middle tokens each head reads per step, chosen by "
+    "--middle-blocks", help="Retrieval: blocks of 64 middle tokens each KV head reads per step, chosen by "
     "their summary keys (fixed cost at any length); 0 = exact search of every stored token.")]
 MiddleDirOpt = Annotated[Optional[str], typer.Option(
     "--middle-dir", help="Retrieval: keep the middle store in memory-mapped files in this directory instead of "
@@ -133,7 +133,7 @@ class EngineOptions:
     middle_top_k: MiddleTopKOpt = 0
     middle_from_layer: MiddleLayerOpt = 4
     middle_distance: MiddleDistanceOpt = None
-    middle_blocks: MiddleBlocksOpt = 32
+    middle_blocks: MiddleBlocksOpt = 16
     middle_dtype: MiddleDtypeOpt = "auto"
     middle_dir: MiddleDirOpt = None
     quiet: QuietOpt = False

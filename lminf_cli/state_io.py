@@ -92,7 +92,7 @@ class StateHeader:
     middle_from_layer: int = 4
     middle_distance: int = 0
     middle_block: int = 64
-    middle_blocks: int = 32
+    middle_blocks: int = 16
     middle_dtype: str = "auto"
 
     @property

@@ -114,7 +114,7 @@ def test_passkey_with_the_retrieval_recipe(tiny_model_dir):
     assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)["settings"]
     assert (s["n_local"], s["limit_distance"], s["middle_top_k"], s["middle_distance"], s["middle_blocks"]) == \
-        (32, 32, 5, 8, 32)
+        (32, 32, 5, 8, 16)
 
 
 def test_passkey_table_baseline_only(tiny_model_dir):

@@ -251,7 +251,7 @@ def test_retrieval_recipe_and_its_overrides():
     s = LambdaSettings.for_model(8192, retrieval=True)
     assert (s.n_local, s.limit_distance, s.middle_top_k, s.middle_from_layer, s.middle_distance) == \
         (4096, 4096, 5, 4, 1024)
-    assert (s.middle_blocks, s.middle_dtype, s.n_global) == (32, "auto", 100)
+    assert (s.middle_blocks, s.middle_dtype, s.n_global) == (16, "auto", 100)
     s = LambdaSettings.for_model(8192, retrieval=True, n_local=2048, middle_top_k=16, middle_distance=512)
     assert (s.n_local, s.limit_distance, s.middle_top_k, s.middle_distance) == (2048, 4096, 16, 512)
     assert LambdaSettings.for_model(8192, retrieval=True, limit_distance=8192).n_local == 8192
