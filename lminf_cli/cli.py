@@ -106,7 +106,7 @@ MiddleBlocksOpt = Annotated[int, typer.Option(
     "their summary keys (fixed cost at any length); 0 = exact search of every stored token.")]
 MiddleDirOpt = Annotated[Optional[str], typer.Option(
     "--middle-dir", help="Retrieval: keep the middle store in memory-mapped files in this directory instead of "
-    "RAM (very long inputs; the files are removed when lminf exits).")]
+    "RAM (very long inputs; the files are unlinked at once, so nothing is left there).")]
 MiddleDtypeOpt = Annotated[str, typer.Option(
     "--middle-dtype", help="Retrieval: precision of the middle store in host memory: auto (float16 for a "
     "float32 model, else the model's), float16, bfloat16, float32.")]
