@@ -231,10 +231,7 @@ def run_one(spec: BenchSpec) -> RunResult:
     with torch.inference_mode():
         if spec.variant == "lminf":
             from .cache import LambdaSettings
-            settings = LambdaSettings.for_model(lm.adapter.trained_length, spec.n_global, spec.n_local,
-                                                spec.limit_distance, spec.middle_top_k, spec.middle_from_layer,
-                                                spec.middle_distance, spec.middle_blocks, spec.middle_dtype,
-                                                spec.retrieval, spec.middle_dir)
+            settings = LambdaSettings.for_options(lm.adapter.trained_length, spec)
             engine = Engine(lm, settings, chunk_size=spec.chunk_size)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):

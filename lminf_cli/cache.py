@@ -19,6 +19,7 @@ import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,6 +61,14 @@ class LambdaSettings:
         if self.middle_dtype == "auto":
             return torch.float16 if model_dtype == torch.float32 else model_dtype
         return STORE_DTYPES[self.middle_dtype]
+
+    @classmethod
+    def for_options(cls, trained_length: int, o: Any) -> LambdaSettings:
+        """for_model from an options object holding its arguments by name (the CLI's, the bench's)."""
+        return cls.for_model(trained_length, n_global=o.n_global, n_local=o.n_local, limit_distance=o.limit_distance,
+                             middle_top_k=o.middle_top_k, middle_from_layer=o.middle_from_layer,
+                             middle_distance=o.middle_distance, middle_blocks=o.middle_blocks,
+                             middle_dtype=o.middle_dtype, retrieval=o.retrieval, middle_dir=o.middle_dir)
 
     @classmethod
     def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,

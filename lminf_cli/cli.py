@@ -161,10 +161,7 @@ class EngineOptions:
         o = dataclasses.replace(self, **overrides) if overrides else self
         with status("Loading model", o.quiet):
             lm = load_model(o.model, o.device, o.dtype)
-        settings = LambdaSettings.for_model(lm.adapter.trained_length, o.n_global, o.n_local, o.limit_distance,
-                                            o.middle_top_k, o.middle_from_layer, o.middle_distance,
-                                            o.middle_blocks, o.middle_dtype, o.retrieval, o.middle_dir)
-        return Engine(lm, settings, chunk_size=o.chunk_size)
+        return Engine(lm, LambdaSettings.for_options(lm.adapter.trained_length, o), chunk_size=o.chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)

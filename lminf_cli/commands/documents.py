@@ -150,7 +150,7 @@ def _note(message: str, quiet: bool = False) -> None:
         typer.echo(f"lminf: {message}", err=True)
 
 
-def _hint_retrieval(engine: Any, encoded: Any, quiet: bool) -> None:
+def _hint_retrieval(encoded: Any, quiet: bool) -> None:
     """Say when a question may miss facts: the document outgrew the window and nothing retrieves."""
     s = encoded.state.cache.settings
     if not s.middle_top_k and encoded.document_tokens > s.n_global + s.n_local:
@@ -278,7 +278,7 @@ def ask(
 
         params = sampling.params()
         engine, encoded = open_document(source, opts)
-        _hint_retrieval(engine, encoded, opts.quiet)
+        _hint_retrieval(encoded, opts.quiet)
         reply = Reply()
         pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reply)
         _deliver(pieces, json_out, lambda: {
@@ -358,7 +358,7 @@ def chat(
 
         params = sampling.params()
         engine, encoded = open_document(source, opts)
-        _hint_retrieval(engine, encoded, opts.quiet)
+        _hint_retrieval(encoded, opts.quiet)
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
         if tty and not opts.quiet:
