@@ -245,7 +245,7 @@ def merge_extra_keys(out: Tensor, lse: Tensor, scores: Tensor, values: Tensor) -
     extra = torch.logsumexp(scores, dim=-1)                                  # [H]
     total = torch.logaddexp(lse, extra)
     probs = torch.exp(scores - total[:, None])                               # [H, k]
-    added = torch.einsum("hk,hkd->hd", probs, values.float())
+    added = torch.bmm(probs[:, None], values.float())[:, 0]                  # [H, D]
     return (out.float() * torch.exp(lse - total)[:, None] + added).to(out.dtype)
 
 

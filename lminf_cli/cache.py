@@ -137,12 +137,15 @@ class StepPlan:
     evict_slots: Tensor | None = None  # ring slots of tokens leaving the window into the middle store
     evict_cos: Tensor | None = None    # rotation back to unrotated keys for them
     evict_sin: Tensor | None = None
+    evict_span: tuple[int, int] | None = None  # the same slots as a slice, when they do not wrap
+    evict_mat: Tensor | None = None    # one evicted token: its un-rotation as a [D, D] matrix
     retrieve: bool = False             # the last row also attends to the top-k middle tokens
     ins_cos: Tensor | None = None      # rotation of that query to the insertion distance
     ins_sin: Tensor | None = None
     window_bias: dict[int, Tensor] = field(default_factory=dict)  # sliding window -> [g*C, ring_view]
     ring_span: tuple[int, int] | None = None  # the same slots as a slice, when they do not wrap
-    step_mat: Tensor | None = None     # one-token forwards: [D, 2D] = [rotation at r | rotation to L]
+    step_mat: Tensor | None = None     # one-token forwards: [D, 2D] = [rotation at r | rotation to L],
+    #                                    [D, 3D] with [... | rotation to the insertion distance] when retrieving
     moved: dict = field(default_factory=dict, repr=False, init=False)
 
     def on(self, device: torch.device) -> StepPlan:
@@ -180,12 +183,14 @@ class LayerCache:
         rope, scale = self.owner.rope, self.owner.scale
         if rope.scaling != 1.0:
             q, k = q * rope.scaling, k * rope.scaling
-        q_cap = None
+        q_cap = q_ins = None
         if plan.step_mat is not None:
-            # Decode: both rotations of q, and k's, as matmuls with per-step matrices.
+            # Decode: every rotation of q, and k's, as matmuls with per-step matrices.
             d = q.shape[-1]
-            both = torch.matmul(q, plan.step_mat)                                # [1, H, 1, 2D]
-            q_local, q_cap = both[..., :d], both[..., d:]
+            both = torch.matmul(q, plan.step_mat)                                # [1, H, 1, 2D or 3D]
+            q_local, q_cap = both[..., :d], both[..., d:2 * d]
+            if both.shape[-1] > 2 * d:
+                q_ins = both[0, :, -1, 2 * d:]                                   # [H, D]
             k_rot = torch.matmul(k, plan.step_mat[:, :d])                        # [1, Hkv, 1, D]
         else:
             q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
@@ -204,9 +209,16 @@ class LayerCache:
             self.v_global[:, :, plan.start + a:plan.start + b] = v[:, :, a:b]
         if self.middle is not None and plan.evict_slots is not None:
             # Tokens leaving the window: un-rotate and keep them for retrieval.
-            leaving = self.k_ring[0][:, plan.evict_slots]                       # [Hkv, n, D]
-            self.middle.append(rope.rotate(leaving, plan.evict_cos, plan.evict_sin),
-                               self.v_ring[0][:, plan.evict_slots])
+            if plan.evict_span is not None:
+                a, b = plan.evict_span
+                leaving, values = self.k_ring[0, :, a:b], self.v_ring[0, :, a:b]   # [Hkv, n, D]
+            else:
+                leaving, values = self.k_ring[0][:, plan.evict_slots], self.v_ring[0][:, plan.evict_slots]
+            if plan.evict_mat is not None:
+                unrotated = torch.matmul(leaving, plan.evict_mat)
+            else:
+                unrotated = rope.rotate(leaving, plan.evict_cos, plan.evict_sin)
+            self.middle.append(unrotated, values)
         n = plan.ring_view
         if plan.global_bias is None:
             q_cap = q_local  # unused by lambda_attention
@@ -227,10 +239,11 @@ class LayerCache:
         b, h, c, d = out.shape
         g = h // lse.shape[1]
         last_lse = lse.view(b, lse.shape[1], g, c)[0, :, :, -1].reshape(h)      # [H], head = kv * g + gi
-        q_ins = rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)             # [H, D]
+        if q_ins is None:
+            q_ins = rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)         # [H, D]
         s = self.owner.settings
-        scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks)
-        out = out.clone()
+        scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks, with_keys=False)
+        # `out` is this call's own tensor: its last row can be replaced in place.
         out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * scale, values)
         return out
 
@@ -282,6 +295,7 @@ class LambdaCache:
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
         self._cap_mat: Tensor | None = None
+        self._ins_mat: tuple[int, Tensor] | None = None  # (insertion distance, its rotation matrix)
         self._cap: tuple[Tensor, Tensor] | None = None
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
@@ -411,10 +425,13 @@ class LambdaCache:
         first = start % self.ring_size
         if first + n_new <= self.ring_size:
             plan.ring_span = (first, first + n_new)
-        if n_new == 1 and self.rope.rotary_dim:
-            plan.step_mat = torch.cat([self.rope.matrix(q_cos, q_sin), self._cap_matrix()], dim=1)
         if self.has_middle:  # stores keep filling even while retrieval is switched off
             self._plan_middle(plan, end)
+        if n_new == 1 and self.rope.rotary_dim:
+            mats = [self.rope.matrix(q_cos, q_sin), self._cap_matrix()]
+            if plan.retrieve:
+                mats.append(self._ins_matrix())
+            plan.step_mat = torch.cat(mats, dim=1)
         return plan
 
     def _plan_middle(self, plan: StepPlan, end: int) -> None:
@@ -425,6 +442,11 @@ class LambdaCache:
             pos = torch.arange(lo, hi)
             plan.evict_slots = (pos % self.ring_size).to(self.device)
             plan.evict_cos, plan.evict_sin = self.rope.cos_sin(-(pos - self.base), self.device, self.dtype)
+            first = lo % self.ring_size
+            if first + hi - lo <= self.ring_size:
+                plan.evict_span = (first, first + hi - lo)
+            if hi - lo == 1 and self.rope.rotary_dim:  # a decode step: one matmul instead of a rotation
+                plan.evict_mat = self.rope.matrix(plan.evict_cos, plan.evict_sin)
             self.stored_upto = hi
         if self.retrieve_last_row and s.middle_top_k:
             plan.retrieve = True
@@ -436,6 +458,13 @@ class LambdaCache:
         if self._cap is None:
             self._cap = self.rope.cos_sin(torch.tensor([self.settings.limit_distance]), self.device, self.dtype)
         return self._cap
+
+    def _ins_matrix(self) -> Tensor:
+        """Rotation to the insertion distance as a [D, D] matrix; the same for every step."""
+        key = self.settings.middle_distance
+        if self._ins_mat is None or self._ins_mat[0] != key:
+            self._ins_mat = (key, self.rope.matrix(*self.rope.cos_sin(torch.tensor([key]), self.device, self.dtype)))
+        return self._ins_mat[1]
 
     def _cap_matrix(self) -> Tensor:
         if self._cap_mat is None:

@@ -69,10 +69,10 @@ class MiddleStore:
             raise ValueError("a memory-mapped middle store lives in host memory (store_device cpu)")
         self.spill_dir = spill_dir
         self._grow(4 * block)
-        # Summaries live in buffers that grow by doubling; kmin/kmax are views of the filled blocks
-        # (a decode step rewrites one block, never copies them all).
-        self._summary = torch.zeros(2, n_kv_heads, 4, head_dim, device=fast_device, dtype=torch.float32)
-        self.kmin, self.kmax = self._summary[0, :, :0], self._summary[1, :, :0]
+        # Summaries [Hkv, cap, 2D]: a block's row is its per-dim max then min, so the bounds of every
+        # block are one matmul.  The buffer grows by doubling: a decode step rewrites one row, never copies.
+        self._summary = torch.zeros(n_kv_heads, 4, 2 * head_dim, device=fast_device, dtype=torch.float32)
+        self._consts: dict = {}  # small index tensors reused by every search (see _const)
         self.reads = {"blocks": 0, "scans": 0}  # how top-k searches ended (bounds held, or a full scan)
 
     @property
@@ -108,9 +108,17 @@ class MiddleStore:
             self._grow(-(-max(need, 2 * self.k.shape[1]) // self.block) * self.block)
         self.k[:, self.length:need] = k.to(self.store_device, self.dtype)
         self.v[:, self.length:need] = v.to(self.store_device, self.dtype)
-        first = self.length // self.block  # the first block whose summary changes
+        first, filled = divmod(self.length, self.block)  # the first block whose summary changes
         self.length = need
-        self._summarise(first)
+        if filled and filled + n <= self.block:
+            # The new tokens join a started block (a decode step): widen its box by them, from the stored
+            # (rounded) keys so the result equals a full re-summary.
+            new = self.k[:, need - n:need].to(self.fast_device, torch.float32)          # [Hkv, n, D]
+            hi, lo = self._summary[:, first, : self.head_dim], self._summary[:, first, self.head_dim:]
+            torch.maximum(hi, new.amax(dim=1), out=hi)
+            torch.minimum(lo, new.amin(dim=1), out=lo)
+        else:
+            self._summarise(first)
 
     def _grow(self, cap: int) -> None:
         """Make room for cap tokens (a whole number of blocks), keeping what is stored."""
@@ -125,6 +133,16 @@ class MiddleStore:
             setattr(self, name, new)
 
     @property
+    def kmax(self) -> Tensor:
+        """Per-block, per-dim maximum of the stored keys: [Hkv, n_blocks, D]."""
+        return self._summary[:, : self.n_blocks, : self.head_dim]
+
+    @property
+    def kmin(self) -> Tensor:
+        """Per-block, per-dim minimum of the stored keys: [Hkv, n_blocks, D]."""
+        return self._summary[:, : self.n_blocks, self.head_dim:]
+
+    @property
     def spilled(self) -> bool:
         """Whether the keys and values live in memory-mapped files rather than RAM."""
         return self.spill_dir is not None
@@ -136,7 +154,6 @@ class MiddleStore:
             return
         self.length = n
         keep = n // self.block  # whole blocks whose summaries are unchanged
-        self.kmin, self.kmax = self._summary[0, :, :keep], self._summary[1, :, :keep]
         if n % self.block:
             self._summarise(keep)
 
@@ -151,78 +168,96 @@ class MiddleStore:
         mask = mask.view(1, nb - first, self.block, 1)
         lo = span.masked_fill(~mask, float("inf")).amin(dim=2)   # [Hkv, nb-first, D]
         hi = span.masked_fill(~mask, float("-inf")).amax(dim=2)
-        if nb > self._summary.shape[2]:
-            grown = torch.zeros(2, self.n_kv_heads, max(nb, 2 * self._summary.shape[2]), self.head_dim,
+        if nb > self._summary.shape[1]:
+            grown = torch.zeros(self.n_kv_heads, max(nb, 2 * self._summary.shape[1]), 2 * self.head_dim,
                                 device=self.fast_device, dtype=torch.float32)
-            grown[:, :, :first] = self._summary[:, :, :first]
+            grown[:, :first] = self._summary[:, :first]
             self._summary = grown
-        self._summary[0, :, first:nb] = lo
-        self._summary[1, :, first:nb] = hi
-        self.kmin, self.kmax = self._summary[0, :, :nb], self._summary[1, :, :nb]
+        self._summary[:, first:nb] = torch.cat([hi, lo], dim=2)
 
-    def top_k(self, q: Tensor, k: int, groups: int, max_blocks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def _const(self, name: str, n: int, device: torch.device, dtype: torch.dtype = torch.long,
+               repeat: int = 1) -> Tensor:
+        """arange(n), repeated `repeat` times end to end, made once: a search runs per layer per token."""
+        key = (name, n, device, dtype, repeat)
+        t = self._consts.get(key)
+        if t is None:
+            t = torch.arange(n, device=device, dtype=dtype).repeat(repeat)
+            self._consts[key] = t
+        return t
+
+    def top_k(self, q: Tensor, k: int, groups: int, max_blocks: int = 0,
+              with_keys: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
         """Top-k middle tokens for queries q [H, D] (already rotated and scaled).
 
         Returns (scores [H, k'], keys [H, k', D], values [H, k', D]) as float32
         on the fast device, k' = min(k, stored tokens); heads h share KV head
         h // groups.  `max_blocks` > 0 reads at most that many blocks per KV head
         (bounded, approximate); 0 gives the exact answer (see the module note).
+        `with_keys=False` returns None for the keys (attention needs only scores and values).
 
         The g query heads of a KV head read one pool of blocks: each head's
         best-bound blocks in turn (a block's place is its best rank among the
         heads), so every head gets its own top blocks and each block is read once.
         """
-        h = q.shape[0]
+        h, d = q.shape
         k = min(k, self.length)
         qf = q.float()
-        nb = self.n_blocks
+        nb, bl = self.n_blocks, self.block
         bounded = 0 < max_blocks < nb
-        m = max_blocks if bounded else min(nb, groups * (-(-k // self.block) + 1))
-        if m < nb:
-            hkv, g, dev = self.n_kv_heads, groups, q.device
-            bound = self.bounds(qf, groups)                                         # [H, nb]
-            # A block's place in the pool is its best rank among the group's heads; only each head's
-            # top m can make it (their union already holds m blocks).
-            top = torch.topk(bound, m, dim=1).indices                               # [H, m]
-            ranks = torch.arange(m, device=dev, dtype=torch.float32).repeat(hkv, g)  # [Hkv, g*m]
-            best_rank = torch.full((hkv, nb), float(m), device=dev).scatter_reduce_(
-                1, top.view(hkv, g * m), ranks, "amin")                             # [Hkv, nb]
-            pool = torch.topk(best_rank, m, dim=1, largest=False).indices           # [Hkv, m]
-            tok = (pool[:, :, None] * self.block + torch.arange(self.block, device=dev)).flatten(1)  # [Hkv, m*B]
-            # Whole blocks, one contiguous copy each (a tail block's unfilled slots are masked).
-            by_block = self.k[:, : nb * self.block].view(hkv, nb, self.block, self.head_dim)
-            rows = torch.arange(hkv, device=self.store_device)[:, None]
-            keys = by_block[rows, pool.to(self.store_device)]                       # [Hkv, m, B, D]
-            keys = keys.to(self.fast_device, torch.float32).flatten(1, 2)           # [Hkv, m*B, D]
-            scores = torch.matmul(qf.view(hkv, g, -1), keys.transpose(1, 2))       # [Hkv, g, m*B]
-            scores = scores.masked_fill((tok >= self.length)[:, None], float("-inf")).view(h, -1)
-            best = torch.topk(scores, k, dim=1)                                     # [H, k]
-            exact = bounded
-            if not bounded:  # exact when no block outside the pool could beat the k-th best
-                outside = torch.ones(hkv, nb, dtype=torch.bool, device=dev).scatter_(1, pool, False)
-                rest = bound.masked_fill(~outside.repeat_interleave(g, 0), float("-inf")).amax(1)  # [H]
-                exact = bool((best.values[:, -1] >= rest).all())
-            if exact:
-                self.reads["blocks"] += m * hkv
-                kv_of = torch.arange(h, device=dev) // g                              # [H]
-                picked = keys[kv_of[:, None], best.indices]                         # [H, k, D]
-                return best.values, picked, self._gather(self.v, kv_of, tok[kv_of[:, None], best.indices])
-        self.reads["scans"] += 1
-        return self._scan(qf, k, groups)
+        m = max_blocks if bounded else min(nb, groups * (-(-k // bl) + 1))
+        if m >= nb:
+            self.reads["scans"] += 1
+            return self._scan(qf, k, groups, with_keys)
+        hkv, g, dev, sdev = self.n_kv_heads, groups, q.device, self.store_device
+        bound = self.bounds(qf, g)                                                  # [H, nb]
+        # A block's place in the pool is its best rank among the group's heads; only each head's
+        # top m can make it (their union already holds m blocks).
+        top = torch.topk(bound, m, dim=1).indices                                   # [H, m]
+        ranks = self._const("rank", m, dev, torch.float32, repeat=hkv * g).view(hkv, g * m)
+        best_rank = torch.full((hkv, nb), float(m), device=dev).scatter_reduce_(
+            1, top.view(hkv, g * m), ranks, "amin")                                 # [Hkv, nb]
+        pool = torch.topk(best_rank, m, dim=1, largest=False).indices               # [Hkv, m]
+        # Whole blocks, one contiguous row each of the store seen as [Hkv * blocks, B * D].
+        cap_blocks = self.k.shape[1] // bl
+        rows = pool.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks   # [Hkv, m]
+        keys = self.k.view(hkv * cap_blocks, bl * d).index_select(0, rows.flatten())  # [Hkv*m, B*D]
+        keys = keys.to(dev, torch.float32).view(hkv, m * bl, d)                     # [Hkv, m*B, D]
+        scores = torch.matmul(qf.view(hkv, g, d), keys.transpose(1, 2))            # [Hkv, g, m*B]
+        tok = (pool[:, :, None] * bl + self._const("slot", bl, dev)).view(hkv, m * bl)  # [Hkv, m*B]
+        if self.length % bl:  # the tail block's unfilled slots hold no token
+            scores = scores.masked_fill((tok >= self.length)[:, None], float("-inf"))
+        best = torch.topk(scores, k, dim=2)                                         # [Hkv, g, k]
+        if not bounded:  # exact only when no block outside the pool could beat the k-th best
+            outside = torch.ones(hkv, nb, dtype=torch.bool, device=dev).scatter_(1, pool, False)
+            rest = bound.masked_fill(~outside.repeat_interleave(g, 0), float("-inf")).amax(1)  # [H]
+            if not bool((best.values.reshape(h, k)[:, -1] >= rest).all()):
+                self.reads["scans"] += 1
+                return self._scan(qf, k, groups, with_keys)
+        self.reads["blocks"] += m * hkv
+        picked = torch.gather(tok, 1, best.indices.view(hkv, g * k))               # [Hkv, g*k] token ids
+        flat = (picked.to(sdev) + self._const("kv", hkv, sdev)[:, None] * self.v.shape[1]).flatten()
+        values = self.v.view(-1, d).index_select(0, flat).to(dev, torch.float32).view(h, k, d)
+        sel_k = None
+        if with_keys:
+            sel_k = self.k.view(-1, d).index_select(0, flat).to(dev, torch.float32).view(h, k, d)
+        return best.values.view(h, k), sel_k, values
 
     def bounds(self, q: Tensor, groups: int) -> Tensor:
         """Best score any token of each block can reach, per head: [H, nb] for q [H, D] (float32).
 
-        sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin: two small matmuls
-        against the summaries, with the g query heads of a KV head batched together.
+        sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin: one matmul of [q+ | q-]
+        against the summaries [kmax | kmin], the g query heads of a KV head batched.
         """
         h, d = q.shape
-        qg = q.view(self.n_kv_heads, groups, d).transpose(1, 2)                     # [Hkv, D, g]
-        # Summaries on the left: their rows are contiguous, so each matmul streams them once.
-        both = torch.matmul(self.kmax, qg.clamp(min=0)) + torch.matmul(self.kmin, qg.clamp(max=0))  # [Hkv, nb, g]
-        return both.transpose(1, 2).reshape(h, -1)
+        qg = q.view(self.n_kv_heads, groups, d)                                     # [Hkv, g, D]
+        q2 = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=2)                   # [Hkv, g, 2D]
+        # Summaries as the transposed right operand: BLAS streams their contiguous rows, and the
+        # result comes out [Hkv, g, nb], already in head order.
+        both = torch.matmul(q2, self._summary[:, : self.n_blocks].transpose(1, 2))  # [Hkv, g, nb]
+        return both.view(h, -1)
 
-    def _scan(self, qf: Tensor, k: int, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _scan(self, qf: Tensor, k: int, groups: int, with_keys: bool = True
+              ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Exact top-k by one batched matmul over every stored token (on the store's device)."""
         h, d = qf.shape
         hkv, n = self.n_kv_heads, self.length
@@ -233,12 +268,6 @@ class MiddleStore:
         scores = torch.matmul(qs, keys.transpose(1, 2)).float()                     # [Hkv, g, n]
         best = torch.topk(scores, k, dim=-1)                                        # [Hkv, g, k]
         idx = best.indices.reshape(hkv, groups * k, 1).expand(hkv, groups * k, d)   # [Hkv, g*k, D]
-        sel_k = torch.gather(keys, 1, idx).view(h, k, d)                            # [H, k, D]
         sel_v = torch.gather(values, 1, idx).view(h, k, d)
-        return (best.values.view(h, k).to(self.fast_device), sel_k.to(self.fast_device, torch.float32),
-                sel_v.to(self.fast_device, torch.float32))
-
-    def _gather(self, store: Tensor, kv_of: Tensor, tok: Tensor) -> Tensor:
-        """store[kv_of[h], tok[h, j]] -> float32 [H, n, D] on the fast device, moving only those rows."""
-        kv = kv_of.to(self.store_device)[:, None].expand_as(tok)
-        return store[kv, tok.to(self.store_device)].to(self.fast_device, torch.float32)
+        sel_k = torch.gather(keys, 1, idx).view(h, k, d).to(self.fast_device, torch.float32) if with_keys else None
+        return best.values.view(h, k).to(self.fast_device), sel_k, sel_v.to(self.fast_device, torch.float32)

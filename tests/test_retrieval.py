@@ -188,6 +188,29 @@ def test_half_precision_store_halves_the_bytes_and_returns_float32():
         LambdaSettings.for_model(16, middle_top_k=5, middle_blocks=-1)
 
 
+def test_token_by_token_appends_keep_the_same_summaries_as_one_append():
+    # Decode steps widen the tail block's box in place; the result must equal summarising from scratch.
+    torch.manual_seed(4)
+    keys = torch.randn(2, 300, 16) * 3
+    for dtype in (torch.float32, torch.float16):
+        bulk, steps = (MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"),
+                                   store_device=torch.device("cpu"), dtype=dtype) for _ in range(2))
+        bulk.append(keys, -keys)
+        steps.append(keys[:, :45], -keys[:, :45])  # a partial block first, as after an encode
+        for t in range(45, 300):
+            steps.append(keys[:, t:t + 1], -keys[:, t:t + 1])
+        assert torch.equal(steps.kmax, bulk.kmax) and torch.equal(steps.kmin, bulk.kmin)
+        assert steps.n_blocks == bulk.n_blocks == 10
+        steps.truncate(100)  # undo into the middle of a block, then step again
+        bulk.truncate(100)
+        for t in range(100, 140):
+            steps.append(keys[:, t:t + 1], keys[:, t:t + 1])
+        bulk.append(keys[:, 100:140], keys[:, 100:140])
+        assert torch.equal(steps.kmax, bulk.kmax) and torch.equal(steps.kmin, bulk.kmin)
+        q = torch.randn(4, 16)
+        assert all(torch.equal(a, b) for a, b in zip(steps.top_k(q, 5, 2, 3), bulk.top_k(q, 5, 2, 3), strict=True))
+
+
 def test_memory_mapped_store_equals_the_ram_store_and_leaves_no_files(tmp_path):
     torch.manual_seed(3)
     keys = torch.randn(2, 900, 16)
