@@ -167,6 +167,37 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
         n_chars *= 2
 
 
+def split_streams(ids: Sequence[int], streams: int, length: int, name: str) -> list[list[int]]:
+    """`streams` consecutive stretches of `length` tokens from the start of ids.
+
+    One stream may be shorter than `length` (the whole file is scored); several must
+    each be full, or the average by position would mix different counts.
+    """
+    if streams < 1:
+        raise UsageError(f"--streams must be 1 or more, got {streams}")
+    if streams == 1:
+        return [list(ids[:length])]
+    if len(ids) < streams * length:
+        raise InputError(f"{name} has {len(ids):,} tokens; {streams} streams of {length:,} need "
+                         f"{streams * length:,}: use fewer --streams or a smaller --max-length")
+    return [list(ids[i * length:(i + 1) * length]) for i in range(streams)]
+
+
+def average_streams(runs: Sequence[Scored]) -> Scored:
+    """One method's runs over several streams as one: the mean NLL at each position.
+
+    Positions count from each stream's start, so the text's own ups and downs average
+    out while effects of position stay.  Only positions that every stream scored are
+    kept (a baseline may stop early in one of them).
+    """
+    if len(runs) == 1:
+        return runs[0]
+    m = min(r.nll.numel() for r in runs)
+    nll = torch.stack([r.nll[:m] for r in runs]).mean(dim=0)                     # [m]
+    reason = next((r.stop_reason for r in runs if r.stop_reason), None)
+    return Scored(runs[0].method, nll, sum(r.seconds for r in runs), runs[0].requested, reason)
+
+
 # -- LM-Infinite and the unmodified model --------------------------------------------
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import CORPUS
 from typer.testing import CliRunner
 
@@ -73,6 +74,31 @@ def test_ppl_window_only_with_stride_matches_core(tiny_model_dir, text_file):
     ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 200)
     ref = ev.bucket_means(DenseModel(lm).window_nll(ids, 64, 24).nll, 50)
     assert [b["nll"] for b in rep["methods"]["window"]["buckets"]] == pytest.approx([b.nll for b in ref], abs=1e-5)
+
+
+def test_ppl_streams_average_by_position(tiny_model_dir, text_file):
+    from lminf_cli import evaluate as ev
+    from lminf_cli.cache import LambdaSettings
+    from lminf_cli.generate import Engine
+    from lminf_cli.models import load_model
+
+    r = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
+                "--streams", "3", "--baseline", "window", "--window-stride", "24", *TINY, "--json"])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["streams"] == 3 and rep["tokens"] == 200
+    lm = load_model(str(tiny_model_dir), "auto", "auto")
+    ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 600)
+    engine = Engine(lm, LambdaSettings.for_model(64, n_local=32, n_global=4), chunk_size=16)
+    dense = ev.DenseModel(lm)
+    for method, score in (("lminf", engine.token_nll), ("window", lambda p: dense.window_nll(p, 64, 24).nll)):
+        # Position p of the report is the mean over the three stretches [200 i, 200 (i + 1)) at p.
+        nll = torch.stack([score(ids[200 * i:200 * (i + 1)]) for i in range(3)]).mean(0)
+        want = [b.nll for b in ev.bucket_means(nll, 50)]
+        assert [b["nll"] for b in rep["methods"][method]["buckets"]] == pytest.approx(want, abs=1e-5)
+    table = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
+                    "--streams", "3", *TINY])
+    assert table.exit_code == 0 and "mean of 3 streams of 200 tokens" in " ".join(table.stdout.split())
 
 
 def test_ppl_stdin_and_plot(tiny_model_dir, tmp_path):
@@ -161,6 +187,8 @@ def _bad_cases(tmp_path, tiny_model_dir):
         "length too short for the prompt": ["passkey", *m, "--lengths", "20"],
         "no-lminf without baseline": ["ppl", ok, *m, "--no-lminf"],
         "window stride too large": ["ppl", ok, *m, "--baseline", "window", "--window-stride", "64"],
+        "zero streams": ["ppl", ok, *m, "--streams", "0"],
+        "too few tokens for the streams": ["ppl", ok, *m, "--max-length", "200", "--streams", "50"],
     }
 
 
@@ -168,7 +196,8 @@ BAD_CASES = ["missing file", "shorter than a bucket", "max-length does not parse
              "zero bucket", "unknown baseline", "negative baseline time", "baseline length does not parse",
              "ppl bad window", "lengths do not parse", "empty length in list", "depth above 1", "negative depth",
              "depth not a number", "zero samples", "unknown template", "chat template missing",
-             "length too short for the prompt", "no-lminf without baseline", "window stride too large"]
+             "length too short for the prompt", "no-lminf without baseline", "window stride too large",
+             "zero streams", "too few tokens for the streams"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -73,6 +73,9 @@ def ppl(
     window_stride: Annotated[Optional[str], typer.Option(
         "--window-stride", help="Window baseline: tokens scored per fresh read of L tokens "
         "[default: --bucket, at most L/2].")] = None,
+    streams: Annotated[int, typer.Option(
+        "--streams", help="Score this many consecutive stretches of the file, each --max-length tokens, and "
+        "average NLL by position: the text's own ups and downs average out, effects of position stay.")] = 1,
     no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
@@ -100,31 +103,44 @@ def ppl(
         doc = read_document(file)
         engine = opts.engine()
         lm = engine.lm
-        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, n_max)
+        if streams < 1:
+            raise UsageError(f"--streams must be 1 or more, got {streams}")
+        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, streams * n_max)
         ev.check_file_long_enough(len(ids), size, doc.name)
+        parts = ev.split_streams(ids, streams, n_max, doc.name)
         L = engine.adapter.trained_length
         stride = stride or min(size, max(1, L // 2))
         if ev.WINDOW in baselines and not stride < L:
             raise UsageError(f"--window-stride must be smaller than the trained length ({L:,}), got {stride:,}")
 
+        def label(name: str, i: int) -> str:
+            return name if streams == 1 else f"{name}, stream {i + 1}/{streams}"
+
         runs = []
         if not no_lminf:
-            with encode_progress(opts.quiet, "LM-Infinite") as progress:
-                runs.append(ev.lminf_nll(engine, ids, progress))
+            per_stream = []
+            for i, part in enumerate(parts):
+                with encode_progress(opts.quiet, label("LM-Infinite", i)) as progress:
+                    per_stream.append(ev.lminf_nll(engine, part, progress))
+            runs.append(ev.average_streams(per_stream))
         dense = ev.DenseModel(lm, budget=budget) if baselines else None
         for b in baselines:
-            with encode_progress(opts.quiet, ev.METHOD_LABELS[b]) as progress:
-                if b == ev.VANILLA:
-                    run = dense.nll(ids, progress)
-                else:
-                    run = dense.window_nll(ids, window=L, stride=stride, progress=progress)
-            if run.stop_reason:
-                _notice(f"{ev.METHOD_LABELS[b]} stopped at {run.tokens_read:,} of {len(ids):,} tokens: "
-                        f"{run.stop_reason}")
-            runs.append(run)
+            per_stream = []
+            for i, part in enumerate(parts):
+                with encode_progress(opts.quiet, label(ev.METHOD_LABELS[b], i)) as progress:
+                    if b == ev.VANILLA:
+                        run = dense.nll(part, progress)
+                    else:
+                        run = dense.window_nll(part, window=L, stride=stride, progress=progress)
+                if run.stop_reason:
+                    _notice(f"{label(ev.METHOD_LABELS[b], i)} stopped at {run.tokens_read:,} of {len(part):,} "
+                            f"tokens: {run.stop_reason}")
+                per_stream.append(run)
+            runs.append(ev.average_streams(per_stream))
 
         s = engine.settings
-        meta = {"model": lm.name, "file": doc.name, "window_stride": stride if ev.WINDOW in baselines else None,
+        meta = {"model": lm.name, "file": doc.name, "streams": streams,
+                "window_stride": stride if ev.WINDOW in baselines else None,
                 "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
                              "chunk_size": engine.chunk_size, "device": str(lm.device),
                              "dtype": str(lm.dtype).replace("torch.", "")}}
@@ -144,8 +160,10 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
     from ..units import format_length
 
     methods = report["methods"]
-    table = Table(title=f"NLL by position: {report['file']} ({report['tokens']:,} tokens, {report['model']})",
-                  title_justify="left")
+    streams = report.get("streams", 1)
+    what = f"{report['tokens']:,} tokens" if streams == 1 else \
+        f"mean of {streams} streams of {report['tokens']:,} tokens"
+    table = Table(title=f"NLL by position: {report['file']} ({what}, {report['model']})", title_justify="left")
     table.add_column("positions", justify="right")
     table.add_column("tokens", justify="right")
     for m in methods.values():
