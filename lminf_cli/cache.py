@@ -208,17 +208,7 @@ class LayerCache:
             self.k_global[:, :, plan.start + a:plan.start + b] = k[:, :, a:b]
             self.v_global[:, :, plan.start + a:plan.start + b] = v[:, :, a:b]
         if self.middle is not None and plan.evict_slots is not None:
-            # Tokens leaving the window: un-rotate and keep them for retrieval.
-            if plan.evict_span is not None:
-                a, b = plan.evict_span
-                leaving, values = self.k_ring[0, :, a:b], self.v_ring[0, :, a:b]   # [Hkv, n, D]
-            else:
-                leaving, values = self.k_ring[0][:, plan.evict_slots], self.v_ring[0][:, plan.evict_slots]
-            if plan.evict_mat is not None:
-                unrotated = torch.matmul(leaving, plan.evict_mat)
-            else:
-                unrotated = rope.rotate(leaving, plan.evict_cos, plan.evict_sin)
-            self.middle.append(unrotated, values)
+            self._evict(plan)
         n = plan.ring_view
         if plan.global_bias is None:
             q_cap = q_local  # unused by lambda_attention
@@ -235,16 +225,32 @@ class LayerCache:
         )
         if not retrieve:
             return out
-        out, lse = out
+        return self._retrieve(*out, q, q_ins, plan)
+
+    def _evict(self, plan: StepPlan) -> None:
+        """Tokens leaving the window: un-rotate their keys and keep them for retrieval."""
+        if plan.evict_span is not None:
+            a, b = plan.evict_span
+            leaving, values = self.k_ring[0, :, a:b], self.v_ring[0, :, a:b]       # [Hkv, n, D]
+        else:
+            leaving, values = self.k_ring[0][:, plan.evict_slots], self.v_ring[0][:, plan.evict_slots]
+        if plan.evict_mat is not None:
+            unrotated = torch.matmul(leaving, plan.evict_mat)
+        else:
+            unrotated = self.owner.rope.rotate(leaving, plan.evict_cos, plan.evict_sin)
+        self.middle.append(unrotated, values)
+
+    def _retrieve(self, out: Tensor, lse: Tensor, q: Tensor, q_ins: Tensor | None, plan: StepPlan) -> Tensor:
+        """The last row of `out` [1, H, C, D] also attends to its top-k middle tokens (joint softmax via lse)."""
         b, h, c, d = out.shape
         g = h // lse.shape[1]
         last_lse = lse.view(b, lse.shape[1], g, c)[0, :, :, -1].reshape(h)      # [H], head = kv * g + gi
         if q_ins is None:
-            q_ins = rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)         # [H, D]
+            q_ins = self.owner.rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)  # [H, D]
         s = self.owner.settings
         scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks, with_keys=False)
         # `out` is this call's own tensor: its last row can be replaced in place.
-        out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * scale, values)
+        out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * self.owner.scale, values)
         return out
 
     def rotate_ring(self, cos: Tensor, sin: Tensor) -> None:
