@@ -41,8 +41,9 @@ def dense_topk_logits(model, ids, n_local, n_global, limit, top_k, from_layer, d
                 kk = min(top_k, int(middle[r].sum()))
                 if kk == 0:
                     continue
-                top = torch.topk(cand, kk, dim=-1).indices                           # [h, kk]
-                chosen[(li, r)] = top
+                best = torch.topk(cand, kk, dim=-1)                                  # [h, kk]
+                top = best.indices
+                chosen[(li, r)] = best.values                                        # their scores, best first
                 for head in range(h):
                     scores[0, head, r, top[head]] = s_mid[0, head, r, top[head]]
         p = torch.softmax(scores / d ** 0.5, dim=-1)
@@ -64,14 +65,30 @@ def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
                                  "middle_dtype": "float32"})
     ids = torch.randint(0, 97, (1, 120)).to(DEVICE)
     prompt, n_decode = 100, 20
-    ref, _ = dense_topk_logits(model, ids, 8, 3, 12, 5, 1, 4, rows=list(range(prompt - 1, 120)))
+    ref, chosen = dense_topk_logits(model, ids, 8, 3, 12, 5, 1, 4, rows=list(range(prompt - 1, 120)))
+    picked = []  # what the engine's stores returned, call by call: layers 1 and 2 for each row
+    search = MiddleStore.top_k
+
+    def recording(store, *args, **kw):
+        out = search(store, *args, **kw)
+        picked.append(out[0])
+        return out
+
     for chunk in (7, 32):
+        picked.clear()
         engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
-        state = engine.encode(ids[0, :prompt])
-        assert torch.allclose(state.logits, ref[0, prompt - 1], atol=1e-4)
-        for t in range(prompt, prompt + n_decode):
-            logits = engine.step(state, int(ids[0, t]))
-            assert torch.allclose(logits, ref[0, t], atol=1e-4), (chunk, t)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(MiddleStore, "top_k", recording)
+            state = engine.encode(ids[0, :prompt])
+            assert torch.allclose(state.logits, ref[0, prompt - 1], atol=1e-4)
+            for t in range(prompt, prompt + n_decode):
+                logits = engine.step(state, int(ids[0, t]))
+                assert torch.allclose(logits, ref[0, t], atol=1e-4), (chunk, t)
+        # The selected tokens: every head's k best middle scores, equal to the reference's choice.
+        want = [chosen[(layer, r)] for r in range(prompt - 1, prompt + n_decode) for layer in (1, 2)]
+        assert len(picked) == len(want)
+        for got, ref_scores in zip(picked, want, strict=True):
+            assert torch.allclose(got, ref_scores.to(got), atol=1e-4)
         # Only the layers that retrieve keep a store; the window cache itself did not grow.
         assert [layer.middle is not None for layer in state.cache.layers] == [False, True, True]
         assert state.cache.layers[1].middle.length == 120 - 8 - 3
@@ -85,7 +102,7 @@ def test_topk_changes_the_answer_only_where_it_should():
     with_rows, chosen = dense_topk_logits(model, ids, 8, 3, 12, 5, 0, 4, rows=[59])
     assert torch.allclose(plain[0, :59], with_rows[0, :59], atol=1e-6)
     assert (plain[0, 59] - with_rows[0, 59]).abs().max() > 1e-3
-    assert chosen[(0, 59)].shape == (4, 5)
+    assert chosen[(0, 59)].shape == (4, 5)  # the scores of each head's 5 picks
 
 
 def test_store_top_k_is_exact_and_reads_few_blocks():
