@@ -29,7 +29,7 @@ from .errors import UsageError
 from .retrieval import MiddleStore
 
 RETRIEVAL_TOP_K = 5  # the paper's k; the passkey grid found no gain from more
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 
 
 @dataclass(frozen=True)

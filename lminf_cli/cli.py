@@ -109,7 +109,8 @@ MiddleDirOpt = Annotated[Optional[str], typer.Option(
     "RAM (very long inputs; the files are unlinked at once, so nothing is left there).")]
 MiddleDtypeOpt = Annotated[str, typer.Option(
     "--middle-dtype", help="Retrieval: precision of the middle store in host memory: auto (float16 for a "
-    "float32 model, else the model's), float16, bfloat16, float32.")]
+    "float32 model, else the model's), float16, bfloat16, float32, or int8 (per-token scales: half of float16's "
+    "bytes).")]
 
 
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
@@ -143,8 +144,9 @@ class EngineOptions:
         _check_positive("--middle-top-k", self.middle_top_k, allow_zero=True)
         _check_positive("--middle-from-layer", self.middle_from_layer, allow_zero=True)
         _check_positive("--middle-blocks", self.middle_blocks, allow_zero=True)
-        if self.middle_dtype not in ("auto", "float16", "bfloat16", "float32"):
-            raise UsageError(f"--middle-dtype must be auto, float16, bfloat16 or float32; got '{self.middle_dtype}'")
+        if self.middle_dtype not in ("auto", "float16", "bfloat16", "float32", "int8"):
+            raise UsageError("--middle-dtype must be auto, float16, bfloat16, float32 or int8; "
+                             f"got '{self.middle_dtype}'")
         if self.middle_dir is not None and not os.path.isdir(self.middle_dir):
             raise UsageError(f"--middle-dir: '{self.middle_dir}' is not a directory")
         _check_positive("--n-local", self.n_local)

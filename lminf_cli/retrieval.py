@@ -2,7 +2,8 @@
 
 Tokens that leave the local window and are not among the first n_global land
 in a per-layer `MiddleStore`: unrotated keys and values kept off the hot path
-(host memory, float16 by default; memory-mapped files for very long inputs),
+(host memory, float16 by default, int8 with per-token scales on request;
+memory-mapped files for very long inputs),
 in blocks of `block` tokens with per-block, per-dim min/max summary keys on
 the fast device.
 
@@ -63,6 +64,9 @@ class MiddleStore:
                  store_device: torch.device, dtype: torch.dtype, spill_dir: str | None = None) -> None:
         self.n_kv_heads, self.head_dim, self.block = n_kv_heads, head_dim, block
         self.fast_device, self.store_device, self.dtype = fast_device, store_device, dtype
+        # int8: each token's key (and value) per head is stored as round(x / s) with s = max|x| / 127,
+        # the scales in float32 beside them: a quarter of float32's bytes, relative error below 0.4%.
+        self.quantized = dtype == torch.int8
         self.length = 0
         # k/v [Hkv, cap, D]: each block of a head is one contiguous run, so a block is read in one copy.
         if spill_dir is not None and store_device.type != "cpu":
@@ -87,8 +91,9 @@ class MiddleStore:
 
     @property
     def store_nbytes(self) -> int:
-        """Bytes of stored keys and values."""
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes of stored keys and values (with their scales when quantized)."""
+        scales = 2 * self.k_scale.numel() * self.k_scale.element_size() if self.quantized else 0
+        return 2 * self.k.numel() * self.k.element_size() + scales
 
     @property
     def summary_nbytes(self) -> int:
@@ -106,14 +111,19 @@ class MiddleStore:
         need = self.length + n
         if need > self.k.shape[1]:
             self._grow(-(-max(need, 2 * self.k.shape[1]) // self.block) * self.block)
-        self.k[:, self.length:need] = k.to(self.store_device, self.dtype)
-        self.v[:, self.length:need] = v.to(self.store_device, self.dtype)
+        for name, x in (("k", k), ("v", v)):
+            x = x.to(self.store_device)
+            if self.quantized:
+                scale = x.float().abs().amax(dim=-1) / 127                              # [Hkv, n]
+                getattr(self, f"{name}_scale")[:, self.length:need] = scale
+                x = torch.round(x.float() / scale.clamp(min=1e-30)[..., None])
+            getattr(self, name)[:, self.length:need] = x.to(self.dtype)
         first, filled = divmod(self.length, self.block)  # the first block whose summary changes
         self.length = need
         if filled and filled + n <= self.block:
             # The new tokens join a started block (a decode step): widen its box by them, from the stored
             # (rounded) keys so the result equals a full re-summary.
-            new = self.k[:, need - n:need].to(self.fast_device, torch.float32)          # [Hkv, n, D]
+            new = self.keys(need - n, need)                                             # [Hkv, n, D]
             hi, lo = self._summary[:, first, : self.head_dim], self._summary[:, first, self.head_dim:]
             torch.maximum(hi, new.amax(dim=1), out=hi)
             torch.minimum(lo, new.amin(dim=1), out=lo)
@@ -131,6 +141,34 @@ class MiddleStore:
             if self.length:
                 new[:, : self.length] = getattr(self, name)[:, : self.length]
             setattr(self, name, new)
+            if self.quantized:  # scales stay in RAM: 4 bytes a token and head, against 64 for the token
+                scale = torch.zeros(shape[:2], device=self.store_device, dtype=torch.float32)
+                if self.length:
+                    scale[:, : self.length] = getattr(self, f"{name}_scale")[:, : self.length]
+                setattr(self, f"{name}_scale", scale)
+
+    def keys(self, start: int, end: int) -> Tensor:
+        """Stored keys of tokens [start, end) as float32 on the fast device: [Hkv, end - start, D]."""
+        return self._read("k", slice(start, end))
+
+    def values(self, start: int, end: int) -> Tensor:
+        """Stored values of tokens [start, end) as float32 on the fast device: [Hkv, end - start, D]."""
+        return self._read("v", slice(start, end))
+
+    def _read(self, name: str, span: slice) -> Tensor:
+        x = getattr(self, name)[:, span].to(self.fast_device, torch.float32)
+        if self.quantized:
+            x = x * getattr(self, f"{name}_scale")[:, span, None].to(self.fast_device)
+        return x
+
+    def _rows(self, name: str, rows: Tensor, per_row: int) -> Tensor:
+        """Rows of the store seen as [Hkv * cap / per_row, per_row * D], as float32 on the fast device."""
+        d = self.head_dim
+        x = getattr(self, name).view(-1, per_row * d).index_select(0, rows).to(self.fast_device, torch.float32)
+        if self.quantized:
+            scale = getattr(self, f"{name}_scale").view(-1, per_row).index_select(0, rows)  # [rows, per_row]
+            x = (x.view(-1, per_row, d) * scale.to(self.fast_device)[..., None]).view(-1, per_row * d)
+        return x
 
     @property
     def kmax(self) -> Tensor:
@@ -160,7 +198,7 @@ class MiddleStore:
     def _summarise(self, first: int) -> None:
         nb = self.n_blocks
         # Capacity is a whole number of blocks, so the span reshapes without padding.
-        span = self.k[:, first * self.block: nb * self.block].to(self.fast_device, torch.float32)
+        span = self.keys(first * self.block, nb * self.block)
         span = span.reshape(self.n_kv_heads, nb - first, self.block, self.head_dim)  # [Hkv, nb', B, D]
         valid = self.length - first * self.block
         # Unfilled slots of the tail block must not widen its bounds.
@@ -220,8 +258,7 @@ class MiddleStore:
         # Whole blocks, one contiguous row each of the store seen as [Hkv * blocks, B * D].
         cap_blocks = self.k.shape[1] // bl
         rows = pool.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks   # [Hkv, m]
-        keys = self.k.view(hkv * cap_blocks, bl * d).index_select(0, rows.flatten())  # [Hkv*m, B*D]
-        keys = keys.to(dev, torch.float32).view(hkv, m * bl, d)                     # [Hkv, m*B, D]
+        keys = self._rows("k", rows.flatten(), bl).view(hkv, m * bl, d)             # [Hkv, m*B, D]
         scores = torch.matmul(qf.view(hkv, g, d), keys.transpose(1, 2))            # [Hkv, g, m*B]
         tok = (pool[:, :, None] * bl + self._const("slot", bl, dev)).view(hkv, m * bl)  # [Hkv, m*B]
         if self.length % bl:  # the tail block's unfilled slots hold no token
@@ -236,10 +273,8 @@ class MiddleStore:
         self.reads["blocks"] += m * hkv
         picked = torch.gather(tok, 1, best.indices.view(hkv, g * k))               # [Hkv, g*k] token ids
         flat = (picked.to(sdev) + self._const("kv", hkv, sdev)[:, None] * self.v.shape[1]).flatten()
-        values = self.v.view(-1, d).index_select(0, flat).to(dev, torch.float32).view(h, k, d)
-        sel_k = None
-        if with_keys:
-            sel_k = self.k.view(-1, d).index_select(0, flat).to(dev, torch.float32).view(h, k, d)
+        values = self._rows("v", flat, 1).view(h, k, d)
+        sel_k = self._rows("k", flat, 1).view(h, k, d) if with_keys else None
         return best.values.view(h, k), sel_k, values
 
     def bounds(self, q: Tensor, groups: int) -> Tensor:
@@ -261,13 +296,15 @@ class MiddleStore:
         """Exact top-k by one batched matmul over every stored token (on the store's device)."""
         h, d = qf.shape
         hkv, n = self.n_kv_heads, self.length
-        keys, values = self.k[:, :n], self.v[:, :n]                                  # [Hkv, n, D]
-        if self.store_device.type == "cpu":  # CPU half-precision matmuls are slow and imprecise
+        keys = self.k[:, :n]                                                         # [Hkv, n, D]
+        if self.quantized:
+            keys = keys.float() * self.k_scale[:, :n, None]
+        elif self.store_device.type == "cpu":  # CPU half-precision matmuls are slow and imprecise
             keys = keys.float()
         qs = qf.to(self.store_device, keys.dtype).view(hkv, groups, d)              # [Hkv, g, D]
         scores = torch.matmul(qs, keys.transpose(1, 2)).float()                     # [Hkv, g, n]
         best = torch.topk(scores, k, dim=-1)                                        # [Hkv, g, k]
-        idx = best.indices.reshape(hkv, groups * k, 1).expand(hkv, groups * k, d)   # [Hkv, g*k, D]
-        sel_v = torch.gather(values, 1, idx).view(h, k, d)
-        sel_k = torch.gather(keys, 1, idx).view(h, k, d).to(self.fast_device, torch.float32) if with_keys else None
-        return best.values.view(h, k).to(self.fast_device), sel_k, sel_v.to(self.fast_device, torch.float32)
+        flat = (best.indices + self._const("kv", hkv, self.store_device)[:, None, None] * self.k.shape[1]).flatten()
+        sel_v = self._rows("v", flat, 1).view(h, k, d)
+        sel_k = self._rows("k", flat, 1).view(h, k, d) if with_keys else None
+        return best.values.view(h, k).to(self.fast_device), sel_k, sel_v

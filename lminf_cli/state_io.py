@@ -144,8 +144,11 @@ def save_state(path: str | Path, state: State, header: StateHeader) -> int:
             tensors[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :view].cpu().contiguous()  # [1, Hkv, view, D]
         if layer.middle is not None:  # retrieval: the middle of the document travels with the state
             m = layer.middle
-            tensors[f"layers.{i}.middle_k"] = m.k[:, :m.length].cpu().contiguous()  # [Hkv, length, D]
-            tensors[f"layers.{i}.middle_v"] = m.v[:, :m.length].cpu().contiguous()
+            for buf in ("k", "v"):
+                tensors[f"layers.{i}.middle_{buf}"] = getattr(m, buf)[:, :m.length].cpu().contiguous()  # [Hkv, n, D]
+                if m.quantized:  # int8: the per-token scales travel too
+                    scale = getattr(m, f"{buf}_scale")[:, :m.length]
+                    tensors[f"layers.{i}.middle_{buf}_scale"] = scale.cpu().contiguous()  # [Hkv, n]
     target = Path(path).expanduser()
     if target.is_dir():
         raise InputError(f"{path} is a directory; give a file name ending in {SUFFIX}")
@@ -243,9 +246,9 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
                 if layer.middle is not None:
                     n_mid = max(0, header.length - header.n_local - header.n_global)
                     shape = (cache.n_kv_heads, n_mid, cache.head_dim)
-                    # Any float precision: a store written on a GPU (bfloat16) loads into a CPU one (float16).
-                    mk = _tensor(f, keys, f"layers.{i}.middle_k", shape, None, name)
-                    mv = _tensor(f, keys, f"layers.{i}.middle_v", shape, None, name)
+                    # Any precision: a store written on a GPU (bfloat16) loads into a CPU one (float16),
+                    # an int8 one (with its scales) into any other.
+                    mk, mv = (_middle_tensor(f, keys, f"layers.{i}.middle_{buf}", shape, name) for buf in "kv")
                     layer.middle.append(mk, mv)
     except SafetensorError as exc:
         raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
@@ -253,6 +256,14 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
     cache.stored_upto = max(header.n_global, header.length - header.n_local)
     metrics = GenerationMetrics(cache_bytes=cache.nbytes)
     return State(cache, logits.to(device=engine.lm.device, dtype=engine.lm.dtype), metrics)
+
+
+def _middle_tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...], name: str) -> Tensor:
+    """A middle store's keys or values as saved: float as they are, int8 times their scales."""
+    if f"{key}_scale" not in keys:
+        return _tensor(f, keys, key, shape, None, name)
+    scale = _tensor(f, keys, f"{key}_scale", shape[:2], torch.float32, name)
+    return _tensor(f, keys, key, shape, torch.int8, name).float() * scale[..., None]
 
 
 def _tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...] | None, dtype: torch.dtype | None,

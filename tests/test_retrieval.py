@@ -228,6 +228,45 @@ def test_token_by_token_appends_keep_the_same_summaries_as_one_append():
         assert all(torch.equal(a, b) for a, b in zip(steps.top_k(q, 5, 2, 3), bulk.top_k(q, 5, 2, 3), strict=True))
 
 
+def test_int8_store_quarter_bytes_close_answers_and_valid_bounds(tmp_path):
+    torch.manual_seed(5)
+    keys = torch.randn(2, 700, 16) * torch.rand(2, 700, 1) * 4
+    full, small = (MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                               dtype=dt) for dt in (torch.float32, torch.int8))
+    for store in (full, small):
+        store.append(keys[:, :650], -keys[:, :650] + 1)
+        for t in range(650, 700):  # decode-style appends widen the tail box from the dequantized keys
+            store.append(keys[:, t:t + 1], -keys[:, t:t + 1] + 1)
+    # int8 data plus a float32 scale per token and head: 16 + 4 bytes against 64.
+    assert small.store_nbytes * 64 == full.store_nbytes * 20
+    deq = small.keys(0, 700)
+    assert (deq - keys).abs().max() <= keys.abs().amax(-1, keepdim=True).max() / 127 * 0.5 + 1e-6
+    # The summaries bound the stored (dequantized) keys, so the exact search stays exact for them.
+    def boxes(x):  # per 32-token block: [max | min] over its tokens
+        spans = [x[:, a:a + 32] for a in range(0, x.shape[1], 32)]
+        return torch.stack([b.amax(1) for b in spans], 1), torch.stack([b.amin(1) for b in spans], 1)
+
+    assert all(torch.equal(a, b) for a, b in zip((small.kmax, small.kmin), boxes(deq), strict=True))
+    q = torch.randn(4, 16)
+    s8, k8, v8 = small.top_k(q, 5, 2, 0)
+    exact = torch.einsum("hd,hnd->hn", q, deq.repeat_interleave(2, 0))
+    assert torch.allclose(s8, torch.topk(exact, 5, dim=1).values, atol=1e-4)
+    assert torch.allclose(torch.einsum("hd,hkd->hk", q, k8), s8, atol=1e-4)
+    for blocks_read in (0, 4):
+        (s32, _, _), (s8, k8, v8) = full.top_k(q, 5, 2, blocks_read), small.top_k(q, 5, 2, blocks_read)
+        assert s8.dtype == k8.dtype == v8.dtype == torch.float32
+        # The best scores of the float32 store, to the rounding of the keys; each value its key's, to its own.
+        assert torch.allclose(s8, s32, rtol=0.02, atol=0.05)
+        step = (k8.abs().amax(-1, keepdim=True) + 1) / 127                         # [4, 5, 1]
+        assert ((v8 - (1 - k8)).abs() <= step).all()
+    spilled = MiddleStore(2, 16, block=32, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                          dtype=torch.int8, spill_dir=str(tmp_path))
+    spilled.append(keys, -keys + 1)
+    assert all(torch.equal(a, b) for a, b in zip(spilled.top_k(q, 5, 2, 4), small.top_k(q, 5, 2, 4), strict=True))
+    small.truncate(100)  # a checkpoint's undo: the tail block's box shrinks back
+    assert all(torch.equal(a, b) for a, b in zip((small.kmax, small.kmin), boxes(deq[:, :100]), strict=True))
+
+
 def test_memory_mapped_store_equals_the_ram_store_and_leaves_no_files(tmp_path):
     torch.manual_seed(3)
     keys = torch.randn(2, 900, 16)
@@ -328,6 +367,17 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
     assert moved.cache.layers[1].middle.dtype == torch.float16
     n = moved.cache.layers[1].middle.length  # loaded has since generated 12 more tokens
     assert torch.equal(moved.cache.layers[1].middle.k[:, :n], loaded.cache.layers[1].middle.k[:, :n])
+    # An int8 store travels as int8 with its scales, and comes back the same.
+    tight = Engine(engine.lm, LambdaSettings(**{**engine.settings.__dict__, "middle_dtype": "int8"}), chunk_size=8)
+    packed = tight.encode(ids)
+    save_state(tmp_path / "q.lminf", packed, build_header(tight, packed, str(tiny_model_dir), "fp", "doc", "sha",
+                                                          150, 600, None))
+    assert (tmp_path / "q.lminf").stat().st_size < (tmp_path / "s.lminf").stat().st_size
+    back = load_state(tmp_path / "q.lminf", tight, read_header(tmp_path / "q.lminf"), "fp")
+    a, b = back.cache.layers[1].middle, packed.cache.layers[1].middle
+    assert a.dtype == torch.int8 and torch.equal(a.k[:, :a.length], b.k[:, :b.length])
+    assert torch.allclose(a.keys(0, a.length), b.keys(0, b.length), rtol=1e-6, atol=0)
+    assert list(tight.generate(back, 12)) == list(tight.generate(packed, 12))
 
 
 def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
