@@ -301,7 +301,7 @@ class LambdaCache:
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
         self._cap_mat: Tensor | None = None
-        self._ins_mat: tuple[int, Tensor] | None = None  # (insertion distance, its rotation matrix)
+        self._ins: tuple[int, Tensor, Tensor, Tensor] | None = None  # (insertion distance, cos, sin, matrix)
         self._cap: tuple[Tensor, Tensor] | None = None
         self.stored_upto = settings.n_global  # middle tokens before this are in the stores
         self.retrieve_last_row = False         # set by the engine for rows being generated
@@ -436,7 +436,7 @@ class LambdaCache:
         if n_new == 1 and self.rope.rotary_dim:
             mats = [self.rope.matrix(q_cos, q_sin), self._cap_matrix()]
             if plan.retrieve:
-                mats.append(self._ins_matrix())
+                mats.append(self._ins_rotation()[2])
             plan.step_mat = torch.cat(mats, dim=1)
         return plan
 
@@ -456,8 +456,7 @@ class LambdaCache:
             self.stored_upto = hi
         if self.retrieve_last_row and s.middle_top_k:
             plan.retrieve = True
-            plan.ins_cos, plan.ins_sin = self.rope.cos_sin(torch.tensor([s.middle_distance]), self.device,
-                                                           self.dtype)
+            plan.ins_cos, plan.ins_sin, _ = self._ins_rotation()
 
     def _cap_cos_sin(self) -> tuple[Tensor, Tensor]:
         """Rotation to the distance cap L ([1, R] each); the same for every forward."""
@@ -465,12 +464,16 @@ class LambdaCache:
             self._cap = self.rope.cos_sin(torch.tensor([self.settings.limit_distance]), self.device, self.dtype)
         return self._cap
 
-    def _ins_matrix(self) -> Tensor:
-        """Rotation to the insertion distance as a [D, D] matrix; the same for every step."""
-        key = self.settings.middle_distance
-        if self._ins_mat is None or self._ins_mat[0] != key:
-            self._ins_mat = (key, self.rope.matrix(*self.rope.cos_sin(torch.tensor([key]), self.device, self.dtype)))
-        return self._ins_mat[1]
+    def _ins_rotation(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotation to the insertion distance: cos, sin ([1, R] each) and as a [D, D] matrix.
+
+        The same for every step until set_retrieval changes the distance.
+        """
+        d = self.settings.middle_distance
+        if self._ins is None or self._ins[0] != d:
+            cos, sin = self.rope.cos_sin(torch.tensor([d]), self.device, self.dtype)
+            self._ins = (d, cos, sin, self.rope.matrix(cos, sin))
+        return self._ins[1:]
 
     def _cap_matrix(self) -> Tensor:
         if self._cap_mat is None:

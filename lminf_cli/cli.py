@@ -144,9 +144,10 @@ class EngineOptions:
         _check_positive("--middle-top-k", self.middle_top_k, allow_zero=True)
         _check_positive("--middle-from-layer", self.middle_from_layer, allow_zero=True)
         _check_positive("--middle-blocks", self.middle_blocks, allow_zero=True)
-        if self.middle_dtype not in ("auto", "float16", "bfloat16", "float32", "int8"):
-            raise UsageError("--middle-dtype must be auto, float16, bfloat16, float32 or int8; "
-                             f"got '{self.middle_dtype}'")
+        from .cache import STORE_DTYPES  # the one list of store precisions (torch loads with it, not the model)
+
+        if self.middle_dtype != "auto" and self.middle_dtype not in STORE_DTYPES:
+            raise UsageError(f"--middle-dtype must be auto, {', '.join(STORE_DTYPES)}; got '{self.middle_dtype}'")
         if self.middle_dir is not None and not os.path.isdir(self.middle_dir):
             raise UsageError(f"--middle-dir: '{self.middle_dir}' is not a directory")
         _check_positive("--n-local", self.n_local)

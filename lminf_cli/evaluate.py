@@ -167,14 +167,19 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
         n_chars *= 2
 
 
+def check_streams(streams: int) -> None:
+    """--streams counts stretches of the file: one or more."""
+    if streams < 1:
+        raise UsageError(f"--streams must be 1 or more, got {streams}")
+
+
 def split_streams(ids: Sequence[int], streams: int, length: int, name: str) -> list[list[int]]:
     """`streams` consecutive stretches of `length` tokens from the start of ids.
 
     One stream may be shorter than `length` (the whole file is scored); several must
     each be full, or the average by position would mix different counts.
     """
-    if streams < 1:
-        raise UsageError(f"--streams must be 1 or more, got {streams}")
+    check_streams(streams)
     if streams == 1:
         return [list(ids[:length])]
     if len(ids) < streams * length:

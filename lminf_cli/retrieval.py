@@ -114,9 +114,10 @@ class MiddleStore:
         for name, x in (("k", k), ("v", v)):
             x = x.to(self.store_device)
             if self.quantized:
-                scale = x.float().abs().amax(dim=-1) / 127                              # [Hkv, n]
+                x = x.float()
+                scale = x.abs().amax(dim=-1) / 127                                      # [Hkv, n]
                 getattr(self, f"{name}_scale")[:, self.length:need] = scale
-                x = torch.round(x.float() / scale.clamp(min=1e-30)[..., None])
+                x = torch.round(x / scale.clamp(min=1e-30)[..., None])
             getattr(self, name)[:, self.length:need] = x.to(self.dtype)
         first, filled = divmod(self.length, self.block)  # the first block whose summary changes
         self.length = need

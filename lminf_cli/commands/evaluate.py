@@ -97,14 +97,13 @@ def ppl(
         stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
         if no_lminf and not baselines:
             raise UsageError("--no-lminf needs at least one --baseline")
+        ev.check_streams(streams)
         opts.check()
         if plot:
             ev.check_plotting()
         doc = read_document(file)
         engine = opts.engine()
         lm = engine.lm
-        if streams < 1:
-            raise UsageError(f"--streams must be 1 or more, got {streams}")
         ids = ev.tokenize_prefix(lm.tokenizer, doc.text, streams * n_max)
         ev.check_file_long_enough(len(ids), size, doc.name)
         parts = ev.split_streams(ids, streams, n_max, doc.name)
@@ -113,30 +112,28 @@ def ppl(
         if ev.WINDOW in baselines and not stride < L:
             raise UsageError(f"--window-stride must be smaller than the trained length ({L:,}), got {stride:,}")
 
-        def label(name: str, i: int) -> str:
-            return name if streams == 1 else f"{name}, stream {i + 1}/{streams}"
+        def over_streams(name: str, score) -> ev.Scored:
+            """One method over every stream (progress and stop notices per stream), averaged by position."""
+            per_stream = []
+            for i, part in enumerate(parts):
+                label = name if streams == 1 else f"{name}, stream {i + 1}/{streams}"
+                with encode_progress(opts.quiet, label) as progress:
+                    run = score(part, progress)
+                if run.stop_reason:
+                    _notice(f"{label} stopped at {run.tokens_read:,} of {len(part):,} tokens: {run.stop_reason}")
+                per_stream.append(run)
+            return ev.average_streams(per_stream)
 
         runs = []
         if not no_lminf:
-            per_stream = []
-            for i, part in enumerate(parts):
-                with encode_progress(opts.quiet, label("LM-Infinite", i)) as progress:
-                    per_stream.append(ev.lminf_nll(engine, part, progress))
-            runs.append(ev.average_streams(per_stream))
+            runs.append(over_streams("LM-Infinite", lambda part, progress: ev.lminf_nll(engine, part, progress)))
         dense = ev.DenseModel(lm, budget=budget) if baselines else None
         for b in baselines:
-            per_stream = []
-            for i, part in enumerate(parts):
-                with encode_progress(opts.quiet, label(ev.METHOD_LABELS[b], i)) as progress:
-                    if b == ev.VANILLA:
-                        run = dense.nll(part, progress)
-                    else:
-                        run = dense.window_nll(part, window=L, stride=stride, progress=progress)
-                if run.stop_reason:
-                    _notice(f"{label(ev.METHOD_LABELS[b], i)} stopped at {run.tokens_read:,} of {len(part):,} "
-                            f"tokens: {run.stop_reason}")
-                per_stream.append(run)
-            runs.append(ev.average_streams(per_stream))
+            if b == ev.VANILLA:
+                runs.append(over_streams(ev.METHOD_LABELS[b], dense.nll))
+            else:
+                runs.append(over_streams(ev.METHOD_LABELS[b], lambda part, progress: dense.window_nll(
+                    part, window=L, stride=stride, progress=progress)))
 
         s = engine.settings
         meta = {"model": lm.name, "file": doc.name, "streams": streams,
