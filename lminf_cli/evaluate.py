@@ -98,6 +98,7 @@ class Scored:
     seconds: float
     requested: int                 # tokens the run was asked to read
     stop_reason: str | None = None  # why it read fewer, if it did
+    per_stream: tuple[Tensor, ...] = ()  # after average_streams: each stream's own NLL
 
     @property
     def tokens_read(self) -> int:
@@ -167,6 +168,15 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
         n_chars *= 2
 
 
+def skip_tokens(ids: Sequence[int], offset: int, name: str) -> list[int]:
+    """ids without its first `offset` tokens (to score a later stretch of a file)."""
+    if offset < 0:
+        raise UsageError(f"--offset must be zero or more tokens, got {offset}")
+    if offset and len(ids) <= offset:
+        raise InputError(f"{name} has {len(ids):,} tokens, not more than --offset {offset:,}")
+    return list(ids[offset:])
+
+
 def check_streams(streams: int) -> None:
     """--streams counts stretches of the file: one or more."""
     if streams < 1:
@@ -200,7 +210,8 @@ def average_streams(runs: Sequence[Scored]) -> Scored:
     m = min(r.nll.numel() for r in runs)
     nll = torch.stack([r.nll[:m] for r in runs]).mean(dim=0)                     # [m]
     reason = next((r.stop_reason for r in runs if r.stop_reason), None)
-    return Scored(runs[0].method, nll, sum(r.seconds for r in runs), runs[0].requested, reason)
+    return Scored(runs[0].method, nll, sum(r.seconds for r in runs), runs[0].requested, reason,
+                  tuple(r.nll for r in runs))
 
 
 # -- LM-Infinite and the unmodified model --------------------------------------------
@@ -437,6 +448,9 @@ def ppl_report(runs: Sequence[Scored], bucket: int, trained_length: int, meta: d
             "stop_reason": r.stop_reason,
             "buckets": [asdict(b) | {"ppl": b.ppl} for b in bucket_means(r.nll, bucket, n)],
         }
+        if r.per_stream:
+            # Each stream's bucket means too: methods can then be compared stream by stream.
+            methods[r.method]["stream_buckets"] = [[b.nll for b in bucket_means(x, bucket, n)] for x in r.per_stream]
     summary: dict[str, Any] = {}
     by = {r.method: r for r in runs}
     if LMINF in by:

@@ -13,8 +13,8 @@ _SUFFIX = {"": 1, "k": 1024, "m": 1024 ** 2}
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 
-def parse_length(s: str, name: str = "length") -> int:
-    """'4096', '4k', '128K', '1M', '1.5k' -> a positive number of tokens.
+def parse_length(s: str, name: str = "length", allow_zero: bool = False) -> int:
+    """'4096', '4k', '128K', '1M', '1.5k' -> a positive number of tokens (or zero, if allowed).
 
     `name` (e.g. '--max-length') goes into the error message.
     """
@@ -24,7 +24,7 @@ def parse_length(s: str, name: str = "length") -> int:
     value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
     if value != int(value):
         raise UsageError(f"{name}: '{s}' is not a whole number of tokens")
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{name}: must be a positive number of tokens, got '{s}'")
     return int(value)
 

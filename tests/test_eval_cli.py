@@ -96,6 +96,18 @@ def test_ppl_streams_average_by_position(tiny_model_dir, text_file):
         nll = torch.stack([score(ids[200 * i:200 * (i + 1)]) for i in range(3)]).mean(0)
         want = [b.nll for b in ev.bucket_means(nll, 50)]
         assert [b["nll"] for b in rep["methods"][method]["buckets"]] == pytest.approx(want, abs=1e-5)
+    # Each stream's own buckets are in the JSON too; --offset 200 starts at the second stream.
+    later = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
+                    "--streams", "2", "--offset", "200", *TINY, "--json"])
+    assert later.exit_code == 0, later.stderr
+    rep2 = json.loads(later.stdout)
+    assert rep2["offset"] == 200
+    per_stream = rep["methods"]["lminf"]["stream_buckets"]
+    assert len(per_stream) == 3
+    assert torch.allclose(torch.tensor(rep2["methods"]["lminf"]["stream_buckets"]), torch.tensor(per_stream[1:]),
+                          atol=1e-5)
+    assert [b["nll"] for b in rep["methods"]["window"]["buckets"]] == pytest.approx(
+        torch.tensor(rep["methods"]["window"]["stream_buckets"]).mean(0).tolist(), abs=1e-5)
     table = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
                     "--streams", "3", *TINY])
     assert table.exit_code == 0 and "mean of 3 streams of 200 tokens" in " ".join(table.stdout.split())
@@ -189,6 +201,8 @@ def _bad_cases(tmp_path, tiny_model_dir):
         "window stride too large": ["ppl", ok, *m, "--baseline", "window", "--window-stride", "64"],
         "zero streams": ["ppl", ok, *m, "--streams", "0"],
         "too few tokens for the streams": ["ppl", ok, *m, "--max-length", "200", "--streams", "50"],
+        "offset does not parse": ["ppl", ok, *m, "--offset", "ten"],
+        "offset past the end": ["ppl", ok, *m, "--offset", "1M"],
     }
 
 
@@ -197,7 +211,7 @@ BAD_CASES = ["missing file", "shorter than a bucket", "max-length does not parse
              "ppl bad window", "lengths do not parse", "empty length in list", "depth above 1", "negative depth",
              "depth not a number", "zero samples", "unknown template", "chat template missing",
              "length too short for the prompt", "no-lminf without baseline", "window stride too large",
-             "zero streams", "too few tokens for the streams"]
+             "zero streams", "too few tokens for the streams", "offset does not parse", "offset past the end"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

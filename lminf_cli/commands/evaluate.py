@@ -76,6 +76,8 @@ def ppl(
     streams: Annotated[int, typer.Option(
         "--streams", help="Score this many consecutive stretches of the file, each --max-length tokens, and "
         "average NLL by position: the text's own ups and downs average out, effects of position stay.")] = 1,
+    offset: Annotated[str, typer.Option(
+        "--offset", help="Skip this many tokens of the file first (e.g. 128k: score a later stretch).")] = "0",
     no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
@@ -97,6 +99,7 @@ def ppl(
         stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
         if no_lminf and not baselines:
             raise UsageError("--no-lminf needs at least one --baseline")
+        skip = parse_length(offset, "--offset", allow_zero=True)
         ev.check_streams(streams)
         opts.check()
         if plot:
@@ -104,7 +107,8 @@ def ppl(
         doc = read_document(file)
         engine = opts.engine()
         lm = engine.lm
-        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, streams * n_max)
+        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, skip + streams * n_max)
+        ids = ev.skip_tokens(ids, skip, doc.name)
         ev.check_file_long_enough(len(ids), size, doc.name)
         parts = ev.split_streams(ids, streams, n_max, doc.name)
         L = engine.adapter.trained_length
@@ -136,7 +140,7 @@ def ppl(
                     part, window=L, stride=stride, progress=progress)))
 
         s = engine.settings
-        meta = {"model": lm.name, "file": doc.name, "streams": streams,
+        meta = {"model": lm.name, "file": doc.name, "streams": streams, "offset": skip,
                 "window_stride": stride if ev.WINDOW in baselines else None,
                 "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
                              "chunk_size": engine.chunk_size, "device": str(lm.device),
