@@ -86,7 +86,9 @@ def _flash_cpu_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-_FLASH_CPU = _flash_cpu_available()
+FLASH_CPU = _flash_cpu_available()
+# Blocks of at least this many queries split the local branch (LocalSplit) on that kernel.
+SPLIT_MIN_ROWS = 32
 # Up to this many query rows (decode: g rows), CUDA takes the eager matmuls: two
 # batched GEMVs read K and V once at full bandwidth, while the fused kernel has
 # one query tile per head and leaves most of the GPU idle (measured 6x slower).
@@ -156,7 +158,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
     """
     if softcap is not None:
         return _eager_lse(q, k, v, bias, scale, softcap)
-    if fused and _FLASH_CPU and q.device.type == "cpu":
+    if fused and FLASH_CPU and q.device.type == "cpu":
         if bias is not None:
             bias = bias.to(q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -169,11 +171,29 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
     return _eager_lse(q, k, v, bias, scale)
 
 
+@dataclass(frozen=True)
+class LocalSplit:
+    """The local branch of a full window cut so that most keys need no mask.
+
+    For a block of C queries at positions [p, p + C) and a window W, every query sees
+    the W - C keys at [p + C - W, p); only the 2C - 1 keys at the window's two edges
+    ([p - W + 1, p + C - W) and the block itself) need a mask.  The fused CPU kernel
+    is ~15% slower with a mask than without, so the bulk runs unmasked.
+    spans: ring slices [a, b) of the unmasked keys (two when the ring wraps);
+    edge_slots [2C - 1] ring slots of the edge keys; edge_bias [g*C, 2C - 1] 0 / -inf.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    edge_slots: Tensor
+    edge_bias: Tensor
+
+
 def lambda_attention(q_local: Tensor, q_global: Tensor,
                      k_local: Tensor, v_local: Tensor, local_bias: Tensor | None,
                      k_global: Tensor | None, v_global: Tensor | None, global_bias: Tensor | None,
                      scale: float, fused: bool = True, return_lse: bool = False,
-                     softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                     softcap: float | None = None,
+                     split: LocalSplit | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Λ-attention for a block of queries, both branches under one softmax.
 
     q_local  [B, H, C, D]: queries rotated at their own positions (local branch).
@@ -183,6 +203,7 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     local_bias [g*C, N], global_bias [g*C, G]: additive masks over the folded
     query rows (g = H / Hkv), or per head [1, Hkv, g*C, N] / [1, Hkv, g*C, G] (ALiBi).
     global_bias None means no query sees a global key.  softcap: see attention_with_lse.
+    split: the same local keys and mask as a LocalSplit (local_bias is then unused).
     Returns [B, H, C, D], and with return_lse the joint log-sum-exp [B, Hkv, g*C]
     so that further keys (retrieved middle tokens) can join the same softmax.
     """
@@ -196,22 +217,38 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
         qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
         return joint_few_rows(ql, qg, k_local, v_local, local_bias, k_global, v_global, global_bias,
                               scale).reshape(b, h, c, d)
-    out, lse = attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)  # [B, Hkv, g*C, D]
-    if global_bias is None or k_global is None or k_global.shape[2] == 0:
+    if split is not None:
+        parts = [attention_with_lse(ql, k_local[:, :, a:e], v_local[:, :, a:e], None, scale, fused, softcap)
+                 for a, e in split.spans]                                                # [B, Hkv, g*C, D] each
+        k_edge = k_local.index_select(2, split.edge_slots)                                    # [B, Hkv, 2C-1, D]
+        v_edge = v_local.index_select(2, split.edge_slots)
+        parts.append(attention_with_lse(ql, k_edge, v_edge, split.edge_bias, scale, fused, softcap))
+    else:
+        parts = [attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)]  # [B, Hkv, g*C, D]
+    has_global = not (global_bias is None or k_global is None or k_global.shape[2] == 0)
+    if len(parts) == 1 and not has_global:
+        out, lse = parts[0]
         # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed.
         out = out.reshape(b, h, c, d)
         return (out, lse) if return_lse else out
-    qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
-    g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
-    if softcap is not None:
-        g_scores = torch.tanh(g_scores / softcap) * softcap
-    g_scores = g_scores + global_bias.float()
-    total = torch.logaddexp(lse, torch.logsumexp(g_scores, dim=-1))  # [B, Hkv, g*C]
-    # Re-weight each branch by its share of the joint softmax; rows with no
+    lses = [lse for _, lse in parts]
+    if has_global:
+        qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
+        g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
+        if softcap is not None:
+            g_scores = torch.tanh(g_scores / softcap) * softcap
+        g_scores = g_scores + global_bias.float()
+        lses.append(torch.logsumexp(g_scores, dim=-1))
+    total = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 2 else torch.logaddexp(*lses)  # [B, Hkv, g*C]
+    # Re-weight each part by its share of the joint softmax; rows with no
     # visible global key get exp(-inf) = 0 from that branch.
-    local_w = torch.exp(lse - total)[..., None]
-    g_probs = torch.exp(g_scores - total[..., None])
-    merged = out.float() * local_w + torch.matmul(g_probs.to(v_global.dtype), v_global).float()
+    if has_global:
+        g_probs = torch.exp(g_scores - total[..., None])
+        merged = torch.matmul(g_probs.to(v_global.dtype), v_global).float()           # [B, Hkv, g*C, D]
+    else:
+        merged = torch.zeros(b, hkv, g * c, d, device=q_local.device)
+    for out, lse in parts:
+        merged.addcmul_(out.float(), torch.exp(lse - total)[..., None])
     merged = merged.to(q_local.dtype).reshape(b, h, c, d)
     return (merged, total) if return_lse else merged
 

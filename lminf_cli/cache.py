@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import NEG_INF, Rope, lambda_attention, merge_extra_keys
+from .attention import FLASH_CPU, NEG_INF, SPLIT_MIN_ROWS, LocalSplit, Rope, lambda_attention, merge_extra_keys
 from .errors import UsageError
 from .retrieval import MiddleStore
 
@@ -130,7 +130,7 @@ class StepPlan:
     cap_sin: Tensor
     ring_slots: Tensor         # [C] ring slot of each new token
     ring_view: int             # attend to ring[:ring_view] (a prefix until it wraps)
-    local_bias: Tensor         # [g*C, ring_view] 0 / -inf
+    local_bias: Tensor | None  # [g*C, ring_view] 0 / -inf (None when `split` stands for it)
     global_new: tuple[int, int] | None  # new tokens [a, b) of the chunk that are global tokens
     global_view: int           # number of stored global keys attended to
     global_bias: Tensor | None  # [g*C, global_view] or None when no query sees one
@@ -144,6 +144,7 @@ class StepPlan:
     ins_sin: Tensor | None = None
     window_bias: dict[int, Tensor] = field(default_factory=dict)  # sliding window -> [g*C, ring_view]
     ring_span: tuple[int, int] | None = None  # the same slots as a slice, when they do not wrap
+    split: LocalSplit | None = None    # the local branch as unmasked spans + masked edges (CPU prefill)
     step_mat: Tensor | None = None     # one-token forwards: [D, 2D] = [rotation at r | rotation to L],
     #                                    [D, 3D] with [... | rotation to the insertion distance] when retrieving
     moved: dict = field(default_factory=dict, repr=False, init=False)
@@ -155,6 +156,9 @@ class StepPlan:
         if device not in self.moved:
             fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
             fields["window_bias"] = {w: b.to(device) for w, b in self.window_bias.items()}
+            if self.split is not None:
+                fields["split"] = replace(self.split, edge_slots=self.split.edge_slots.to(device),
+                                          edge_bias=self.split.edge_bias.to(device))
             self.moved[device] = StepPlan(**{k: v.to(device) if isinstance(v, Tensor) else v
                                              for k, v in fields.items()})
         return self.moved[device]
@@ -221,7 +225,7 @@ class LayerCache:
             q_local, q_cap,
             self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
             self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
-            scale, fused=self.owner.fused, return_lse=retrieve, softcap=self.owner.softcap,
+            scale, fused=self.owner.fused, return_lse=retrieve, softcap=self.owner.softcap, split=plan.split,
         )
         if not retrieve:
             return out
@@ -271,10 +275,15 @@ class LayerCache:
 class LambdaCache:
     """Λ-attention KV cache for a whole model; its size is fixed at creation.
 
+    `splits_local`: whether CPU prefill may cut the local branch (LocalSplit); ALiBi
+    caches add per-head biases to the full local mask instead.
+
     `max_chunk` is the largest block one forward may add; the ring holds
     n_local + max_chunk tokens so a block can be stored before it is attended to
     without overwriting keys that earlier queries of the same block still need.
     """
+
+    splits_local = True
 
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Rope,
                  settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
@@ -412,11 +421,15 @@ class LambdaCache:
         idx = torch.arange(start, end, device=self.device)                # [C] stream indices
 
         ring_view = min(end, self.ring_size)
-        kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
-        dist = idx[:, None] - kpos[None, :]                               # [C, N]
-        local_ok = (dist >= 0) & (dist < s.n_local) & (kpos[None, :] >= 0)
-        local_bias = self._bias(local_ok)
-        window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (dist < w)) for w in self.windows}
+        split = self._local_split(start, n_new)
+        local_bias, window_bias = None, {}
+        if split is None or self.windows:  # a [g*C, N] mask: tens of MB at 8k keys, built only when used
+            kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
+            dist = idx[:, None] - kpos[None, :]                               # [C, N]
+            local_ok = (dist >= 0) & (dist < s.n_local) & (kpos[None, :] >= 0)
+            local_bias = self._bias(local_ok)
+            window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (dist < w))
+                           for w in self.windows}
 
         global_new = None
         if start < s.n_global:
@@ -427,7 +440,8 @@ class LambdaCache:
             gdist = idx[:, None] - torch.arange(global_view, device=self.device)[None, :]  # [C, G]
             global_bias = self._bias(gdist >= s.n_local)
         plan = StepPlan(start, n_new, q_cos, q_sin, cap_cos, cap_sin, idx % self.ring_size,
-                        ring_view, local_bias, global_new, global_view, global_bias, window_bias=window_bias)
+                        ring_view, local_bias, global_new, global_view, global_bias, window_bias=window_bias,
+                        split=split)
         first = start % self.ring_size
         if first + n_new <= self.ring_size:
             plan.ring_span = (first, first + n_new)
@@ -439,6 +453,25 @@ class LambdaCache:
                 mats.append(self._ins_rotation()[2])
             plan.step_mat = torch.cat(mats, dim=1)
         return plan
+
+    def _local_split(self, start: int, n_new: int) -> LocalSplit | None:
+        """The full window's keys as unmasked ring spans plus masked edges (see LocalSplit).
+
+        Only for blocks of queries on the fused CPU kernel, once the window is full:
+        decode steps gain nothing from it and other kernels take the mask as cheaply.
+        """
+        w, r = self.settings.n_local, self.ring_size
+        if not (self.splits_local and self.fused and FLASH_CPU and self.device.type == "cpu" and self.softcap is None
+                and n_new >= SPLIT_MIN_ROWS and start >= w - 1 and w > n_new):
+            return None
+        a, m = (start + n_new - w) % r, w - n_new  # the unmasked keys: positions [start + n_new - w, start)
+        spans = ((a, a + m),) if a + m <= r else ((a, r), (0, a + m - r))
+        left = torch.arange(start - w + 1, start + n_new - w)   # [C - 1] oldest keys, seen by the first queries
+        block = torch.arange(start, start + n_new)              # [C] the block itself, causal
+        slots = (torch.cat([left, block]) % r).to(self.device)  # [2C - 1]
+        i = torch.arange(n_new)[:, None]
+        visible = torch.cat([torch.arange(n_new - 1)[None, :] >= i, torch.arange(n_new)[None, :] <= i], dim=1)
+        return LocalSplit(spans, slots, self._bias(visible.to(self.device)))
 
     def _plan_middle(self, plan: StepPlan, end: int) -> None:
         s = self.settings
@@ -506,7 +539,8 @@ class SlidingLayerCache(LayerCache):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: StepPlan) -> Tensor:
         """As LayerCache.attend, under this layer's window mask."""
-        return super().attend(q, k, v, replace(plan, local_bias=plan.window_bias[self.window], global_bias=None))
+        return super().attend(q, k, v, replace(plan, local_bias=plan.window_bias[self.window], global_bias=None,
+                                               split=None))
 
 
 class AlibiCache(LambdaCache):
@@ -517,6 +551,8 @@ class AlibiCache(LambdaCache):
     for distance L, -m_h * min(i - j, L) (the paper clips the offset matrix at -m_h * L).
     Both are built once per forward in `plan`.
     """
+
+    splits_local = False
 
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, slopes: Tensor,
                  settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
@@ -538,7 +574,7 @@ class AlibiCache(LambdaCache):
         if plan.global_bias is not None:
             gdist = idx[:, None] - torch.arange(plan.global_view, device=self.device)[None, :]  # [C, G]
             glob = plan.global_bias.float() + self._linear_bias(gdist.clamp(max=self.settings.limit_distance))
-        return replace(plan, local_bias=local, global_bias=glob)
+        return replace(plan, local_bias=local, global_bias=glob, split=None)
 
     def _linear_bias(self, dist: Tensor) -> Tensor:
         """-m_h * dist over folded query rows: [C, N] -> [1, Hkv, g*C, N] (float32)."""

@@ -50,6 +50,37 @@ def test_equals_dense_lambda_reference_beyond_window(heads, kv, fused, n_global,
             assert cache.rebases > 0  # long enough to re-base relative positions on the way
 
 
+@pytest.mark.parametrize("heads,kv", HEADS)
+@pytest.mark.parametrize("n_global,n_local,limit,chunk,wraps", [(5, 40, 48, 33, True), (0, 64, 64, 33, True),
+                                                                 (3, 50, 60, 45, False)])
+def test_split_local_branch_equals_dense_reference(heads, kv, n_global, n_local, limit, chunk, wraps, device,
+                                                   monkeypatch):
+    # CPU prefill cuts a full window into unmasked spans and masked edges (LocalSplit):
+    # the same keys under the same rule, so the same logits as the dense reference.
+    from lminf_cli.cache import LambdaCache
+
+    seen = []
+    build = LambdaCache._local_split
+
+    def recording(self, start, n_new):
+        split = build(self, start, n_new)
+        seen.append(None if split is None else len(split.spans))
+        return split
+
+    monkeypatch.setattr(LambdaCache, "_local_split", recording)
+    model = tiny_llama(heads, kv, trained=16)
+    lm = from_hf(model, None)
+    ids = torch.randint(0, 97, (1, 400), device=device)
+    ref = dense_lambda_logits(model, ids, n_local, n_global, limit)
+    ours, _ = run_chunks(lm, LambdaSettings(n_global, n_local, limit), ids, chunk)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    if device.type == "cpu":
+        # The window filling (no split), one unmasked span, and (where the ring wraps there) two.
+        assert None in seen and 1 in seen and (2 in seen) == wraps
+    else:
+        assert set(seen) == {None}  # other kernels take the mask as it is
+
+
 def test_unmodified_model_diverges_from_lambda_beyond_window(device):
     # Guards the reference itself: beyond the window the two rules must differ.
     model = tiny_llama(4, 2, trained=16)

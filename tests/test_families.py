@@ -79,6 +79,18 @@ def test_equals_dense_lambda_reference_beyond_window(name, n_global, n_local, li
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_split_local_branch_equals_dense_reference(name):
+    # Blocks of >= 32 queries on a full window take the split local branch on CPU
+    # (LocalSplit; not ALiBi, softcap or a layer's own window, which keep the full mask).
+    model = build(name, device=DEVICE)
+    lm = from_hf(model, None)
+    ids = ids_for(200)
+    ref = dense_lambda_reference(name, model, ids, 40, 3, 48)
+    ours, _ = run_chunks(lm, LambdaSettings(3, 40, 48), ids, 33)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_chunked_nll_equals_one_shot_and_cache_is_constant(name):
     lm = from_hf(build(name, device=DEVICE), None)
     ids = ids_for(90)
