@@ -458,7 +458,8 @@ class LambdaCache:
         """The full window's keys as unmasked ring spans plus masked edges (see LocalSplit).
 
         Only for blocks of queries on the fused CPU kernel, once the window is full:
-        decode steps gain nothing from it and other kernels take the mask as cheaply.
+        decode steps gain nothing from it, and on CUDA a captured graph replays fixed
+        slices while these spans move with every block (and that path was not measured).
         """
         w, r = self.settings.n_local, self.ring_size
         if not (self.splits_local and self.fused and FLASH_CPU and self.device.type == "cpu" and self.softcap is None
