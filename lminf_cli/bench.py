@@ -219,6 +219,7 @@ def _bandwidth(result: RunResult, device: torch.device, bytes_per_token: int) ->
 def run_one(spec: BenchSpec) -> RunResult:
     """Load, warm up, then time encode + decode of one variant in this process."""
     from .generate import Engine, sync
+    from .models import past_of, with_past
 
     lm = _load(spec)
     dev = lm.device
@@ -256,7 +257,7 @@ def run_one(spec: BenchSpec) -> RunResult:
         else:
             model = lm.model
             warm = model(ids[None, :64], use_cache=True, logits_to_keep=1)
-            model(ids[None, 64:65], past_key_values=warm.past_key_values, use_cache=True)
+            model(ids[None, 64:65], **with_past(model, past_of(warm)))
             del warm
             mem.reset()
             sync(dev)
@@ -264,12 +265,12 @@ def run_one(spec: BenchSpec) -> RunResult:
             out = model(ids[None], use_cache=True, logits_to_keep=1)
             sync(dev)
             result.encode_seconds = time.perf_counter() - t0
-            past = out.past_key_values
+            past = past_of(out)
             token = int(torch.argmax(out.logits[0, -1]))
             for _ in range(spec.decode_tokens):
                 t1 = time.perf_counter()
-                out = model(torch.tensor([[token]], device=dev), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(torch.tensor([[token]], device=dev), **with_past(model, past))
+                past = past_of(out)
                 token = int(torch.argmax(out.logits[0, -1]))
                 steps.append(time.perf_counter() - t1)
             result.kv_cache_bytes = _dynamic_cache_bytes(past)

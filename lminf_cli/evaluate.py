@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import InputError, UsageError
 from .generate import Engine, SamplingParams
-from .models import LoadedModel
+from .models import LoadedModel, past_of, with_past
 from .units import format_length
 
 Progress = Callable[[int, int], None]
@@ -282,12 +282,12 @@ class DenseModel:
     def _forward(self, x: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """x [1, C] after what cache holds -> final hidden states [1, C, hidden], cache."""
         try:
-            out = self.body(input_ids=x, past_key_values=cache, use_cache=True)
+            out = self.body(input_ids=x, **with_past(self.body, cache))
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if is_out_of_memory(exc):
                 raise BudgetStop(f"out of memory: {str(exc).splitlines()[0][:120]}") from exc
             raise
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, past_of(out)
 
     @torch.inference_mode()
     def _rows_nll(self, hidden: Tensor, targets: Tensor) -> Tensor:

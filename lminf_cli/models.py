@@ -10,6 +10,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -52,6 +53,22 @@ class LoadedModel:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
         return total
+
+
+def with_past(model: Any, past: Any) -> dict[str, Any]:
+    """Keyword arguments that hand a KV cache to an HF forward.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and
+    goes in 5.40); earlier versions know only the old one.
+    """
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: past, "use_cache": True}
+
+
+def past_of(out: Any) -> Any:
+    """The KV cache an HF forward returned, under either name (see with_past)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def embedded_model_path() -> Path | None:

@@ -204,6 +204,11 @@ def dense_lambda_reference(name: str, model, ids: torch.Tensor, n_local: int, n_
     dev = ids.device
     state: dict[str, Any] = {}
     rotary = fam.rotary(model) if fam.rotary else None
+    # transformers >= 5.24 moved GPT-J's rotary table to one model-level module and its
+    # attention behind the attention interface; before that each layer held both.
+    gptj_per_layer = fam.hook == "gptj" and not hasattr(model.transformer, "rotary_emb")
+    if fam.hook == "gptj" and not gptj_per_layer:
+        rotary = model.transformer.rotary_emb
 
     def core(query, key, value, scale, window=None, softcap=None):
         mode = state["mode"]
@@ -214,7 +219,7 @@ def dense_lambda_reference(name: str, model, ids: torch.Tensor, n_local: int, n_
 
     def positions_kw(pos):
         pos = pos.reshape(1, n).to(dev)
-        if fam.hook == "gptj":
+        if gptj_per_layer:
             return {"position_ids": pos}
         dummy = torch.zeros(1, device=dev, dtype=next(model.parameters()).dtype)
         return {"position_embeddings": rotary(dummy, pos)}
@@ -232,22 +237,30 @@ def dense_lambda_reference(name: str, model, ids: torch.Tensor, n_local: int, n_
         stack.enter_context(_short_rope(rotary))
         for attn in fam.layers(model):
             stack.enter_context(mock.patch.object(attn, "forward", wrap(attn.forward)))
+
+        def eager(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                  softcap=None, **kw):
+            out = core(query, key, value, scaling, sliding_window, softcap)
+            return out.transpose(1, 2).contiguous(), None
+
         if fam.hook.startswith("interface:"):
             module = getattr(transformers.models, fam.hook.split(":")[1])
             modeling = getattr(module, f"modeling_{fam.hook.split(':')[1]}")
-
-            def eager(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                      softcap=None, **kw):
-                out = core(query, key, value, scaling, sliding_window, softcap)
-                return out.transpose(1, 2).contiguous(), None
             stack.enter_context(mock.patch.object(modeling, "eager_attention_forward", eager))
         elif fam.hook == "gptj":
-            from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
-            for attn in fam.layers(model):
-                table = create_sinusoidal_positions(max(n, limit + 1), attn.pos_embd_dim).to(dev)
-                stack.enter_context(mock.patch.object(attn, "embed_positions", table))
-                stack.enter_context(mock.patch.object(
-                    attn, "_attn", lambda q, k, v, mask=None, a=attn: (core(q, k, v, 1.0 / a.scale_attn), None)))
+            from transformers.models.gptj import modeling_gptj
+            # HF's sinusoid table stops at the trained length; the reference rotates to L and beyond.
+            size = max(n, limit + 1)
+            if gptj_per_layer:
+                for attn in fam.layers(model):
+                    table = modeling_gptj.create_sinusoidal_positions(size, attn.pos_embd_dim).to(dev)
+                    stack.enter_context(mock.patch.object(attn, "embed_positions", table))
+                    stack.enter_context(mock.patch.object(
+                        attn, "_attn", lambda q, k, v, mask=None, a=attn: (core(q, k, v, 1.0 / a.scale_attn), None)))
+            else:
+                table = modeling_gptj.create_sinusoidal_positions(size, rotary.pos_embd_dim).to(dev)
+                stack.enter_context(mock.patch.object(rotary, "embed_positions", table))
+                stack.enter_context(mock.patch.object(modeling_gptj, "eager_attention_forward", eager))
         elif fam.hook == "falcon":
             def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
                 return core(query, key, value, scale or query.shape[-1] ** -0.5)

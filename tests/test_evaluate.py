@@ -282,3 +282,21 @@ def test_greedy_answers_agree_with_hf_generate(lm, ids):
     assert list(engine.generate(state, 10, stop_ids=[])) == hf
     with pytest.raises(ev.BudgetStop):
         list(ev.DenseModel(lm, budget=ev.Budget(max_tokens=20)).generate_greedy(prompt, 3))
+
+
+def test_kv_cache_keyword_follows_the_transformers_version():
+    # transformers 5.24 renamed past_key_values to cache; the dense baselines speak both.
+    from types import SimpleNamespace
+
+    from lminf_cli.models import past_of, with_past
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    class New:
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    assert with_past(Old(), "kv") == {"past_key_values": "kv", "use_cache": True}
+    assert with_past(New(), "kv") == {"cache": "kv", "use_cache": True}
+    assert past_of(SimpleNamespace(past_key_values="old")) == "old"
+    assert past_of(SimpleNamespace(cache="new", past_key_values="new")) == "new"
