@@ -87,7 +87,7 @@ NGlobalOpt = Annotated[Optional[int], typer.Option(
 LimitOpt = Annotated[Optional[int], typer.Option(
     "--limit-distance", help="Distance cap L for the global branch [default: trained length].")]
 ChunkOpt = Annotated[Optional[int], typer.Option(
-    "--chunk-size", help="Tokens per prefill forward pass [default: 256 on CPU, 512 on GPU].")]
+    "--chunk-size", help="Tokens per prefill forward pass [default: 512].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 RetrievalOpt = Annotated[bool, typer.Option(
     "--retrieval", help="Find facts anywhere in a long document: top-k retrieval of middle tokens with the "
