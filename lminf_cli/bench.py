@@ -219,7 +219,7 @@ def _bandwidth(result: RunResult, device: torch.device, bytes_per_token: int) ->
 def run_one(spec: BenchSpec) -> RunResult:
     """Load, warm up, then time encode + decode of one variant in this process."""
     from .generate import Engine, sync
-    from .models import past_of, with_past
+    from .models import past_keyword, past_of
 
     lm = _load(spec)
     dev = lm.device
@@ -256,8 +256,9 @@ def run_one(spec: BenchSpec) -> RunResult:
                             "middle_store_bytes": state.cache.middle_nbytes}
         else:
             model = lm.model
+            past_kw = past_keyword(model)  # looked up once: the decode loop below is timed
             warm = model(ids[None, :64], use_cache=True, logits_to_keep=1)
-            model(ids[None, 64:65], **with_past(model, past_of(warm)))
+            model(ids[None, 64:65], use_cache=True, **{past_kw: past_of(warm)})
             del warm
             mem.reset()
             sync(dev)
@@ -269,7 +270,7 @@ def run_one(spec: BenchSpec) -> RunResult:
             token = int(torch.argmax(out.logits[0, -1]))
             for _ in range(spec.decode_tokens):
                 t1 = time.perf_counter()
-                out = model(torch.tensor([[token]], device=dev), **with_past(model, past))
+                out = model(torch.tensor([[token]], device=dev), use_cache=True, **{past_kw: past})
                 past = past_of(out)
                 token = int(torch.argmax(out.logits[0, -1]))
                 steps.append(time.perf_counter() - t1)

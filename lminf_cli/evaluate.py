@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import InputError, UsageError
 from .generate import Engine, SamplingParams
-from .models import LoadedModel, past_of, with_past
+from .models import LoadedModel, past_keyword, past_of
 from .units import format_length
 
 Progress = Callable[[int, int], None]
@@ -240,6 +240,7 @@ class DenseModel:
         model = lm.model
         self.body = getattr(model, model.base_model_prefix)   # the decoder without its LM head
         self.head = model.get_output_embeddings()
+        self._past_kw = past_keyword(self.body)
         a = lm.adapter
         self._kv_bytes_per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * lm.dtype.itemsize
         self._vocab = int(model.config.vocab_size)
@@ -282,7 +283,7 @@ class DenseModel:
     def _forward(self, x: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """x [1, C] after what cache holds -> final hidden states [1, C, hidden], cache."""
         try:
-            out = self.body(input_ids=x, **with_past(self.body, cache))
+            out = self.body(input_ids=x, use_cache=True, **{self._past_kw: cache})
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if is_out_of_memory(exc):
                 raise BudgetStop(f"out of memory: {str(exc).splitlines()[0][:120]}") from exc

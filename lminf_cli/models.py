@@ -55,18 +55,17 @@ class LoadedModel:
         return total
 
 
-def with_past(model: Any, past: Any) -> dict[str, Any]:
-    """Keyword arguments that hand a KV cache to an HF forward.
+def past_keyword(model: Any) -> str:
+    """The keyword that hands a KV cache to an HF forward; look it up once per model.
 
     transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and
     goes in 5.40); earlier versions know only the old one.
     """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: past, "use_cache": True}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def past_of(out: Any) -> Any:
-    """The KV cache an HF forward returned, under either name (see with_past)."""
+    """The KV cache an HF forward returned, under either name (see past_keyword)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 

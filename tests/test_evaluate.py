@@ -288,7 +288,7 @@ def test_kv_cache_keyword_follows_the_transformers_version():
     # transformers 5.24 renamed past_key_values to cache; the dense baselines speak both.
     from types import SimpleNamespace
 
-    from lminf_cli.models import past_of, with_past
+    from lminf_cli.models import past_keyword, past_of
 
     class Old:
         def forward(self, input_ids, past_key_values=None, use_cache=None): ...
@@ -296,7 +296,7 @@ def test_kv_cache_keyword_follows_the_transformers_version():
     class New:
         def forward(self, input_ids, cache=None, use_cache=None): ...
 
-    assert with_past(Old(), "kv") == {"past_key_values": "kv", "use_cache": True}
-    assert with_past(New(), "kv") == {"cache": "kv", "use_cache": True}
+    assert past_keyword(Old()) == "past_key_values"
+    assert past_keyword(New()) == "cache"
     assert past_of(SimpleNamespace(past_key_values="old")) == "old"
     assert past_of(SimpleNamespace(cache="new", past_key_values="new")) == "new"
