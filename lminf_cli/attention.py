@@ -161,6 +161,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
     if fused and FLASH_CPU and q.device.type == "cpu":
         if bias is not None:
             bias = bias.to(q.dtype)
+        # The private kernel assumes unit stride along the head dim (it returns garbage otherwise).
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..attention import Rope
 from ..cache import LambdaCache, LambdaSettings
 from ..errors import ModelError
@@ -29,6 +30,8 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # Decode-step projections on the CPU (kernels.py); active only inside the adapter's forward.
+        kernels.install(model)
         self.config = model.config
         # Families without max_position_embeddings (BLOOM, MPT) set it themselves.
         self.trained_length: int = int(getattr(self.config, "max_position_embeddings", 0) or 0)
@@ -125,9 +128,10 @@ def config_layer_windows(config, n_layers: int) -> list[int | None]:
 
 
 def no_grad_forward(fn: Callable) -> Callable:
-    """Run an adapter forward under inference mode (no autograd bookkeeping)."""
+    """Run an adapter forward under inference mode (no autograd bookkeeping), its
+    few-row projections on the batched CPU kernel (kernels.py)."""
     def wrapper(*args, **kwargs):
-        with torch.inference_mode():
+        with torch.inference_mode(), kernels.few_row_projections():
             return fn(*args, **kwargs)
     wrapper.__doc__ = fn.__doc__
     return wrapper
