@@ -5,7 +5,7 @@ that only streams the weights.  For a row-major [out, in] weight PyTorch hands
 that to oneMKL's GEMV, which on our 2-core machines reads weights at 8-9 GB/s on
 one thread while the memory delivers ~40 GB/s.  Cutting the weight's rows into
 a batch of blocks and calling the batched GEMM instead spreads the blocks over
-the threads and takes a faster inner kernel: 2.3-3.5x on every SmolLM2 shape,
+the threads and takes a faster inner kernel: 2.1-3.5x on every SmolLM2 shape,
 even on one thread (measured in docs/benchmarks.md).
 
 The adapters' forwards switch this on (`few_row_projections`); the model's own
@@ -69,7 +69,8 @@ class FewRowLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (_ACTIVE.get() and w.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == w.dtype
-                and w.is_contiguous() and x.numel() <= FEW_ROWS_MAX * self.in_features
+                and w.is_contiguous() and x.shape[-1] == self.in_features
+                and x.numel() <= FEW_ROWS_MAX * self.in_features
                 and not (torch.is_grad_enabled() and w.requires_grad)):
             s = splits_for(self.out_features, torch.get_num_threads())
             if s > 1:

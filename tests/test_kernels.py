@@ -66,6 +66,8 @@ def test_batched_path_only_inside_the_adapters_forward(monkeypatch):
     with torch.inference_mode(), kernels.few_row_projections():
         lin(x)
         lin(torch.randn(1, kernels.FEW_ROWS_MAX + 1, 32, device=DEVICE))  # a prefill block: plain GEMM
+        with pytest.raises(RuntimeError):  # a wrong width fails as F.linear does, never reshaped into rows
+            lin(torch.randn(1, 1, 64, device=DEVICE))
     assert len(calls) == (1 if DEVICE.type == "cpu" else 0)
 
 
