@@ -2,11 +2,11 @@
 
 A decode step multiplies one row by every weight matrix: a matrix-vector product
 that only streams the weights.  For a row-major [out, in] weight PyTorch hands
-that to oneMKL's GEMV, which on our 2-core machines reads weights at 8-9 GB/s on
+that to oneMKL's GEMV, which on the project's 2-core EPYC machine reads weights at 8-9 GB/s on
 one thread while the memory delivers ~40 GB/s.  Cutting the weight's rows into
 a batch of blocks and calling the batched GEMM instead spreads the blocks over
-the threads and takes a faster inner kernel: 2.1-3.5x on every SmolLM2 shape,
-even on one thread (measured in docs/benchmarks.md).
+the threads and takes a faster inner kernel: 2.1-3.5x on every SmolLM2 shape on
+two threads, 1.5-2.5x on one (measured in docs/benchmarks.md).
 
 The adapters' forwards switch this on (`few_row_projections`); the model's own
 HF forward, which the bench and eval use as the unmodified baseline, keeps
