@@ -1,4 +1,4 @@
-"""Projections of a few rows (decode steps) on the CPU, at memory speed.
+"""Projections of a few rows (decode steps) on the CPU, nearer memory speed.
 
 A decode step multiplies one row by every weight matrix: a matrix-vector product
 that only streams the weights.  For a row-major [out, in] weight PyTorch hands
