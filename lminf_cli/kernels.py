@@ -56,8 +56,8 @@ def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, splits: int) 
     y = torch.bmm(blocks, cols).view(out_features, rows.shape[0]).T  # [M, out]
     if bias is not None:
         y = y + bias
-    # Contiguous like F.linear's output: the fused CPU attention kernel misreads rows whose
-    # last dim is strided, and [M, out] here is a transposed view for M > 1.
+    # [M, out] is a transposed view for M > 1: return F.linear's contiguous layout, which
+    # the adapters' reshapes and kernels downstream were written against.
     return y.reshape(*x.shape[:-1], out_features).contiguous()   # [..., out]
 
 
@@ -95,9 +95,9 @@ def install(model: nn.Module) -> int:
 
 
 @contextmanager
-def few_row_projections(enabled: bool = True) -> Iterator[None]:
+def few_row_projections() -> Iterator[None]:
     """Within this block, FewRowLinear modules use the batched few-row kernel."""
-    token = _ACTIVE.set(enabled)
+    token = _ACTIVE.set(True)
     try:
         yield
     finally:
