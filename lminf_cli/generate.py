@@ -1,69 +1,45 @@
-"""Encoding and generation: step -> token stream -> text stream.
+"""Encoding and generation over one loaded model: step -> token stream -> text.
 
-`Engine` is the Python API the CLI, bench and eval share:
+`Engine` is the Python API the tasks, the bench and eval share:
 
-    lm = load_model()                       # models.load_model
-    engine = Engine(lm)                     # Λ-attention with the paper's defaults
-    state = engine.encode(lm.tokenizer.encode(text))
-    for piece in engine.stream_text(state, max_new_tokens=200):
-        ...
+    lm = load_model()                              # models.load_model
+    engine = Engine(lm)                            # Λ-attention with the paper's defaults
+    state = engine.encode(ids)                     # the cache + the next token's logits
+    for r in engine.stream_generate(state, 200):   # one GenerationResponse per token
+        print(r.text, end="")
+    text = engine.generate(state, 200)             # or all of it at once
 
-Nothing here prints; progress is reported through an optional callback.
+Every forward is one step of the cache's protocol (see LambdaCache):
+`plan = cache.plan(n, retrieve_last)` -> `adapter.forward(ids, cache, plan, rows)` ->
+`cache.commit(plan)`, replayed from a CUDA graph when the step allows it.  Nothing here
+prints; progress is reported through an optional callback.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .cache import LambdaCache, LambdaSettings
+from .cache import CacheSnapshot, LambdaCache
 from .errors import UsageError
-from .graphs import graphed_forward, graphed_step
+from .graphs import graphable, graphed
+from .memory import peak_bytes
 from .models import LoadedModel
+from .progress import Progress
+from .sampling import Sampler, SamplingParams, make_sampler
+from .settings import LambdaSettings
 
-# Measured on 2 CPU cores with SmolLM2-135M, window full, local branch split (LocalSplit):
-# 4.19 ms per token at 256-token chunks, 3.80 at 512, 3.95 at 1024.
-DEFAULT_CHUNK_SIZE = 512
-# Measured on an H100 with a Llama-2-7B shape (graphed chunks, 32k tokens): 256 -> 3.3 s,
-# 512 -> 2.6 s, 1024 -> 2.4 s; 512 keeps the ring (n_local + chunk) small.
-DEFAULT_CUDA_CHUNK_SIZE = 512
-
-
-def default_chunk_size(device: torch.device) -> int:
-    """Prefill block size for a device (a saved state keeps the one it was made with)."""
-    return DEFAULT_CUDA_CHUNK_SIZE if device.type == "cuda" else DEFAULT_CHUNK_SIZE
-
-Progress = Callable[[int, int], None]
-
-
-@dataclass
-class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        """Raise UsageError for values outside their ranges."""
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+LAST_ROW = slice(-1, None)
 
 
 @dataclass
 class GenerationMetrics:
-    """Counters and timings of one encode + generate, shared by the CLI and bench."""
+    """Counters and timings of everything encoded into and generated from one state."""
 
     prompt_tokens: int = 0
     encode_seconds: float = 0.0
@@ -93,6 +69,14 @@ class GenerationMetrics:
 
 
 @dataclass
+class StateSnapshot:
+    """A state to come back to: the cache's snapshot and the logits of that moment."""
+
+    cache: CacheSnapshot
+    logits: Tensor | None
+
+
+@dataclass
 class State:
     """An encoded stream: the cache plus the logits for the next token."""
 
@@ -105,46 +89,36 @@ class State:
         """Tokens encoded (and generated) so far."""
         return self.cache.length
 
+    def snapshot(self, budget: int) -> StateSnapshot:
+        """A point to come back to after appending at most `budget` tokens (see LambdaCache.snapshot)."""
+        return StateSnapshot(self.cache.snapshot(budget), None if self.logits is None else self.logits.clone())
+
+    def restore(self, snap: StateSnapshot) -> None:
+        """Back to `snap`, bit for bit."""
+        self.cache.restore(snap.cache)
+        self.logits = None if snap.logits is None else snap.logits.clone()
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One step of stream_generate: the text the new token completes, and where generation stands.
+
+    The last response of a stream has `finish_reason` ("stop": an end token was sampled,
+    and is in the cache but not in the text; "length": max_new_tokens reached) and no token.
+    """
+
+    text: str
+    token: int | None
+    generated: int               # tokens generated so far (the stop token not counted)
+    generation_tps: float
+    peak_memory_bytes: int
+    finish_reason: str | None = None
+
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so timers read real elapsed time."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA allocation on GPU; peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Sampler:
-    """Turns a logits row into a token id under SamplingParams."""
-
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
-        params.validate()
-        self.params = params
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-
-    def __call__(self, logits: Tensor) -> int:
-        p = self.params
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        scores = logits.float() / p.temperature  # [V]
-        if p.top_k:
-            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_scores, -1) > p.top_p  # keep the token that crosses top_p
-            scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(scores, -1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 class IncrementalDecoder:
@@ -168,14 +142,10 @@ class IncrementalDecoder:
 
 
 class Engine:
-    """LM-Infinite inference over one loaded model."""
+    """LM-Infinite inference over one loaded model, under one LambdaSettings."""
 
-    def __init__(self, lm: LoadedModel, settings: LambdaSettings | None = None,
-                 chunk_size: int | None = None, fused: bool = True, cuda_graphs: bool = True) -> None:
-        if chunk_size is None:
-            chunk_size = default_chunk_size(lm.device)
-        if chunk_size <= 0:
-            raise UsageError(f"--chunk-size must be a positive number of tokens, got {chunk_size}")
+    def __init__(self, lm: LoadedModel, settings: LambdaSettings | None = None, fused: bool = True,
+                 graphs: str = "auto") -> None:
         self.lm = lm
         self.adapter = lm.adapter
         if settings is None:
@@ -183,31 +153,69 @@ class Engine:
         window = self.adapter.max_local()
         if window is not None and window < settings.n_local:
             # Every layer slides within a tighter window of its own: the ring need not be larger.
-            settings = dataclasses.replace(settings, n_local=window)
+            settings = settings.replace(n_local=window)
         self.settings = settings
-        self.chunk_size = chunk_size
         self.fused = fused
-        # Decode steps on a GPU replay a captured graph once shapes stop changing (graphs.py).
-        self.cuda_graphs = cuda_graphs
+        # Forwards on a GPU replay a captured graph once shapes stop changing (graphs.py): "auto"
+        # does that on CUDA only; "static" runs the same static-buffer path without capturing
+        # (on any device: the tests check it on the CPU); "off" never.
+        if graphs not in ("auto", "static", "off"):
+            raise ValueError(f"graphs must be auto, static or off, got {graphs!r}")
+        self.graphs = "off" if graphs == "auto" and lm.device.type != "cuda" else graphs
 
-    def _graphs_on(self) -> bool:
-        return self.cuda_graphs and self.lm.device.type == "cuda"
+    @property
+    def chunk_size(self) -> int:
+        """Tokens per prefill forward."""
+        return self.settings.chunk_size
 
     def new_cache(self) -> LambdaCache:
         """An empty constant-size cache for this model and settings."""
-        return self.adapter.new_cache(self.settings, self.chunk_size, fused=self.fused)
+        return self.adapter.new_cache(self.settings, fused=self.fused)
+
+    def new_state(self) -> State:
+        """A state with nothing encoded yet."""
+        cache = self.new_cache()
+        return State(cache, None, GenerationMetrics(cache_bytes=cache.nbytes))
 
     def _ids(self, ids: Sequence[int] | Tensor) -> Tensor:
         t = ids if isinstance(ids, Tensor) else torch.tensor(list(ids), dtype=torch.long)
         return t.reshape(1, -1).to(self.lm.device)  # [1, n]
 
-    def encode(self, ids: Sequence[int] | Tensor, state: State | None = None,
+    # -- one step of the protocol ---------------------------------------------
+    def forward(self, cache: LambdaCache, ids: Tensor, rows: slice | None = None,
+                retrieve_last: bool = False) -> Tensor | None:
+        """Add ids [1, C] (C <= chunk size) to the cache: plan -> forward -> commit.
+
+        Returns logits [1, len(rows), V] for `rows`, or None.  `retrieve_last`: the last
+        row will be continued, so it retrieves middle tokens when retrieval is on.
+        """
+        plan = cache.plan(ids.shape[1], retrieve_last)
+        if self.graphs != "off" and rows in (None, LAST_ROW) and graphable(cache, plan):
+            key = (plan.n_new, rows is not None)
+            # A weak reference: the cache keeps its graphs, and a strong one would make a cycle.
+            proxy = weakref.proxy(cache)
+            graph = graphed(cache, key, lambda x, p: self.adapter.forward(x, proxy, p, rows), plan,
+                            capture=self.graphs == "auto")
+            logits = graph.run(ids, plan)
+        else:
+            logits = self.adapter.forward(ids, cache, plan, rows)
+        cache.commit(plan)
+        return logits
+
+    # -- encoding ---------------------------------------------------------------
+    def encode(self, ids: Sequence[int] | Tensor, state: State | None = None, *, continued: bool = True,
                progress: Progress | None = None) -> State:
-        """Feed tokens through the model in chunks; return the state after them."""
+        """Feed tokens through the model in chunks; return the state after them.
+
+        `continued`: generation follows from the last token (its logits are sampled), so
+        that row retrieves middle tokens when retrieval is on (paper, final version).
+        Encode a document that a prompt will follow with continued=False: then the state
+        is the same whether the document went in at once or in sections.
+        """
         x = self._ids(ids)
         n = x.shape[1]
         if state is None:
-            state = State(self.new_cache(), None, GenerationMetrics())
+            state = self.new_state()
         if n == 0:
             return state
         sync(self.lm.device)
@@ -215,28 +223,24 @@ class Engine:
         logits = None
         for s in range(0, n, self.chunk_size):
             e = min(n, s + self.chunk_size)
-            # Only the row that will be continued retrieves middle tokens (paper, final version).
-            state.cache.retrieve_last_row = e == n
-            if self._graphs_on():
-                logits = graphed_forward(self.adapter, state.cache, x[:, s:e], logits=e == n)
-            else:
-                logits = self.adapter.forward(x[:, s:e], state.cache, rows=slice(-1, None) if e == n else None)
+            last = e == n
+            logits = self.forward(state.cache, x[:, s:e], rows=LAST_ROW if last else None,
+                                  retrieve_last=last and continued)
             if progress is not None:
                 progress(e, n)
-        state.cache.retrieve_last_row = False
         state.logits = logits[0, -1]
         sync(self.lm.device)
         m = state.metrics
         m.prompt_tokens += n
         m.encode_seconds += time.perf_counter() - t0
         m.cache_bytes = state.cache.nbytes
-        m.peak_memory_bytes = peak_memory_bytes(self.lm.device)
+        m.peak_memory_bytes = peak_bytes(self.lm.device)
         return state
 
     def token_nll(self, ids: Sequence[int] | Tensor, progress: Progress | None = None) -> Tensor:
         """Negative log-likelihood of each token after the first ([n - 1], float32, CPU).
 
-        Logits exist one chunk at a time, so memory stays constant in n.
+        Logits exist one chunk at a time, so memory stays constant in n.  Scoring never retrieves.
         """
         x = self._ids(ids)
         n = x.shape[1]
@@ -244,57 +248,82 @@ class Engine:
         out = torch.empty(max(n - 1, 0), dtype=torch.float32)
         for s in range(0, n, self.chunk_size):
             e = min(n, s + self.chunk_size)
-            logits = self.adapter.forward(x[:, s:e], cache, rows=slice(None))[0]  # [C, V]
-            targets = x[0, s + 1:e + 1]                                         # [C or C-1]
+            logits = self.forward(cache, x[:, s:e], rows=slice(None))[0]          # [C, V]
+            targets = x[0, s + 1:e + 1]                                          # [C or C-1]
             logp = torch.log_softmax(logits[: targets.numel()].float(), dim=-1)
             out[s:s + targets.numel()] = -logp.gather(1, targets[:, None])[:, 0].cpu()
             if progress is not None:
                 progress(e, n)
         return out
 
+    # -- generation: step -> stream -> text --------------------------------------
     def step(self, state: State, token: int) -> Tensor:
-        """Append one token; return the logits for the next one ([V])."""
-        state.cache.retrieve_last_row = True
-        if self._graphs_on():
-            state.logits = graphed_step(self.adapter, state.cache, token)
-        else:
-            x = torch.tensor([[token]], dtype=torch.long, device=self.lm.device)
-            state.logits = self.adapter.forward(x, state.cache, rows=slice(-1, None))[0, -1]
-        state.cache.retrieve_last_row = False
+        """Append one token (a row that will be continued); return the logits for the next one ([V])."""
+        x = torch.full((1, 1), token, dtype=torch.long, device=self.lm.device)
+        state.logits = self.forward(state.cache, x, rows=LAST_ROW, retrieve_last=True)[0, -1]
         return state.logits
 
-    def generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
-                 stop_ids: Sequence[int] | None = None) -> Iterator[int]:
-        """Yield up to max_new_tokens sampled tokens, stopping at a stop id."""
+    def generate_step(self, state: State, sampler: Sampler) -> Iterator[int]:
+        """Sample a token from the state's logits, step it into the cache, yield it; forever.
+
+        Every sampled token goes into the cache, an end token included, so the state
+        stays a faithful transcript for follow-up prompts.
+        """
         if state.logits is None:
             raise UsageError("nothing has been encoded yet")
-        sampler = Sampler(sampling or SamplingParams(), self.lm.device)
-        stops = set(self.stop_ids() if stop_ids is None else stop_ids)
         m = state.metrics
-        for _ in range(max_new_tokens):
+        while True:
             t0 = time.perf_counter()
             token = sampler(state.logits)
-            # Every emitted token, the stop token included, goes into the cache so
-            # the state stays a faithful transcript for follow-up questions.
             self.step(state, token)
             sync(self.lm.device)
             dt = time.perf_counter() - t0
-            if token in stops:
-                break
             m.step_seconds.append(dt)
             m.decode_seconds += dt
             m.generated_tokens += 1
             yield token
-        m.peak_memory_bytes = max(m.peak_memory_bytes, peak_memory_bytes(self.lm.device))
 
-    def stream_text(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
-                    stop_ids: Sequence[int] | None = None) -> Iterator[str]:
-        """Yield generated text piece by piece."""
+    def _tokens(self, state: State, max_new_tokens: int, sampling: SamplingParams | None,
+                stop_ids: Sequence[int] | None) -> Iterator[tuple[int, bool]]:
+        """(token, is_stop) for up to max_new_tokens sampled tokens, ending after a stop token."""
+        sampler = make_sampler(sampling or SamplingParams(), self.lm.device)
+        stops = set(self.stop_ids() if stop_ids is None else stop_ids)
+        steps = self.generate_step(state, sampler)
+        for _ in range(max_new_tokens):
+            token = next(steps)
+            yield token, token in stops
+            if token in stops:
+                return
+
+    def generate_ids(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
+                     stop_ids: Sequence[int] | None = None) -> Iterator[int]:
+        """The generated token ids (a stop token ends them and is not yielded), as they come."""
+        for token, stop in self._tokens(state, max_new_tokens, sampling, stop_ids):
+            if not stop:
+                yield token
+
+    def stream_generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
+                        stop_ids: Sequence[int] | None = None) -> Iterator[GenerationResponse]:
+        """Up to max_new_tokens responses (text deltas), then one that says why generation finished."""
         decoder = IncrementalDecoder(self.lm.tokenizer)
-        for token in self.generate(state, max_new_tokens, sampling, stop_ids):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
+        generated, t0, reason = 0, time.perf_counter(), "length"
+        peak = state.metrics.peak_memory_bytes
+        for token, stop in self._tokens(state, max_new_tokens, sampling, stop_ids):
+            if stop:
+                reason = "stop"
+                break
+            generated += 1
+            yield GenerationResponse(decoder.push(token), token, generated,
+                                     generated / (time.perf_counter() - t0), peak)
+        elapsed = time.perf_counter() - t0
+        state.metrics.peak_memory_bytes = max(peak, peak_bytes(self.lm.device))
+        yield GenerationResponse("", None, generated, generated / elapsed if elapsed else 0.0,
+                                 state.metrics.peak_memory_bytes, reason)
+
+    def generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
+                 stop_ids: Sequence[int] | None = None) -> str:
+        """The whole generated text at once."""
+        return "".join(r.text for r in self.stream_generate(state, max_new_tokens, sampling, stop_ids))
 
     def stop_ids(self) -> list[int]:
         """End-of-sequence ids of the tokenizer and generation config."""

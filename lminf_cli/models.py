@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 
+from . import kernels  # noqa: E402
 from .adapters import Adapter, adapter_for  # noqa: E402
 from .errors import ModelError, UsageError  # noqa: E402
 
@@ -43,6 +46,26 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    spec: str = ""  # how the model was named (--model, $LMINF_MODEL or the embedded file's path)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the weights, shapes and vocabulary, independent of device and dtype.
+
+        Samples of the first, middle and last parameter are rounded to bfloat16 first, so
+        the same weights loaded in float32 or bfloat16, on CPU or GPU, give one fingerprint.
+        """
+        cfg = self.model.config
+        h = hashlib.sha256()
+        shape = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                                    "num_attention_heads", "num_key_value_heads", "intermediate_size")}
+        h.update(json.dumps(shape, sort_keys=True).encode())
+        h.update(str(len(self.tokenizer)).encode())
+        params = [p for _, p in self.model.named_parameters()]
+        for p in (params[0], params[len(params) // 2], params[-1]):
+            sample = p.detach().reshape(-1)[:4096].float().cpu().to(torch.bfloat16)  # [<=4096]
+            h.update(sample.view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def weight_bytes(self) -> int:
@@ -214,7 +237,9 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
             raise ModelError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
         raise ModelError(f"model '{spec}' is not a local directory or .gguf file and is not in the "
                          "local Hugging Face cache (lminf never downloads)") from exc
-    return from_hf(model, tok, name, None if device_map else dev, dt)
+    lm = from_hf(model, tok, name, None if device_map else dev, dt)
+    lm.spec = spec
+    return lm
 
 
 def _map(device_map: str | None) -> dict[str, Any]:
@@ -231,4 +256,8 @@ def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.devic
     else:
         model = model.to(device=dev, dtype=dt).eval()
     adapter = adapter_for(model)
+    # Decode-step projections on the CPU (kernels.py): plain nn.Linear modules get the class
+    # FewRowLinear (parameters and state dict untouched).  Its batched path is active only inside
+    # adapter forwards, so the unmodified model's own forward (bench and eval baselines) keeps F.linear.
+    kernels.install(model)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt)

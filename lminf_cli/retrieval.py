@@ -35,6 +35,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 
 def mapped_zeros(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A zero tensor backed by a memory-mapped temporary file that nothing outlives.
@@ -181,6 +183,44 @@ class MiddleStore:
     def spilled(self) -> bool:
         """Whether the keys and values live in memory-mapped files rather than RAM."""
         return self.spill_dir is not None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The stored tokens on the CPU: k, v [Hkv, n, D] as stored, and for int8 their scales [Hkv, n]."""
+        out = {name: getattr(self, name)[:, : self.length].cpu().contiguous() for name in ("k", "v")}
+        if self.quantized:
+            out.update({f"{name}_scale": getattr(self, f"{name}_scale")[:, : self.length].cpu().contiguous()
+                        for name in ("k", "v")})
+        return out
+
+    def load_state_dict(self, tensors: dict[str, Tensor], n: int) -> list[str]:
+        """Replace the store with n tokens from state_dict output, in any stored precision (a
+        store written on a GPU in bfloat16 loads into a CPU one in float16, an int8 one into
+        any other); shapes and dtypes are checked.  Returns the names it read."""
+        def get(name: str, shape: tuple[int, ...]) -> Tensor:
+            t = tensors.get(name)
+            if t is None:
+                raise InputError(f"middle-store tensor '{name}' is missing (truncated or damaged)")
+            if tuple(t.shape) != shape:
+                raise InputError(f"middle-store tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+            return t
+
+        shape = (self.n_kv_heads, n, self.head_dim)
+        names, loaded = [], []
+        for name in ("k", "v"):
+            t = get(name, shape)
+            names.append(name)
+            if f"{name}_scale" in tensors:  # int8 with per-token scales
+                scale = get(f"{name}_scale", shape[:2])
+                names.append(f"{name}_scale")
+                if t.dtype != torch.int8 or scale.dtype != torch.float32:
+                    raise InputError(f"middle-store tensor '{name}' must be int8 with float32 scales")
+                t = t.float() * scale[..., None]
+            elif not t.is_floating_point():
+                raise InputError(f"middle-store tensor '{name}' is {t.dtype}, not floating point")
+            loaded.append(t)
+        self.truncate(0)
+        self.append(*loaded)
+        return names
 
     @torch.inference_mode()
     def truncate(self, n: int) -> None:

@@ -1,25 +1,25 @@
-"""Encoded documents on disk (`.lminf`), and checkpoints to come back to after a detour.
+"""Encoded documents on disk (`.lminf`): the file format, its header and the compatibility checks.
 
-A `.lminf` file is a safetensors file: per layer the ring and global K/V buffers of
-the Λ cache (only the slots in use), the next-token logits, and a JSON header in
-safetensors' metadata (model identity, attention settings, cache counters, the
-document's hash and token count).  safetensors never unpickles; shapes and dtypes
-are checked against the loaded model before anything is used, so a truncated or
-foreign file is refused with one line.
-
-`Checkpoint` lets a task append text to an encoded document (a question, a request
-for notes), generate, and then put the cache back exactly as it was, by saving only
-the ring slots the detour can overwrite.
+A `.lminf` file is a safetensors file: the cache's `state_dict()` (per layer the ring and
+global K/V slots in use, and the middle stores when retrieval is on), the next-token
+logits, and a JSON header in safetensors' metadata (model identity, the engine's
+LambdaSettings, the cache's counters, the document's hash and token count).  safetensors
+never unpickles.  A state file is untrusted input: the header is size-capped and checked
+field by field (type and range) before anything else reads it, the counters are checked
+against each other by the cache, and every tensor's shape and dtype against the loaded
+model before it is used, so a truncated, foreign or tampered file is refused with one line.
+What the cache holds, and how it is put back, is the cache's business (LambdaCache.state_dict /
+load_state_dict); this module only writes and reads the file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,18 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .cache import LambdaCache, LambdaSettings
-from .documents import STATE_SUFFIX, is_state_path  # noqa: F401 - re-exported
-from .errors import InputError
+from .documents import STATE_SUFFIX
+from .errors import InputError, SettingsError
 from .generate import Engine, GenerationMetrics, State
-from .models import LoadedModel
+from .settings import MAX_TOKENS, LambdaSettings
 
 FORMAT = "lminf-state"
-VERSION = 1
-SUFFIX = STATE_SUFFIX
-_BUFFERS = ("k_ring", "v_ring", "k_global", "v_global")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_fingerprint(lm: LoadedModel) -> str:
-    """Identifies a model's weights, shapes and vocabulary, independent of device and dtype.
-
-    Samples of the first, middle and last parameter are rounded to bfloat16 first, so
-    the same weights loaded in float32 or bfloat16, on CPU or GPU, give one fingerprint.
-    """
-    cfg = lm.model.config
-    h = hashlib.sha256()
-    shape = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads", "intermediate_size")}
-    h.update(json.dumps(shape, sort_keys=True).encode())
-    h.update(str(len(lm.tokenizer)).encode())
-    params = [p for _, p in lm.model.named_parameters()]
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        sample = p.detach().reshape(-1)[:4096].float().cpu().to(torch.bfloat16)  # [<=4096]
-        h.update(sample.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+VERSION = 2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The JSON header is read whole before it is checked: notes and a tail are a few KB, so this is generous.
+MAX_HEADER_BYTES = 4 << 20
+# Field kinds a header may hold; read_header checks each value against its field's kind.
+_STR, _INT, _OPT_INT, _STRS = "a string", "a whole number", "a whole number or null", "a list of strings"
 
 
 @dataclass
@@ -64,16 +46,10 @@ class StateHeader:
     """What a `.lminf` file says about itself (its JSON metadata)."""
 
     model_name: str
-    model_spec: str
+    model_spec: str            # how the encoding model was named; informative only, never loaded from
     model_fingerprint: str
-    n_global: int
-    n_local: int
-    limit_distance: int
-    length: int
-    base: int
-    rebases: int
-    ring_size: int
-    max_chunk: int
+    settings: LambdaSettings
+    cache: dict[str, int]      # LambdaCache.meta_state(): length, base, rebases
     n_layers: int
     n_kv_heads: int
     head_dim: int
@@ -87,47 +63,103 @@ class StateHeader:
     notes: list[str] = field(default_factory=list)
     tail: str = ""  # the document's last few tokens, not in the cache: re-tokenized with each prompt
     lminf_version: str = __version__
-    # Retrieval settings; with middle_top_k > 0 the file also carries the middle stores.
-    middle_top_k: int = 0
-    middle_from_layer: int = 4
-    middle_distance: int = 0
-    middle_block: int = 64
-    middle_blocks: int = 16
-    middle_dtype: str = "auto"
 
     @property
-    def settings(self) -> LambdaSettings:
-        """The attention settings the state was encoded with."""
-        return LambdaSettings(self.n_global, self.n_local, self.limit_distance, self.middle_top_k,
-                              self.middle_from_layer, self.middle_distance, self.middle_block,
-                              self.middle_blocks, self.middle_dtype)
+    def length(self) -> int:
+        """Tokens in the encoded stream."""
+        return self.cache["length"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The header as plain data (the settings nested; a local --middle-dir is not part of a state)."""
+        out = asdict(self)
+        out["settings"] = self.settings.replace(middle_dir=None).to_dict()
+        del out["settings"]["middle_dir"]
+        return out
 
     def to_json(self) -> str:
         """The header as one JSON object."""
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, name: str) -> StateHeader:
+        """A header from untrusted JSON data: every field checked for its type and range."""
+        if not isinstance(raw, dict):
+            raise InputError(f"{name} has a damaged lminf header (not a JSON object)")
+        kinds = _FIELD_KINDS
+        unknown = sorted(set(raw) - set(kinds))
+        if unknown:
+            raise InputError(f"{name}: unknown header field '{unknown[0]}'")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise InputError(f"{name}: header field '{f.name}' is missing")
+                continue
+            values[f.name] = _checked_field(name, f.name, raw[f.name], kinds[f.name])
+        try:
+            values["settings"] = LambdaSettings.from_dict(raw["settings"])
+        except SettingsError as exc:
+            raise InputError(f"{name}: header setting {exc}") from None
+        header = cls(**values)
+        if header.document_tokens > header.length:
+            raise InputError(f"{name}: header says {header.document_tokens:,} document tokens in a stream of "
+                             f"{header.length:,}")
+        if header.dtype not in DTYPES:
+            raise InputError(f"{name} has an unsupported dtype '{header.dtype}'")
+        return header
+
+
+_FIELD_KINDS: dict[str, Any] = {
+    "model_name": _STR, "model_spec": _STR, "model_fingerprint": _STR, "settings": "settings",
+    "cache": "counters", "n_layers": _INT, "n_kv_heads": _INT, "head_dim": _INT, "dtype": _STR,
+    "prompt_fingerprint": _STR, "document_name": _STR, "document_sha256": _STR, "document_tokens": _INT,
+    "document_characters": _INT, "document_pages": _OPT_INT, "notes": _STRS, "tail": _STR, "lminf_version": _STR,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_field(name: str, key: str, value: Any, kind: str) -> Any:
+    """value if it is of its field's kind and range, else an InputError naming the field."""
+    if kind == "settings":
+        return value  # LambdaSettings.from_dict checks it
+    if kind == "counters":
+        if not isinstance(value, dict) or set(value) != {"length", "base", "rebases"}:
+            raise InputError(f"{name}: header field 'cache' must hold exactly length, base and rebases")
+        for k, v in value.items():
+            if not _is_int(v) or not 0 <= v <= MAX_TOKENS:
+                raise InputError(f"{name}: cache counter '{k}' must be a whole number from 0 to {MAX_TOKENS:,}, "
+                                 f"got {_short(v)}")
+        return dict(value)
+    ok = {_STR: isinstance(value, str),
+          _INT: _is_int(value) and 0 <= value <= MAX_TOKENS,
+          _OPT_INT: value is None or (_is_int(value) and 0 <= value <= MAX_TOKENS),
+          _STRS: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+    if not ok:
+        raise InputError(f"{name}: header field '{key}' must be {kind}"
+                         f"{f' from 0 to {MAX_TOKENS:,}' if kind in (_INT, _OPT_INT) else ''}, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerprint: str, document_name: str,
                  document_sha256: str, document_tokens: int, document_characters: int,
                  document_pages: int | None, notes: list[str] | None = None, tail: str = "") -> StateHeader:
     """The header describing `state`, as encoded by `engine`."""
-    cache, s = state.cache, engine.settings
+    cache = state.cache
     return StateHeader(
-        model_name=engine.lm.name, model_spec=model_spec, model_fingerprint=model_fingerprint(engine.lm),
-        n_global=s.n_global, n_local=s.n_local, limit_distance=s.limit_distance,
-        length=cache.length, base=cache.base, rebases=cache.rebases, ring_size=cache.ring_size,
-        max_chunk=cache.max_chunk, n_layers=len(cache.layers), n_kv_heads=cache.n_kv_heads,
+        model_name=engine.lm.name, model_spec=model_spec, model_fingerprint=engine.lm.fingerprint,
+        settings=cache.settings, cache=cache.meta_state(), n_layers=len(cache.layers), n_kv_heads=cache.n_kv_heads,
         head_dim=cache.head_dim, dtype=str(cache.dtype).removeprefix("torch."),
         prompt_fingerprint=prompt_fingerprint, document_name=document_name, document_sha256=document_sha256,
         document_tokens=document_tokens, document_characters=document_characters, document_pages=document_pages,
-        notes=list(notes or []), tail=tail, middle_top_k=s.middle_top_k, middle_from_layer=s.middle_from_layer,
-        middle_distance=s.middle_distance, middle_block=s.middle_block, middle_blocks=s.middle_blocks,
-        middle_dtype=s.middle_dtype)
-
-
-def _views(header: StateHeader) -> tuple[int, int]:
-    """Ring and global slots in use: only those are written."""
-    return min(header.length, header.ring_size), min(header.length, header.n_global)
+        notes=list(notes or []), tail=tail)
 
 
 def save_state(path: str | Path, state: State, header: StateHeader) -> int:
@@ -136,22 +168,11 @@ def save_state(path: str | Path, state: State, header: StateHeader) -> int:
 
     if state.logits is None:
         raise InputError("nothing has been encoded: there is no state to save")
-    ring_view, global_view = _views(header)
     tensors: dict[str, Tensor] = {"logits": state.logits.detach().reshape(-1).cpu().contiguous()}
-    for i, layer in enumerate(state.cache.layers):
-        for name in _BUFFERS:
-            view = ring_view if "ring" in name else global_view
-            tensors[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :view].cpu().contiguous()  # [1, Hkv, view, D]
-        if layer.middle is not None:  # retrieval: the middle of the document travels with the state
-            m = layer.middle
-            for buf in ("k", "v"):
-                tensors[f"layers.{i}.middle_{buf}"] = getattr(m, buf)[:, :m.length].cpu().contiguous()  # [Hkv, n, D]
-                if m.quantized:  # int8: the per-token scales travel too
-                    scale = getattr(m, f"{buf}_scale")[:, :m.length]
-                    tensors[f"layers.{i}.middle_{buf}_scale"] = scale.cpu().contiguous()  # [Hkv, n]
+    tensors.update(state.cache.state_dict())
     target = Path(path).expanduser()
     if target.is_dir():
-        raise InputError(f"{path} is a directory; give a file name ending in {SUFFIX}")
+        raise InputError(f"{path} is a directory; give a file name ending in {STATE_SUFFIX}")
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lminf-", suffix=".tmp")
@@ -187,24 +208,25 @@ def read_header(path: str | Path) -> StateHeader:
     if meta.get("format") != FORMAT:
         raise InputError(f"{name} is a safetensors file but not an lminf state")
     if meta.get("version") != str(VERSION):
-        raise InputError(f"{name} is lminf state format v{meta.get('version')}; this lminf reads v{VERSION}")
+        raise InputError(f"{name} is lminf state format v{_short(meta.get('version'))}; this lminf reads "
+                         f"v{VERSION}: encode the document again")
+    text = meta.get("header")
+    if not isinstance(text, str) or len(text) > MAX_HEADER_BYTES:
+        raise InputError(f"{name} has a damaged lminf header (missing, or over {MAX_HEADER_BYTES >> 20} MiB)")
     try:
-        raw = json.loads(meta["header"])
-        header = StateHeader(**raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{name} has a damaged lminf header") from exc
-    if header.dtype not in _DTYPES:
-        raise InputError(f"{name} has an unsupported dtype '{header.dtype}'")
-    return header
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands of levels deep
+        raise InputError(f"{name} has a damaged lminf header ({type(exc).__name__})") from None
+    return StateHeader.from_dict(raw, name)
 
 
 def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: str, name: str) -> None:
     """Refuse a state made by another model, other attention settings or other prompt wording."""
-    fp = model_fingerprint(engine.lm)
+    fp = engine.lm.fingerprint
     if header.model_fingerprint != fp:
         raise InputError(f"{name} was encoded by another model ({header.model_name}, fingerprint "
                          f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}); "
-                         "load that model with --model")
+                         f"pass that model with --model (it was given as {header.model_spec})")
     s, e = header.settings.layout, engine.settings.layout
     if s != e:
         diff = [k for k in s if s[k] != e[k]]
@@ -213,6 +235,34 @@ def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: st
     if header.prompt_fingerprint != prompt_fingerprint:
         raise InputError(f"{name} was encoded with another prompt layout (another lminf version or chat "
                          "template); encode the document again")
+    cache = (header.n_layers, header.n_kv_heads, header.head_dim)
+    adapter = engine.adapter
+    if cache != (adapter.n_layers, adapter.n_kv_heads, adapter.head_dim):
+        raise InputError(f"{name} has cache shapes for another model")
+
+
+class _Tensors(Mapping):
+    """The tensors of an open safetensors file, read one at a time when asked for (no second copy of them all)."""
+
+    def __init__(self, f: Any, name: str, dtype: torch.dtype, exclude: tuple[str, ...] = ()) -> None:
+        self.f, self.name, self.dtype = f, name, dtype
+        self.names = set(f.keys()) - set(exclude)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.names:
+            raise KeyError(key)
+        t = self.f.get_tensor(key)
+        # Ring, global and logits tensors are in the state's dtype; middle stores keep their own precision.
+        if "middle_" not in key and t.dtype != self.dtype:
+            raise InputError(f"tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, expected "
+                             f"{str(self.dtype).removeprefix('torch.')}")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fingerprint: str) -> State:
@@ -221,123 +271,21 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
 
     name = str(path)
     check_compatible(header, engine, prompt_fingerprint, name)
-    cache = engine.new_cache()
-    if (cache.ring_size, cache.max_chunk) != (header.ring_size, header.max_chunk):
-        raise InputError(f"{name} needs --chunk-size {header.max_chunk} (its cache ring holds {header.ring_size} "
-                         f"tokens; this one holds {cache.ring_size})")
-    expected = (len(cache.layers), cache.n_kv_heads, cache.head_dim)
-    if (header.n_layers, header.n_kv_heads, header.head_dim) != expected:
-        raise InputError(f"{name} has cache shapes for another model")
-    ring_view, global_view = _views(header)
-    dtype = _DTYPES[header.dtype]
     try:
+        cache = engine.new_cache()
+        cache.check_meta_state(header.cache)
         with safe_open(str(Path(path).expanduser()), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            logits = _tensor(f, keys, "logits", None, dtype, name)
+            dtype = DTYPES[header.dtype]
+            if "logits" not in set(f.keys()):
+                raise InputError("tensor 'logits' is missing (truncated or damaged)")
+            logits = _Tensors(f, name, dtype)["logits"]
             vocab = engine.lm.model.get_output_embeddings().weight.shape[0]
             if logits.shape != (vocab,):
-                raise InputError(f"{name} has logits of shape {tuple(logits.shape)}, expected ({vocab},)")
-            for i, layer in enumerate(cache.layers):
-                for buf in _BUFFERS:
-                    view = ring_view if "ring" in buf else global_view
-                    shape = (1, cache.n_kv_heads, view, cache.head_dim)
-                    t = _tensor(f, keys, f"layers.{i}.{buf}", shape, dtype, name)
-                    getattr(layer, buf)[:, :, :view] = t.to(device=cache.device, dtype=cache.dtype)
-                if layer.middle is not None:
-                    n_mid = max(0, header.length - header.n_local - header.n_global)
-                    shape = (cache.n_kv_heads, n_mid, cache.head_dim)
-                    # Any precision: a store written on a GPU (bfloat16) loads into a CPU one (float16),
-                    # an int8 one (with its scales) into any other.
-                    mk, mv = (_middle_tensor(f, keys, f"layers.{i}.middle_{buf}", shape, name) for buf in "kv")
-                    layer.middle.append(mk, mv)
+                raise InputError(f"logits have shape {tuple(logits.shape)}, expected ({vocab},)")
+            cache.load_state_dict(_Tensors(f, name, dtype, exclude=("logits",)), header.cache)
     except SafetensorError as exc:
         raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
-    cache.length, cache.base, cache.rebases = header.length, header.base, header.rebases
-    cache.stored_upto = max(header.n_global, header.length - header.n_local)
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
     metrics = GenerationMetrics(cache_bytes=cache.nbytes)
     return State(cache, logits.to(device=engine.lm.device, dtype=engine.lm.dtype), metrics)
-
-
-def _middle_tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...], name: str) -> Tensor:
-    """A middle store's keys or values as saved: float as they are, int8 times their scales."""
-    if f"{key}_scale" not in keys:
-        return _tensor(f, keys, key, shape, None, name)
-    scale = _tensor(f, keys, f"{key}_scale", shape[:2], torch.float32, name)
-    return _tensor(f, keys, key, shape, torch.int8, name).float() * scale[..., None]
-
-
-def _tensor(f: Any, keys: set[str], key: str, shape: tuple[int, ...] | None, dtype: torch.dtype | None,
-            name: str) -> Tensor:
-    if key not in keys:
-        raise InputError(f"{name} is missing tensor '{key}' (truncated or damaged)")
-    t = f.get_tensor(key)
-    want = dtype if dtype is not None else (t.dtype if t.is_floating_point() else torch.float32)
-    if t.dtype != want or (shape is not None and tuple(t.shape) != shape):
-        raise InputError(f"{name}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
-                         f"expected {str(want).removeprefix('torch.')} {shape}")
-    return t
-
-
-class Checkpoint:
-    """A point in an encoded stream to return to after appending at most `budget` tokens.
-
-    Only the ring slots those tokens can overwrite are copied (plus the global
-    buffers while the stream is shorter than n_global).  If a re-base could happen
-    within the budget the whole ring is copied instead, since a re-base rotates
-    every stored key.  Restoring gives back bit-identical buffers and counters.
-    """
-
-    def __init__(self, state: State, budget: int) -> None:
-        if budget <= 0:
-            raise ValueError("a checkpoint needs a positive token budget")
-        cache = state.cache
-        self.state, self.budget = state, budget
-        self.length, self.base, self.rebases = cache.length, cache.base, cache.rebases
-        self.stored_upto = cache.stored_upto
-        self.middle_lengths = [layer.middle.length if layer.middle is not None else 0 for layer in cache.layers]
-        self.logits = None if state.logits is None else state.logits.clone()
-        rebase_possible = cache.length + budget - cache.base > cache.rebase_every + cache.ring_size
-        if rebase_possible or budget >= cache.ring_size:
-            self.slots = None
-        else:
-            self.slots = torch.arange(cache.length, cache.length + budget, device=cache.device) % cache.ring_size
-        keep_global = cache.length < cache.settings.n_global
-        self.saved = []
-        for layer in cache.layers:
-            ring = (layer.k_ring, layer.v_ring) if self.slots is None else (layer.k_ring[:, :, self.slots],
-                                                                           layer.v_ring[:, :, self.slots])
-            ring = tuple(t.clone() for t in ring)
-            glob = (layer.k_global.clone(), layer.v_global.clone()) if keep_global else None
-            self.saved.append((ring, glob))
-
-    def restore(self) -> None:
-        """Put the cache and logits back as they were when the checkpoint was made."""
-        cache = self.state.cache
-        if cache.length - self.length > self.budget:
-            raise RuntimeError(f"detour of {cache.length - self.length} tokens exceeds the checkpoint budget "
-                               f"{self.budget}")
-        if self.slots is not None and cache.rebases != self.rebases:
-            # Cannot happen when the budget was respected (see __init__); a full copy undoes re-bases.
-            raise RuntimeError("the cache was re-based inside a partial checkpoint")
-        for layer, (ring, glob) in zip(cache.layers, self.saved, strict=True):
-            if self.slots is None:
-                layer.k_ring.copy_(ring[0])
-                layer.v_ring.copy_(ring[1])
-            else:
-                layer.k_ring[:, :, self.slots] = ring[0]
-                layer.v_ring[:, :, self.slots] = ring[1]
-            if glob is not None:
-                layer.k_global.copy_(glob[0])
-                layer.v_global.copy_(glob[1])
-        for layer, n in zip(cache.layers, self.middle_lengths, strict=True):
-            if layer.middle is not None:
-                layer.middle.truncate(n)  # forget the detour's tokens (appended only, never rewritten)
-        cache.length, cache.base, cache.rebases = self.length, self.base, self.rebases
-        cache.stored_upto = self.stored_upto
-        self.state.logits = None if self.logits is None else self.logits.clone()
-
-
-def new_empty_state(engine: Engine) -> State:
-    """A state with an empty cache (nothing encoded yet)."""
-    cache: LambdaCache = engine.new_cache()
-    return State(cache, None, GenerationMetrics(cache_bytes=cache.nbytes))

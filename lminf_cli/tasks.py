@@ -1,8 +1,12 @@
 """Document workflows over the engine: encode once, then ask, summarize or chat.  Nothing here prints.
 
+    engine, encoded = open_source(source, lm, requested)   # encode a Document, or load a .lminf state
+    response = ask(engine, encoded, "Who kept the light?")
+    for piece in response: ...                              # or response.text()
+
 The document is encoded once into a constant-size Λ cache.  Every task then takes a
-detour from that state: it checkpoints the cache, appends its prompt, generates, and
-restores the checkpoint, so the encoded document is never altered and each answer
+detour from that state: it snapshots the state, appends its prompt, generates, and
+restores the snapshot, so the encoded document is never altered and each answer
 depends only on the document (and, in a chat, on the turns kept as history).
 
 Whole-document summaries: Λ-attention sees the first n_global tokens and the last
@@ -11,32 +15,33 @@ While the document streams through the cache in sections, a detour after each
 section asks for notes on it (the section is still inside the window); the final
 summary is asked for with all the notes written out after the document, where they
 are inside the window.  Notes that would not fit are merged in rounds first.
-See docs/summaries.md.
+See docs/documents.md.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .documents import Document
 from .errors import UsageError
-from .generate import Engine, IncrementalDecoder, SamplingParams, State
+from .generate import Engine, GenerationResponse, State
+from .models import LoadedModel
+from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
-from .state_io import Checkpoint, StateHeader, build_header
+from .sampling import SamplingParams
+from .settings import RETRIEVAL_TOP_K, LambdaSettings
+from .state_io import StateHeader, build_header, load_state, read_header
 
-Progress = Callable[[int, int], None]
 # Small models sometimes loop instead of emitting their end token: three blank lines in a
 # row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
 _RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
 LOOP_SPAN = 60  # a reply whose last LOOP_SPAN characters already appeared in it is looping
 
-
-def _looping(text: str) -> bool:
-    """True when the text ends by repeating, verbatim, a span it already contains."""
-    return len(text) >= 2 * LOOP_SPAN and text[-LOOP_SPAN:] in text[:-LOOP_SPAN]
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
 DEFAULT_ANSWER_TOKENS = 200
@@ -44,6 +49,11 @@ NOTE_TOKENS = 96          # budget of one section note
 MAX_SECTION_TOKENS = 2048  # sections are at most this long, and at most half the window
 MERGE_GROUP = 4           # notes condensed into one per merge round
 SUMMARY_PROMPT_RESERVE = 64  # tokens of a summary request without notes (about 40 with a chat template)
+
+
+def _looping(text: str) -> bool:
+    """True when the text ends by repeating, verbatim, a span it already contains."""
+    return len(text) >= 2 * LOOP_SPAN and text[-LOOP_SPAN:] in text[:-LOOP_SPAN]
 
 
 @dataclass
@@ -68,15 +78,64 @@ class EncodedDocument:
         """Section notes written while encoding (empty unless asked for)."""
         return self.header.notes
 
+    @property
+    def outgrows_window(self) -> bool:
+        """Whether the document is longer than what the model sees directly (first tokens + window)."""
+        s = self.state.cache.settings
+        return self.document_tokens > s.n_global + s.n_local
 
-@dataclass
-class Reply:
-    """A generated answer; filled in while its stream is consumed."""
 
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    seconds: float = 0.0
+class Response:
+    """A reply being generated: iterate it for text pieces as they come, or call text().
+
+    Iterating runs the generation; the state it started from is restored when the
+    stream ends, including when the consumer stops early (closed pipe, Ctrl-C):
+    the iteration's `finally` closes the underlying stream.
+    """
+
+    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int) -> None:
+        self._stream = stream
+        self._chunks: list[str] = []
+        self._done = False
+        self.prompt_tokens = prompt_tokens
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.generation_tps = 0.0
+        self.peak_memory_bytes = 0
+        self.seconds = 0.0
+        self.on_complete: Callable[[Response], None] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._done:
+            yield from self._chunks
+            return
+        t0 = time.perf_counter()
+        try:
+            for r in self._stream:
+                if r.token is not None:
+                    self.token_ids.append(r.token)
+                if r.finish_reason is not None:
+                    self.finish_reason = r.finish_reason
+                    self.generation_tps, self.peak_memory_bytes = r.generation_tps, r.peak_memory_bytes
+                if r.text:
+                    self._chunks.append(r.text)
+                    yield r.text
+            complete = True
+        except GeneratorExit:
+            complete = False
+            raise
+        finally:
+            self._stream.close()
+            self._done = True
+            self.seconds = time.perf_counter() - t0
+        if complete and self.on_complete is not None:
+            self.on_complete(self)
+
+    def text(self) -> str:
+        """The whole reply, stripped (generating it first if needed)."""
+        for _ in self:
+            pass
+        return "".join(self._chunks).strip()
 
 
 def tokenize(engine: Engine, text: str) -> list[int]:
@@ -84,49 +143,86 @@ def tokenize(engine: Engine, text: str) -> list[int]:
     return list(engine.lm.tokenizer.encode(text, add_special_tokens=False))
 
 
-def stream_reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_tokens: int,
-                 sampling: SamplingParams | None, reply: Reply) -> Iterator[str]:
-    """Append prompt_ids to the encoded state, stream the generated text, then restore the state.
-
-    The state is restored even when the consumer stops early (closed pipe, Ctrl-C).
-    """
-    if not prompt_ids:
-        raise ValueError("a reply needs a prompt")
-    t0 = time.perf_counter()
-    checkpoint = Checkpoint(state, len(prompt_ids) + max(max_new_tokens, 1))
+def _reply_stream(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_tokens: int,
+                  sampling: SamplingParams | None) -> Iterator[GenerationResponse]:
+    """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`)."""
+    snap = state.snapshot(len(prompt_ids) + max(max_new_tokens, 1))
     try:
         engine.encode(prompt_ids, state)
-        decoder = IncrementalDecoder(engine.lm.tokenizer)
-        reply.prompt_tokens = len(prompt_ids)
-        for token in engine.generate(state, max_new_tokens, sampling):
-            reply.token_ids.append(token)
-            piece = decoder.push(token)
-            if piece:
-                reply.text += piece
-                yield piece
-                if _RUNAWAY_BLANKS.search(reply.text[-64:]) or _looping(reply.text):
-                    break
+        text = ""
+        for r in engine.stream_generate(state, max_new_tokens, sampling):
+            yield r
+            text += r.text
+            if r.text and (_RUNAWAY_BLANKS.search(text[-64:]) or _looping(text)):
+                break
     finally:
-        checkpoint.restore()
-        reply.seconds = time.perf_counter() - t0
+        state.restore(snap)
+
+
+def reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_tokens: int,
+          sampling: SamplingParams | None = None) -> Response:
+    """The reply to prompt_ids appended to the encoded state; the state is left as it was."""
+    if not prompt_ids:
+        raise ValueError("a reply needs a prompt")
+    return Response(_reply_stream(engine, state, prompt_ids, max_new_tokens, sampling), len(prompt_ids))
 
 
 def generate_text(engine: Engine, state: State, prompt: str, max_new_tokens: int,
                   sampling: SamplingParams | None = None) -> str:
     """A whole reply as one string (stripped); the state is left unchanged."""
-    reply = Reply()
-    for _ in stream_reply(engine, state, tokenize(engine, prompt), max_new_tokens, sampling, reply):
-        pass
-    return reply.text.strip()
+    return reply(engine, state, tokenize(engine, prompt), max_new_tokens, sampling).text()
 
 
-# -- Encoding ---------------------------------------------------------------
+# -- Opening a document: encode it, or load its saved state -------------------------
+
+def engine_for(lm: LoadedModel, requested: Mapping[str, Any] | None = None) -> Engine:
+    """An engine with the settings asked for (None = not given: the paper's defaults; see LambdaSettings.for_model)."""
+    return Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, **dict(requested or {})))
+
+
+def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
+                **encode_options: Any) -> tuple[Engine, EncodedDocument]:
+    """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state."""
+    if isinstance(source, Document):
+        engine = engine_for(lm, requested)
+        return engine, encode_document(engine, source, lm.spec, **encode_options)
+    return open_state(source, lm, requested)
+
+
+def open_state(path: str | Path, lm: LoadedModel,
+               requested: Mapping[str, Any] | None = None) -> tuple[Engine, EncodedDocument]:
+    """Load a saved state into an engine built for it.
+
+    The state fixes its cache layout (window, first tokens, cap, chunk, stores); options
+    given for those must agree, and a mismatch is refused with both values named.  The
+    model is the one the caller loaded: a state never chooses one (its fingerprint must
+    match).  Retrieval runs with the state's settings unless asked for otherwise, and
+    only where its stores allow.
+    """
+    given = {k: v for k, v in dict(requested or {}).items() if v is not None and v is not False}
+    header = read_header(path)
+    settings = header.settings
+    layout = {k: given[k] for k in ("n_global", "n_local", "limit_distance", "chunk_size") if k in given}
+    settings = settings.replace(**layout, middle_dir=given.get("middle_dir"),
+                                middle_dtype=given.get("middle_dtype", settings.middle_dtype))
+    wants_retrieval = bool(given.get("middle_top_k") or given.get("retrieval"))
+    if wants_retrieval and not settings.middle_top_k:
+        raise UsageError(f"{header.document_name}: this state was encoded without retrieval; "
+                         "encode it again with retrieval on")
+    engine = Engine(lm, settings)
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    state = load_state(path, engine, header, fmt.fingerprint)
+    if wants_retrieval:  # another k, distance or first layer, on the stores the state has
+        state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
+                                  given.get("middle_distance"), given.get("middle_blocks"))
+    return engine, EncodedDocument(state, fmt, header)
+
 
 def section_size(engine: Engine, requested: int | None = None) -> int:
     """Tokens per section for notes: at most half the window, so a section is read whole before its note."""
     if requested is not None:
         if requested <= 0:
-            raise UsageError(f"--section-tokens must be positive, got {requested}")
+            raise UsageError(f"section_tokens must be positive, got {requested}")
         return requested
     return max(16, min(MAX_SECTION_TOKENS, engine.settings.n_local // 2))
 
@@ -164,14 +260,17 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
 
     notes: True always, False never, None when the document does not fit in one window
     with `reserve` tokens to spare (room for a summary prompt and the summary).  The
-    notes are detours (checkpoint, prompt, generate, restore), so the encoded state is
-    the same with or without them.
+    notes are detours (snapshot, prompt, generate, restore), and no document row is a
+    retrieving row (a prompt always follows it), so the encoded state is the same with
+    or without notes, and however the document was cut into sections.
 
     Head and document are tokenized as one text, and the document's last few tokens are
     held back (`header.tail`) and tokenized again with each prompt: the tokens at both
     seams are then those of the whole conversation written out, whatever the tokenizer
     glues together (e.g. "end." + "\n\n" is one token for some and two for others).
     """
+    if note_tokens <= 0:
+        raise UsageError(f"note_tokens must be positive, got {note_tokens}")
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     head_text = fmt.document_head(question_first)
     n_head = len(tokenize(engine, head_text))
@@ -184,7 +283,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     if notes is None:
         notes = len(ids) + reserve > engine.settings.n_local
     written: list[str] = []
-    state = engine.encode(stream[:n_head])
+    state = engine.encode(stream[:n_head], continued=False)
     # Sections are the same with or without notes, so both give bit-identical states.
     bounds = [(a + n_head, b + n_head)
               for a, b in section_bounds(engine, stream[n_head:], section_size(engine, section_tokens))]
@@ -194,7 +293,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
                 progress(a + done, len(stream))
 
         if b > a:
-            engine.encode(stream[a:b], state, progress=report)
+            engine.encode(stream[a:b], state, continued=False, progress=report)
         if notes:
             last = k == len(bounds) - 1
             prompt = (tail if last else "") + fmt.section_note()
@@ -221,10 +320,10 @@ def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
 # -- Tasks ------------------------------------------------------------------
 
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
-        sampling: SamplingParams | None = None, reply: Reply | None = None) -> Iterator[str]:
-    """Stream the answer to one question about the encoded document."""
+        sampling: SamplingParams | None = None) -> Response:
+    """The answer to one question about the encoded document."""
     prompt = encoded.prompt_ids(engine, encoded.fmt.question(check_question(question)))
-    return stream_reply(engine, encoded.state, prompt, max_new_tokens, sampling, reply or Reply())
+    return reply(engine, encoded.state, prompt, max_new_tokens, sampling)
 
 
 @dataclass
@@ -246,30 +345,45 @@ def plan_summary(engine: Engine, encoded: EncodedDocument, length: str, budget: 
 
 def condense_notes(engine: Engine, encoded: EncodedDocument, notes: list[str], budget_tokens: int,
                    sampling: SamplingParams | None = None, note_tokens: int = 2 * NOTE_TOKENS,
-                   on_round: Callable[[int, int], None] | None = None) -> list[str]:
+                   progress: Progress | None = None) -> list[str]:
     """Merge consecutive notes, MERGE_GROUP at a time, until their prompt fits `budget_tokens`."""
     fmt = encoded.fmt
     while len(notes) > 1 and len(encoded.prompt_ids(engine, fmt.summary("short", notes))) > budget_tokens:
         groups = [notes[i:i + MERGE_GROUP] for i in range(0, len(notes), MERGE_GROUP)]
-        if on_round is not None:
-            on_round(len(notes), len(groups))
-        notes = [g[0] if len(g) == 1 else generate_text(engine, encoded.state, encoded.header.tail + fmt.merge_notes(g),
-                                                        note_tokens, sampling) for g in groups]
+        merged = []
+        for i, g in enumerate(groups):
+            merged.append(g[0] if len(g) == 1 else generate_text(
+                engine, encoded.state, encoded.header.tail + fmt.merge_notes(g), note_tokens, sampling))
+            if progress is not None:
+                progress(i + 1, len(groups))
+        notes = merged
     return notes
-
-
-def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", max_new_tokens: int | None = None,
-              sampling: SamplingParams | None = None, reply: Reply | None = None,
-              notes: list[str] | None = None) -> Iterator[str]:
-    """Stream a summary: from `notes` (already condensed) when given, else from the encoded state."""
-    budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
-    prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes or ()))
-    return stream_reply(engine, encoded.state, prompt, budget, sampling, reply or Reply())
 
 
 def notes_budget(engine: Engine) -> int:
     """Tokens the notes prompt may take: half the window, the rest stays for the document's end."""
     return engine.settings.n_local // 2
+
+
+class Summary(Response):
+    """A summary being generated, with how it was made."""
+
+    notes: list[str]                 # the notes it was written from (condensed), if any
+    covers_whole_document: bool      # False: no notes and longer than the window, so mostly its end
+
+
+def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", max_new_tokens: int | None = None,
+              sampling: SamplingParams | None = None, note_tokens: int = NOTE_TOKENS,
+              progress: Progress | None = None) -> Summary:
+    """A summary of the encoded document: from its section notes (condensed to fit first, with
+    `progress` per merge) when it has any, else from what the cache holds."""
+    budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
+    plan = plan_summary(engine, encoded, length, budget)
+    notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens, progress)
+    prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes))
+    summary = Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling), len(prompt))
+    summary.notes, summary.covers_whole_document = notes, plan.covers_whole_document
+    return summary
 
 
 @dataclass
@@ -293,7 +407,7 @@ class ChatSession:
     def __init__(self, engine: Engine, encoded: EncodedDocument, history: int = 3,
                  max_new_tokens: int = DEFAULT_ANSWER_TOKENS, sampling: SamplingParams | None = None) -> None:
         if history < 0:
-            raise UsageError(f"--history must be >= 0, got {history}")
+            raise UsageError(f"history must be >= 0, got {history}")
         self.engine, self.encoded = engine, encoded
         self.history, self.max_new_tokens, self.sampling = history, max_new_tokens, sampling
         self.turns: list[Turn] = []
@@ -313,15 +427,19 @@ class ChatSession:
             return ids + tokenize(self.engine, fmt.follow_up(question))
         return self.encoded.prompt_ids(self.engine, fmt.question(question))
 
-    def ask(self, question: str, reply: Reply | None = None) -> Iterator[str]:
-        """Stream the answer; the exchange joins the history once the answer is complete."""
+    def ask(self, question: str) -> Response:
+        """The answer; the exchange joins the history once the answer is complete."""
         question = check_question(question)
-        reply = reply or Reply()
-        yield from stream_reply(self.engine, self.encoded.state, self.prompt_ids(question), self.max_new_tokens,
-                                self.sampling, reply)
-        turn = Turn(question, reply.text.strip(), list(reply.token_ids))
-        self.turns.append(turn)
-        self.transcript.append(turn)
+        response = reply(self.engine, self.encoded.state, self.prompt_ids(question), self.max_new_tokens,
+                         self.sampling)
+
+        def keep(done: Response) -> None:
+            turn = Turn(question, done.text(), list(done.token_ids))
+            self.turns.append(turn)
+            self.transcript.append(turn)
+
+        response.on_complete = keep
+        return response
 
     def reset(self) -> None:
         """Forget the conversation; the next answer depends on the document alone."""
@@ -330,13 +448,3 @@ class ChatSession:
     def transcript_text(self) -> str:
         """The conversation so far as plain text (Q:/A: pairs)."""
         return "".join(f"Q: {t.question}\nA: {t.answer}\n\n" for t in self.transcript)
-
-
-def chunk_size_for(header: StateHeader | None, requested: int | None) -> int | None:
-    """A saved state fixes the chunk size (its ring was sized for it); otherwise the option or default."""
-    if header is None:
-        return requested
-    if requested is not None and requested != header.max_chunk:
-        raise UsageError(f"this state was encoded with --chunk-size {header.max_chunk}; "
-                         f"--chunk-size {requested} cannot be used with it")
-    return header.max_chunk or None

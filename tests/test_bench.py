@@ -17,8 +17,8 @@ from lminf_cli.bench import (
     ratios,
     run_bench,
 )
-from lminf_cli.cli import app
-from lminf_cli.commands.bench import render_table
+from lminf_cli.cli.app import app
+from lminf_cli.cli.bench import render_table
 from lminf_cli.errors import UsageError
 from lminf_cli.units import human_tokens, parse_length, parse_lengths
 
@@ -76,7 +76,8 @@ def test_bench_json_and_table_on_tiny_model(tiny_model_dir):
                             "--no-baseline", "--retrieval", "--middle-from-layer", "0", "--json", "--quiet"])
     assert r.exit_code == 0, r.stderr
     extra = json.loads(r.stdout)["results"][0]["extra"]
-    assert (extra["n_local"], extra["limit_distance"], extra["middle_top_k"]) == (32, 32, 5)
+    s = extra["settings"]
+    assert (s["n_local"], s["limit_distance"], s["middle_top_k"]) == (32, 32, 5)
     assert extra["middle_store_bytes"] > 0
 
 

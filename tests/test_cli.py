@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lminf_cli.cli import app
+from lminf_cli.cli.app import app
 
 runner = CliRunner()
 TEXT = "It was the best of times, it was the worst of times. " * 30

@@ -6,10 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lminf_cli.cli import app
+from lminf_cli.cli.app import app
 from lminf_cli.corpus import all_plays_text, plays_dir
 from lminf_cli.generate import Engine
 from lminf_cli.models import embedded_model_path, load_model
+from lminf_cli.settings import LambdaSettings
 
 pytestmark = [
     pytest.mark.embedded,
@@ -25,9 +26,9 @@ def lm():
 
 def test_equals_unmodified_model_inside_window(lm):
     ids = torch.tensor([lm.tokenizer.encode("To be, or not to be, that is the question. " * 40)])[:, :400]
-    engine = Engine(lm, chunk_size=128)
+    engine = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, chunk_size=128))
     cache = engine.new_cache()
-    ours = torch.cat([lm.adapter.forward(ids[:, s:s + 128], cache, rows=slice(None)) for s in range(0, 400, 128)], 1)
+    ours = torch.cat([engine.forward(cache, ids[:, s:s + 128], rows=slice(None)) for s in range(0, 400, 128)], 1)
     ref = lm.model(ids).logits
     # 30 fp32 layers summed in a different order: agreement to ~1e-4 on logits of size ~40.
     assert torch.allclose(ours, ref, atol=1e-3), (ours - ref).abs().max()

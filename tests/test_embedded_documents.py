@@ -8,7 +8,7 @@ import torch
 from lminf_cli.documents import Document
 from lminf_cli.generate import Engine
 from lminf_cli.models import embedded_model_path, load_model
-from lminf_cli.tasks import Reply, ask, encode_document, tokenize
+from lminf_cli.tasks import ask, encode_document, tokenize
 
 pytestmark = [
     pytest.mark.embedded,
@@ -25,8 +25,8 @@ def test_ask_inside_the_window_equals_the_unmodified_model_with_its_chat_templat
     encoded = encode_document(engine, Document("doc.txt", DOC), "embedded")
     assert encoded.fmt.templated and encoded.fmt.head.startswith("<|im_start|>system")
     question = "Which ship did not come back?"
-    reply = Reply()
-    answer = "".join(ask(engine, encoded, question, 24, reply=reply))
+    reply = ask(engine, encoded, question, 24)
+    answer = reply.text()
     # The same conversation through the unmodified HF model: one prompt, greedy.
     prompt = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": encoded.fmt.document_head()[len(encoded.fmt.head):] + DOC.strip()

@@ -8,19 +8,20 @@ import torch
 from conftest import dense_lambda_logits, tiny_llama
 
 from lminf_cli.attention import Rope, lambda_attention
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.errors import UsageError
-from lminf_cli.generate import Engine, Sampler, SamplingParams
+from lminf_cli.generate import Engine
+from lminf_cli.sampling import SamplingParams, make_sampler
 from lminf_cli.models import from_hf
+from lminf_cli.settings import LambdaSettings
 
 HEADS = [pytest.param(4, 2, id="gqa"), pytest.param(4, 4, id="mha"), pytest.param(4, 1, id="mqa")]
 
 
 def run_chunks(lm, settings, ids, chunk, fused=True):
     """Logits for every position, fed through the engine `chunk` tokens at a time."""
-    engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
+    engine = Engine(lm, settings.replace(chunk_size=chunk), fused=fused)
     cache = engine.new_cache()
-    parts = [lm.adapter.forward(ids[:, s:s + chunk], cache, rows=slice(None)) for s in range(0, ids.shape[1], chunk)]
+    parts = [engine.forward(cache, ids[:, s:s + chunk], rows=slice(None)) for s in range(0, ids.shape[1], chunk)]
     return torch.cat(parts, dim=1), cache
 
 
@@ -94,9 +95,9 @@ def test_chunked_nll_equals_one_shot(device):
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     ids = torch.randint(0, 97, (1, 90), device=device)
     settings = LambdaSettings(4, 12, 16)
-    one_shot = Engine(lm, settings, chunk_size=90).token_nll(ids)
+    one_shot = Engine(lm, settings.replace(chunk_size=90)).token_nll(ids)
     for chunk in (1, 3, 13, 64):
-        chunked = Engine(lm, settings, chunk_size=chunk).token_nll(ids)
+        chunked = Engine(lm, settings.replace(chunk_size=chunk)).token_nll(ids)
         assert torch.allclose(chunked, one_shot, atol=1e-4), chunk
     assert one_shot.shape == (89,)
 
@@ -105,7 +106,7 @@ def test_prefill_then_decode_equals_prefill_of_all(device):
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     ids = torch.randint(0, 97, (1, 50), device=device)
     settings = LambdaSettings(4, 12, 16)
-    engine = Engine(lm, settings, chunk_size=16)
+    engine = Engine(lm, settings.replace(chunk_size=16))
     state = engine.encode(ids[0, :-1])
     stepped = engine.step(state, int(ids[0, -1]))
     full = engine.encode(ids[0]).logits
@@ -115,7 +116,7 @@ def test_prefill_then_decode_equals_prefill_of_all(device):
 def test_cache_bytes_constant_and_positions_bounded(device):
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     settings = LambdaSettings(4, 16, 16)
-    engine = Engine(lm, settings, chunk_size=8)
+    engine = Engine(lm, settings.replace(chunk_size=8))
     state = engine.encode(torch.randint(0, 97, (16,)))
     bytes_1x = state.cache.nbytes
     engine.encode(torch.randint(0, 97, (9 * 16,)), state=state)
@@ -134,12 +135,12 @@ def test_far_positions_do_not_lose_precision(device):
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     settings = LambdaSettings(0, 8, 8)  # pure window: outputs depend only on the last 8 tokens
     ids = torch.randint(0, 97, (1, 40), device=device)
-    engine = Engine(lm, settings, chunk_size=4)
+    engine = Engine(lm, settings.replace(chunk_size=4))
     fresh = engine.new_cache()
     far = engine.new_cache()
     far.length = far.base = 10_000_000  # as if 10M tokens had streamed past
-    a = torch.cat([lm.adapter.forward(ids[:, s:s + 4], fresh, rows=slice(None)) for s in range(0, 40, 4)], 1)
-    b = torch.cat([lm.adapter.forward(ids[:, s:s + 4], far, rows=slice(None)) for s in range(0, 40, 4)], 1)
+    a = torch.cat([engine.forward(fresh, ids[:, s:s + 4], rows=slice(None)) for s in range(0, 40, 4)], 1)
+    b = torch.cat([engine.forward(far, ids[:, s:s + 4], rows=slice(None)) for s in range(0, 40, 4)], 1)
     # Two layers x 8-token window: from token 16 on, nothing before the stream start reaches.
     assert torch.allclose(a[:, 16:], b[:, 16:], atol=1e-5)
 
@@ -195,15 +196,15 @@ def test_settings_defaults_and_validation():
 
 def test_sampler():
     logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
-    assert Sampler(SamplingParams(), torch.device("cpu"))(logits) == 1
-    assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=3), torch.device("cpu"))(logits) == 1
-    draws = {Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=s), torch.device("cpu"))(logits)
+    assert make_sampler(SamplingParams(), torch.device("cpu"))(logits) == 1
+    assert make_sampler(SamplingParams(temperature=1.0, top_k=1, seed=3), torch.device("cpu"))(logits) == 1
+    draws = {make_sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=s), torch.device("cpu"))(logits)
              for s in range(30)}
     assert draws <= {1, 3} and len(draws) == 2
-    a = [Sampler(SamplingParams(temperature=2.0, seed=7), torch.device("cpu"))(logits) for _ in range(5)]
+    a = [make_sampler(SamplingParams(temperature=2.0, seed=7), torch.device("cpu"))(logits) for _ in range(5)]
     assert len(set(a)) == 1  # same seed, same draw
     with pytest.raises(UsageError):
-        SamplingParams(top_p=0).validate()
+        SamplingParams(top_p=0)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16])

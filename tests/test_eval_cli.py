@@ -10,7 +10,7 @@ import torch
 from conftest import CORPUS
 from typer.testing import CliRunner
 
-from lminf_cli.cli import app
+from lminf_cli.cli.app import app
 
 runner = CliRunner()
 TINY = ["--n-local", "32", "--n-global", "4", "--chunk-size", "16"]
@@ -61,8 +61,8 @@ def test_ppl_table_with_sparkline(tiny_model_dir, text_file):
 
 
 def test_ppl_window_only_with_stride_matches_core(tiny_model_dir, text_file):
-    from lminf_cli import evaluate as ev
-    from lminf_cli.evaluate import DenseModel
+    from lminf_cli.eval import ppl
+    from lminf_cli.eval.baseline import DenseModel
     from lminf_cli.models import load_model
 
     r = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
@@ -71,16 +71,16 @@ def test_ppl_window_only_with_stride_matches_core(tiny_model_dir, text_file):
     rep = json.loads(r.stdout)
     assert list(rep["methods"]) == ["window"] and rep["window_stride"] == 24
     lm = load_model(str(tiny_model_dir), "auto", "auto")  # what the CLI picked (CUDA and bf16 on a GPU)
-    ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 200)
-    ref = ev.bucket_means(DenseModel(lm).window_nll(ids, 64, 24).nll, 50)
+    ids = ppl.tokenize_prefix(lm.tokenizer, text_file.read_text(), 200)
+    ref = ppl.bucket_means(DenseModel(lm).window_nll(ids, 64, 24).nll, 50)
     assert [b["nll"] for b in rep["methods"]["window"]["buckets"]] == pytest.approx([b.nll for b in ref], abs=1e-5)
 
 
 def test_ppl_streams_average_by_position(tiny_model_dir, text_file):
-    from lminf_cli import evaluate as ev
-    from lminf_cli.cache import LambdaSettings
+    from lminf_cli.eval import baseline, ppl
     from lminf_cli.generate import Engine
     from lminf_cli.models import load_model
+    from lminf_cli.settings import LambdaSettings
 
     r = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",
                 "--streams", "3", "--baseline", "window", "--window-stride", "24", *TINY, "--json"])
@@ -88,13 +88,13 @@ def test_ppl_streams_average_by_position(tiny_model_dir, text_file):
     rep = json.loads(r.stdout)
     assert rep["streams"] == 3 and rep["tokens"] == 200
     lm = load_model(str(tiny_model_dir), "auto", "auto")
-    ids = ev.tokenize_prefix(lm.tokenizer, text_file.read_text(), 600)
-    engine = Engine(lm, LambdaSettings.for_model(64, n_local=32, n_global=4), chunk_size=16)
-    dense = ev.DenseModel(lm)
+    ids = ppl.tokenize_prefix(lm.tokenizer, text_file.read_text(), 600)
+    engine = Engine(lm, LambdaSettings.for_model(64, n_local=32, n_global=4).replace(chunk_size=16))
+    dense = baseline.DenseModel(lm)
     for method, score in (("lminf", engine.token_nll), ("window", lambda p: dense.window_nll(p, 64, 24).nll)):
         # Position p of the report is the mean over the three stretches [200 i, 200 (i + 1)) at p.
         nll = torch.stack([score(ids[200 * i:200 * (i + 1)]) for i in range(3)]).mean(0)
-        want = [b.nll for b in ev.bucket_means(nll, 50)]
+        want = [b.nll for b in ppl.bucket_means(nll, 50)]
         assert [b["nll"] for b in rep["methods"][method]["buckets"]] == pytest.approx(want, abs=1e-5)
     # Each stream's own buckets are in the JSON too; --offset 200 starts at the second stream.
     later = invoke(["eval", "ppl", text_file, "--model", tiny_model_dir, "--max-length", "200", "--bucket", "50",

@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lminf_cli import evaluate as ev
-from lminf_cli.cli import app
+from lminf_cli.cli.app import app
 from lminf_cli.corpus import play_text, plays_dir
+from lminf_cli.eval import passkey
 from lminf_cli.models import embedded_model_path, load_model
 
 pytestmark = [
@@ -27,7 +27,7 @@ def tok():
 @pytest.mark.parametrize("length", [2048, 16384])
 def test_passkey_prompts_on_the_real_tokenizer(tok, template, length):
     for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
-        p = ev.passkey_prompt(tok, length, depth, 40961, template)
+        p = passkey.passkey_prompt(tok, length, depth, 40961, template)
         assert abs(len(p.ids) - length) <= 0.02 * length
         assert tok.decode(p.ids[p.key_position:p.key_position + 12]).startswith("The pass key is 40961")
         if 0 < depth < 1:

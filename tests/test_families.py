@@ -11,10 +11,10 @@ from families import FAMILIES, ROPE, build, dense_lambda_reference
 from typer.testing import CliRunner
 
 from lminf_cli.adapters import supported_model_types
-from lminf_cli.cache import LambdaSettings
-from lminf_cli.cli import app
+from lminf_cli.cli.app import app
 from lminf_cli.generate import Engine
 from lminf_cli.models import from_hf, load_model
+from lminf_cli.settings import LambdaSettings
 
 NAMES = [f.name for f in FAMILIES]
 runner = CliRunner()
@@ -22,9 +22,9 @@ runner = CliRunner()
 
 def run_chunks(lm, settings, ids, chunk, fused=True):
     """Logits for every position, fed through the engine `chunk` tokens at a time."""
-    engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
+    engine = Engine(lm, settings.replace(chunk_size=chunk), fused=fused)
     cache = engine.new_cache()
-    parts = [lm.adapter.forward(ids[:, s:s + chunk], cache, rows=slice(None)) for s in range(0, ids.shape[1], chunk)]
+    parts = [engine.forward(cache, ids[:, s:s + chunk], rows=slice(None)) for s in range(0, ids.shape[1], chunk)]
     return torch.cat(parts, dim=1), cache
 
 
@@ -95,10 +95,10 @@ def test_chunked_nll_equals_one_shot_and_cache_is_constant(name):
     lm = from_hf(build(name, device=DEVICE), None)
     ids = ids_for(90)
     settings = LambdaSettings(4, 12, 16)
-    one_shot = Engine(lm, settings, chunk_size=90).token_nll(ids)
+    one_shot = Engine(lm, settings.replace(chunk_size=90)).token_nll(ids)
     for chunk in (1, 13):
-        assert torch.allclose(Engine(lm, settings, chunk_size=chunk).token_nll(ids), one_shot, atol=1e-4), chunk
-    engine = Engine(lm, settings, chunk_size=8)
+        assert torch.allclose(Engine(lm, settings.replace(chunk_size=chunk)).token_nll(ids), one_shot, atol=1e-4), chunk
+    engine = Engine(lm, settings.replace(chunk_size=8))
     state = engine.encode(ids[0, :16])
     before = state.cache.nbytes
     engine.encode(ids[0, 16:], state=state)
@@ -174,8 +174,8 @@ def test_cli_continue_matches_python_api(name, family_dirs, tmp_path):
     lm = load_model(str(path), device="cpu")
     ids = lm.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) > 16  # the document runs past the window
-    engine = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, 4, 16), chunk_size=8)
-    expected = "".join(engine.stream_text(engine.encode(ids), 8))
+    engine = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, n_global=4, n_local=16).replace(chunk_size=8))
+    expected = engine.generate(engine.encode(ids), 8)
     assert r.stdout == (expected + "\n" if expected else "")
 
 

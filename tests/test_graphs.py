@@ -11,13 +11,18 @@ import torch
 from conftest import DEVICE
 from families import build
 
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.generate import Engine
-from lminf_cli.graphs import StepGraph, graphed_forward, graphed_step
+from lminf_cli.graphs import StepGraph
 from lminf_cli.models import from_hf
-from lminf_cli.state_io import Checkpoint
+from lminf_cli.settings import LambdaSettings
 
-CAPTURE = DEVICE.type == "cuda"
+# On CUDA graphs are captured and replayed; elsewhere the same static-buffer path runs eagerly.
+GRAPHS = "auto" if DEVICE.type == "cuda" else "static"
+
+
+def engines(lm, settings):
+    """The same model and settings, without graphs and through them."""
+    return Engine(lm, settings, graphs="off"), Engine(lm, settings, graphs=GRAPHS)
 
 
 def decode_both(name: str, steps: int, prompt: int = 10, n_global: int = 3, n_local: int = 8, chunk: int = 4,
@@ -26,16 +31,14 @@ def decode_both(name: str, steps: int, prompt: int = 10, n_global: int = 3, n_lo
     lm = from_hf(build(name, device=DEVICE), None, name)
     settings = LambdaSettings.for_model(16, n_global=n_global, n_local=n_local, middle_top_k=top_k,
                                         middle_from_layer=0)
-    engine = Engine(lm, settings, chunk_size=chunk, cuda_graphs=False)
+    eager, through_graphs = engines(lm, settings.replace(chunk_size=chunk))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (prompt + steps,), generator=g).tolist()
-    plain, graphed = engine.encode(ids[:prompt]), engine.encode(ids[:prompt])
+    plain, graphed = eager.encode(ids[:prompt]), through_graphs.encode(ids[:prompt])
     out_plain, out_graphed = [], []
     for t in ids[prompt:]:
-        out_plain.append(engine.step(plain, t).clone())
-        graphed.cache.retrieve_last_row = True
-        out_graphed.append(graphed_step(lm.adapter, graphed.cache, t, capture=CAPTURE).clone())
-        graphed.cache.retrieve_last_row = False
+        out_plain.append(eager.step(plain, t).clone())
+        out_graphed.append(through_graphs.step(graphed, t).clone())
     return torch.stack(out_plain), torch.stack(out_graphed), graphed.cache, plain.cache
 
 
@@ -50,11 +53,11 @@ def test_graphed_steps_equal_plain_steps(name):
 
 def test_one_graph_serves_every_step_after_the_window_fills():
     lm = from_hf(build("llama", device=DEVICE), None, "llama")
-    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    _, engine = engines(lm, LambdaSettings.for_model(16, n_global=2, n_local=6, chunk_size=4))
     state = engine.encode(list(range(12)))
     graphs = set()
     for t in range(30):
-        graphed_step(lm.adapter, state.cache, t, capture=CAPTURE)
+        engine.step(state, t)
         graphs.add(id(state.cache.graphs[(1, True)]))
     assert len(graphs) == 1
 
@@ -67,12 +70,12 @@ def test_retrieval_steps_stay_eager_and_exact():
 
 def test_restored_checkpoint_replays_the_same_answer():
     lm = from_hf(build("llama", device=DEVICE), None, "llama")
-    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    _, engine = engines(lm, LambdaSettings.for_model(16, n_global=2, n_local=6, chunk_size=4))
     state = engine.encode(list(range(20)))
-    mark = Checkpoint(state, budget=8)
-    first = [graphed_step(lm.adapter, state.cache, t, capture=CAPTURE).clone() for t in (5, 6, 7)]
-    mark.restore()
-    again = [graphed_step(lm.adapter, state.cache, t, capture=CAPTURE).clone() for t in (5, 6, 7)]
+    mark = state.snapshot(8)
+    first = [engine.step(state, t).clone() for t in (5, 6, 7)]
+    state.restore(mark)
+    again = [engine.step(state, t).clone() for t in (5, 6, 7)]
     torch.testing.assert_close(torch.stack(again), torch.stack(first), atol=0, rtol=0)
 
 
@@ -83,10 +86,11 @@ def test_a_dropped_cache_frees_its_buffers_at_once():
     import weakref
 
     lm = from_hf(build("llama", device=DEVICE), None, "llama")
-    engine = Engine(lm, LambdaSettings.for_model(16, n_global=2, n_local=6), chunk_size=4, cuda_graphs=False)
+    _, engine = engines(lm, LambdaSettings.for_model(16, n_global=2, n_local=6, chunk_size=4))
     state = engine.encode(list(range(20)))
     for t in range(5):
-        graphed_step(lm.adapter, state.cache, t, capture=CAPTURE)
+        engine.step(state, t)
+    assert state.cache.graphs
     ring = weakref.ref(state.cache.layers[0].k_ring)
     gc.disable()
     try:
@@ -99,13 +103,13 @@ def test_a_dropped_cache_frees_its_buffers_at_once():
 @pytest.mark.parametrize("name", ["llama", "gemma2", "bloom"])
 def test_graphed_prefill_chunks_equal_plain_chunks(name):
     lm = from_hf(build(name, device=DEVICE), None, name)
-    engine = Engine(lm, LambdaSettings.for_model(16, n_global=3, n_local=8), chunk_size=5, cuda_graphs=False)
+    eager, through_graphs = engines(lm, LambdaSettings.for_model(16, n_global=3, n_local=8, chunk_size=5))
     ids = torch.randint(0, 97, (1, 63), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    plain, graphed = engine.new_cache(), engine.new_cache()
+    plain, graphed = eager.new_cache(), through_graphs.new_cache()
     for s in range(0, 63, 5):
-        last = s + 5 >= 63
-        want = lm.adapter.forward(ids[:, s:s + 5], plain, rows=slice(-1, None) if last else None)
-        got = graphed_forward(lm.adapter, graphed, ids[:, s:s + 5], logits=last, capture=CAPTURE)
+        rows = slice(-1, None) if s + 5 >= 63 else None
+        want = eager.forward(plain, ids[:, s:s + 5], rows=rows)
+        got = through_graphs.forward(graphed, ids[:, s:s + 5], rows=rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (5, False) in graphed.graphs  # full chunks after the window filled went through one graph
     for a, b in zip(plain.layers, graphed.layers, strict=True):

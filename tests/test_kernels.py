@@ -11,9 +11,9 @@ from torch.nn import functional as F
 
 from lminf_cli import kernels
 from lminf_cli.attention import attention_with_lse
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.generate import Engine
 from lminf_cli.models import from_hf
+from lminf_cli.settings import LambdaSettings
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
@@ -88,7 +88,7 @@ def test_decode_steps_equal_with_and_without_the_kernel(monkeypatch):
 
     def decode(max_rows):
         monkeypatch.setattr(kernels, "FEW_ROWS_MAX", max_rows)
-        engine = Engine(lm, LambdaSettings(3, 8, 12), chunk_size=5)
+        engine = Engine(lm, LambdaSettings(3, 8, 12).replace(chunk_size=5))
         state = engine.encode(ids[0, :30])
         return torch.stack([engine.step(state, int(t)) for t in ids[0, 30:]])  # [10, V]
 

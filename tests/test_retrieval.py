@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import DEVICE, lambda_masks, rope_at, tiny_llama
 
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.errors import UsageError
 from lminf_cli.generate import Engine
 from lminf_cli.models import from_hf
 from lminf_cli.retrieval import MiddleStore
-from lminf_cli.state_io import Checkpoint
+from lminf_cli.settings import LambdaSettings
 
 
 @torch.no_grad()
@@ -76,7 +75,7 @@ def test_prefill_and_decode_equal_dense_topk_reference(heads, kv, fused):
 
     for chunk in (7, 32):
         picked.clear()
-        engine = Engine(lm, settings, chunk_size=chunk, fused=fused)
+        engine = Engine(lm, settings.replace(chunk_size=chunk), fused=fused)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(MiddleStore, "top_k", recording)
             state = engine.encode(ids[0, :prompt])
@@ -199,9 +198,9 @@ def test_half_precision_store_halves_the_bytes_and_returns_float32():
     settings = LambdaSettings.for_model(16, middle_top_k=5)
     assert settings.store_dtype(torch.float32) == torch.float16
     assert settings.store_dtype(torch.bfloat16) == torch.bfloat16
-    with pytest.raises(UsageError, match="--middle-dtype"):
+    with pytest.raises(UsageError, match="middle_dtype"):
         LambdaSettings.for_model(16, middle_top_k=5, middle_dtype="int3")
-    with pytest.raises(UsageError, match="--middle-blocks"):
+    with pytest.raises(UsageError, match="middle_blocks"):
         LambdaSettings.for_model(16, middle_top_k=5, middle_blocks=-1)
 
 
@@ -295,19 +294,19 @@ def test_memory_mapped_store_equals_the_ram_store_and_leaves_no_files(tmp_path):
     for where in (None, str(tmp_path)):
         settings = LambdaSettings.for_model(16, n_global=2, n_local=8, middle_top_k=3, middle_from_layer=0,
                                             middle_dir=where)
-        engine = Engine(lm, settings, chunk_size=8)
+        engine = Engine(lm, settings.replace(chunk_size=8))
         state = engine.encode(ids)
         outs.append([state.logits] + [engine.step(state, t) for t in (5, 6, 7)])
         assert state.cache.layers[0].middle.spilled == (where is not None)
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-    with pytest.raises(UsageError, match="--middle-dir"):
+    with pytest.raises(UsageError, match="middle_dir"):
         LambdaSettings.for_model(16, middle_top_k=3, middle_dir=str(tmp_path / "missing"))
 
 
 def test_store_bytes_stay_off_the_window_cache():
     lm = from_hf(tiny_llama(4, 2, trained=16), None)
     settings = LambdaSettings.for_model(16, n_global=2, n_local=8, middle_top_k=3, middle_from_layer=0)
-    engine = Engine(lm, settings, chunk_size=8)
+    engine = Engine(lm, settings.replace(chunk_size=8))
     state = engine.encode(torch.randint(0, 97, (40,)))
     window_bytes, store_bytes = state.cache.nbytes, state.cache.middle_nbytes
     engine.encode(torch.randint(0, 97, (400,)), state=state)
@@ -341,7 +340,7 @@ def _engine_with_retrieval(tiny_model_dir):
     from lminf_cli.models import load_model
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     settings = LambdaSettings.for_model(64, n_global=4, n_local=16, middle_top_k=3, middle_from_layer=1)
-    return Engine(lm, settings, chunk_size=8)
+    return Engine(lm, settings.replace(chunk_size=8))
 
 
 def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
@@ -353,13 +352,13 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
     save_state(tmp_path / "s.lminf", state, header)
     loaded = load_state(tmp_path / "s.lminf", engine, read_header(tmp_path / "s.lminf"), "fp")
     assert loaded.cache.layers[1].middle.length == state.cache.layers[1].middle.length == 150 - 16 - 4
-    fresh = list(engine.generate(engine.encode(ids), 12))
-    assert list(engine.generate(loaded, 12)) == fresh
-    assert list(engine.generate(state, 12)) == fresh
-    assert read_header(tmp_path / "s.lminf").middle_dtype == "auto"
+    fresh = list(engine.generate_ids(engine.encode(ids), 12))
+    assert list(engine.generate_ids(loaded, 12)) == fresh
+    assert list(engine.generate_ids(state, 12)) == fresh
+    assert read_header(tmp_path / "s.lminf").settings.middle_dtype == "auto"
     assert loaded.cache.layers[1].middle.dtype == torch.float16
     # A store written in another precision (e.g. bfloat16 on a GPU) loads into this one's.
-    wide = Engine(engine.lm, LambdaSettings(**{**engine.settings.__dict__, "middle_dtype": "float32"}), chunk_size=8)
+    wide = Engine(engine.lm, engine.settings.replace(middle_dtype="float32"))
     other = wide.encode(ids)
     save_state(tmp_path / "w.lminf", other, build_header(wide, other, str(tiny_model_dir), "fp", "doc", "sha",
                                                           150, 600, None))
@@ -368,7 +367,7 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
     n = moved.cache.layers[1].middle.length  # loaded has since generated 12 more tokens
     assert torch.equal(moved.cache.layers[1].middle.k[:, :n], loaded.cache.layers[1].middle.k[:, :n])
     # An int8 store travels as int8 with its scales, and comes back the same.
-    tight = Engine(engine.lm, LambdaSettings(**{**engine.settings.__dict__, "middle_dtype": "int8"}), chunk_size=8)
+    tight = Engine(engine.lm, engine.settings.replace(middle_dtype="int8"))
     packed = tight.encode(ids)
     save_state(tmp_path / "q.lminf", packed, build_header(tight, packed, str(tiny_model_dir), "fp", "doc", "sha",
                                                           150, 600, None))
@@ -377,7 +376,7 @@ def test_saved_state_carries_the_middle_store(tiny_model_dir, tmp_path):
     a, b = back.cache.layers[1].middle, packed.cache.layers[1].middle
     assert a.dtype == torch.int8 and torch.equal(a.k[:, :a.length], b.k[:, :b.length])
     assert torch.allclose(a.keys(0, a.length), b.keys(0, b.length), rtol=1e-6, atol=0)
-    assert list(tight.generate(back, 12)) == list(tight.generate(packed, 12))
+    assert list(tight.generate_ids(back, 12)) == list(tight.generate_ids(packed, 12))
 
 
 def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
@@ -386,13 +385,13 @@ def test_checkpoint_restore_undoes_middle_appends(tiny_model_dir):
     state = engine.encode(ids)
     before = [layer.middle.length if layer.middle else 0 for layer in state.cache.layers]
     kmin = state.cache.layers[1].middle.kmin.clone()
-    cp = Checkpoint(state, budget=60)
+    cp = state.snapshot(60)
     engine.encode(torch.randint(0, 200, (30,)), state=state)
-    list(engine.generate(state, 10))
-    cp.restore()
+    list(engine.generate_ids(state, 10))
+    state.restore(cp)
     assert [layer.middle.length if layer.middle else 0 for layer in state.cache.layers] == before
     assert torch.equal(state.cache.layers[1].middle.kmin, kmin)
-    assert list(engine.generate(state, 8)) == list(engine.generate(engine.encode(ids), 8))
+    assert list(engine.generate_ids(state, 8)) == list(engine.generate_ids(engine.encode(ids), 8))
 
 
 def test_retrieval_settings_switched_on_an_encoded_stream_equal_fresh_engines():
@@ -412,22 +411,22 @@ def test_retrieval_settings_switched_on_an_encoded_stream_equal_fresh_engines():
             logits.append(engine.step(state, t).clone())
         return torch.stack(logits)
 
-    shared = Engine(lm, settings(5, 0, 4), chunk_size=8)
-    state = shared.encode([])
-    state.cache.set_retrieval(0)  # the prefix's last row must not retrieve: in one encode it is not last
-    shared.encode(ids[:88], state=state)  # a chunk boundary of the one-shot encode of all 90 tokens
-    mark = Checkpoint(state, budget=16)
+    shared = Engine(lm, settings(5, 0, 4).replace(chunk_size=8))
+    # The prefix's last row must not retrieve (in one encode it is not last); 88 is a chunk
+    # boundary of the one-shot encode of all 90 tokens.
+    state = shared.encode(ids[:88], continued=False)
+    mark = state.snapshot(16)
     answers = []
     for k, layer, dist in [(0, 0, 4), (5, 1, 4), (2, 2, 10), (5, 0, 4)]:
         state.cache.set_retrieval(k, layer, dist)
         got = run(shared, state, ids[88:])
-        mark.restore()
-        fresh = Engine(lm, settings(k, layer, dist), chunk_size=8)
+        state.restore(mark)
+        fresh = Engine(lm, settings(k, layer, dist).replace(chunk_size=8))
         want = run(fresh, fresh.encode([]), ids)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         answers.append(got)
     assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(answers) for b in answers[i + 1:])
     with pytest.raises(UsageError):
-        Engine(lm, settings(0, 0, 4), chunk_size=8).new_cache().set_retrieval(5)
+        Engine(lm, settings(0, 0, 4).replace(chunk_size=8)).new_cache().set_retrieval(5)
     with pytest.raises(UsageError):
-        Engine(lm, settings(5, 2, 4), chunk_size=8).new_cache().set_retrieval(5, from_layer=1)
+        Engine(lm, settings(5, 2, 4).replace(chunk_size=8)).new_cache().set_retrieval(5, from_layer=1)

@@ -6,17 +6,16 @@ import pytest
 import torch
 from conftest import CORPUS
 
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.documents import Document
 from lminf_cli.errors import InputError, UsageError
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
 from lminf_cli.prompts import PromptFormat
-from lminf_cli.state_io import Checkpoint, load_state, model_fingerprint, read_header, save_state
+from lminf_cli.settings import LambdaSettings
+from lminf_cli.state_io import load_state, read_header, save_state
 from lminf_cli.tasks import (
     ChatSession,
     EncodedDocument,
-    Reply,
     ask,
     condense_notes,
     encode_document,
@@ -37,7 +36,7 @@ def lm(tiny_model_dir):
 
 @pytest.fixture
 def engine(lm):
-    return Engine(lm, SETTINGS, chunk_size=16)
+    return Engine(lm, SETTINGS.replace(chunk_size=16))
 
 
 def doc(text: str = TEXT) -> Document:
@@ -57,7 +56,7 @@ def assert_same(a, b):
 
 
 def answer(engine, encoded, question, n=12):
-    return "".join(ask(engine, encoded, question, n))
+    return "".join(ask(engine, encoded, question, n))  # the pieces as streamed, unstripped
 
 
 # -- checkpoints ---------------------------------------------------------------
@@ -68,16 +67,16 @@ def test_checkpoint_restores_bit_identical_state(engine, doc_tokens, detour):
     state = engine.encode(ids)
     before = buffers(state)
     rebases = state.cache.rebases
-    cp = Checkpoint(state, detour)
+    cp = state.snapshot(detour)
     engine.encode(torch.arange(detour - 4) % 50 + 7, state)
-    for _ in engine.generate(state, 4):
+    for _ in engine.generate_ids(state, 4):
         pass
     assert state.cache.length > before[1][0]
     if detour == 70:
-        assert cp.slots is None and state.cache.rebases > rebases  # the full-copy path, across a re-base
+        assert cp.cache.slots is None and state.cache.rebases > rebases  # the full-copy path, across a re-base
     if detour == 10 and doc_tokens == 200:
-        assert cp.slots is not None  # the cheap path: only the slots the detour can touch
-    cp.restore()
+        assert cp.cache.slots is not None  # the cheap path: only the slots the detour can touch
+    state.restore(cp)
     assert_same(buffers(state), before)
 
 
@@ -85,19 +84,19 @@ def test_continuing_after_a_detour_equals_never_detouring(engine):
     a, b = torch.arange(120) % 90 + 3, torch.arange(50) % 80 + 5
     plain = engine.encode(b, engine.encode(a))
     state = engine.encode(a)
-    cp = Checkpoint(state, 40)
+    cp = state.snapshot(40)
     engine.encode(torch.arange(30) + 10, state)
-    cp.restore()
+    state.restore(cp)
     engine.encode(b, state)
     assert_same(buffers(state), buffers(plain))
 
 
 def test_checkpoint_budget_is_enforced(engine):
     state = engine.encode(torch.arange(100) % 90 + 3)
-    cp = Checkpoint(state, 5)
+    cp = state.snapshot(5)
     engine.encode(torch.arange(6) + 3, state)
     with pytest.raises(RuntimeError, match="budget"):
-        cp.restore()
+        state.restore(cp)
 
 
 # -- encoding, sections, notes ------------------------------------------------------
@@ -128,7 +127,7 @@ def test_notes_do_not_change_the_encoded_state(engine):
 
 
 def test_auto_notes_only_for_documents_longer_than_the_window(engine):
-    wide = Engine(engine.lm, LambdaSettings(4, 64, 64), chunk_size=16)
+    wide = Engine(engine.lm, LambdaSettings(4, 64, 64).replace(chunk_size=16))
     plain = encode_document(wide, doc("Time."), "tiny")
     total = plain.header.length + len(tokenize(wide, plain.header.tail))  # the held-back tail counts too
     assert total < 64
@@ -159,11 +158,11 @@ def test_ask_equals_appending_to_the_stream(engine):
     """The answer from the checkpointed state == greedy continuation of head + doc + question, one stream."""
     encoded = encode_document(engine, doc(), "tiny")
     q = "What saves nine?"
-    reply = Reply()
-    "".join(ask(engine, encoded, q, 10, reply=reply))
+    reply = ask(engine, encoded, q, 10)
+    reply.text()
     stream = encode_document(engine, doc(), "tiny").state
     engine.encode(encoded.prompt_ids(engine, encoded.fmt.question(q)), stream)
-    assert list(engine.generate(stream, 10)) == reply.token_ids
+    assert list(engine.generate_ids(stream, 10)) == reply.token_ids
 
 
 def test_chat_without_history_equals_ask(engine):
@@ -206,9 +205,10 @@ def test_summary_plan_and_note_condensing(engine):
     merged = condense_notes(engine, encoded, list(encoded.notes), budget, note_tokens=10)
     assert 1 <= len(merged) < len(encoded.notes)
     assert len(merged) == 1 or len(tokenize(engine, encoded.fmt.summary("short", merged))) <= budget
-    reply = Reply()
-    text = "".join(summarize(engine, encoded, "short", 8, reply=reply, notes=merged))
-    assert len(reply.token_ids) <= 8 and text == reply.text
+    reply = summarize(engine, encoded, "short", 8, note_tokens=5)
+    text = "".join(reply)
+    assert len(reply.token_ids) <= 8 and text.strip() == reply.text()
+    assert reply.notes and len(reply.notes) <= len(encoded.notes) and reply.covers_whole_document
 
 
 def test_summary_without_notes_of_a_long_state_is_flagged(engine):
@@ -256,7 +256,7 @@ def test_state_round_trip_gives_the_same_answer(engine, tmp_path):
 
 
 def test_short_document_state_stores_only_used_slots(engine, tmp_path):
-    engine = Engine(engine.lm, SETTINGS, chunk_size=256)  # a ring of 288 slots: a short document fills few
+    engine = Engine(engine.lm, SETTINGS.replace(chunk_size=256))  # a ring of 288 slots: a short document fills few
     small = encode_document(engine, doc("Call me Ishmael."), "tiny")
     big = encode_document(engine, doc(), "tiny")
     assert small.header.length < 100 < 288 < big.header.length
@@ -278,7 +278,7 @@ def test_truncated_or_foreign_states_are_refused(engine, tmp_path, tiny_model_di
         bad.write_bytes(data[:cut])
         with pytest.raises(InputError, match="truncated or damaged"):
             read_header(bad)
-    other = Engine(engine.lm, LambdaSettings(4, 16, 64), chunk_size=16)
+    other = Engine(engine.lm, LambdaSettings(4, 16, 64).replace(chunk_size=16))
     with pytest.raises(InputError, match="n_local=32"):
         load_state(path, other, read_header(path), encoded.fmt.fingerprint)
     with pytest.raises(InputError, match="prompt layout"):
@@ -288,7 +288,7 @@ def test_truncated_or_foreign_states_are_refused(engine, tmp_path, tiny_model_di
     from lminf_cli.models import from_hf
     torch.manual_seed(1)
     foreign = AutoModelForCausalLM.from_config(engine.lm.model.config)
-    foreign_engine = Engine(from_hf(foreign, engine.lm.tokenizer, "foreign"), SETTINGS, chunk_size=16)
+    foreign_engine = Engine(from_hf(foreign, engine.lm.tokenizer, "foreign"), SETTINGS.replace(chunk_size=16))
     with pytest.raises(InputError, match="another model"):
         load_state(path, foreign_engine, read_header(path), encoded.fmt.fingerprint)
 
@@ -304,12 +304,11 @@ def test_non_state_safetensors_is_refused(tmp_path):
 
 def test_fingerprint_ignores_dtype_but_not_weights(tiny_model_dir, lm):
     bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    assert model_fingerprint(bf16) == model_fingerprint(lm)
+    assert bf16.fingerprint == lm.fingerprint
 
 
 def test_runaway_blank_lines_end_a_reply_and_are_not_printed(capsys):
-    import lminf_cli.cli  # noqa: F401 - the command modules are loaded through the app
-    from lminf_cli.commands.documents import _stream
+    from lminf_cli.cli.output import stream_text as _stream
     from lminf_cli.tasks import _RUNAWAY_BLANKS, _looping
 
     assert _RUNAWAY_BLANKS.search("An answer.\n\n \n\n")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import AlibiCache, LambdaCache, LambdaSettings, LayerCache, StepPlan
+from ..cache import AlibiCache, LambdaCache, LayerCache, StepPlan
+from ..settings import LambdaSettings
 from .base import register
 from .decoder import DecoderAdapter, heads_view
 
@@ -18,11 +19,10 @@ class AlibiAdapter(DecoderAdapter):
 
     slopes: Tensor  # [H]
 
-    def new_cache(self, settings: LambdaSettings, max_chunk: int, fused: bool = True,
-                  rebase_every: int | None = None) -> LambdaCache:
+    def new_cache(self, settings: LambdaSettings, fused: bool = True) -> LambdaCache:
         p = next(self.model.parameters())
         return AlibiCache(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.slopes, settings,
-                          max_chunk, device=p.device, dtype=p.dtype, scale=self.scale, fused=fused)
+                          device=p.device, dtype=p.dtype, scale=self.scale, fused=fused)
 
 
 @register

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..attention import Rope
-from ..cache import LambdaCache, LambdaSettings
+from ..cache import LambdaCache, StepPlan
 from ..errors import ModelError
+from ..settings import LambdaSettings
 
 Rows = slice | None
 
@@ -21,8 +22,9 @@ class Adapter:
 
     An adapter reads the shapes and the rotary embedding off a loaded HF model
     and re-uses its modules (projections, norms, MLP), replacing only attention
-    and the KV cache.  `forward` adds a block of tokens to the cache and returns
-    logits for the requested rows only: full-sequence logits are never built.
+    and the KV cache.  `forward` runs one planned step (the engine plans and
+    commits it: see LambdaCache) and returns logits for the requested rows only:
+    full-sequence logits are never built.
     """
 
     family: ClassVar[str] = ""
@@ -30,8 +32,6 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        # Decode-step projections on the CPU (kernels.py); active only inside the adapter's forward.
-        kernels.install(model)
         self.config = model.config
         # Families without max_position_embeddings (BLOOM, MPT) set it themselves.
         self.trained_length: int = int(getattr(self.config, "max_position_embeddings", 0) or 0)
@@ -56,22 +56,27 @@ class Adapter:
             return max(windows)
         return None
 
-    def new_cache(self, settings: LambdaSettings, max_chunk: int, fused: bool = True,
-                  rebase_every: int | None = None) -> LambdaCache:
+    def new_cache(self, settings: LambdaSettings, fused: bool = True) -> LambdaCache:
         """An empty cache shaped for this model."""
         p = next(self.model.parameters())
         return LambdaCache(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.rope, settings,
-                           max_chunk, device=p.device, dtype=p.dtype, scale=self.scale, fused=fused,
-                           rebase_every=rebase_every, softcap=self.softcap, layer_windows=self.layer_windows(),
-                           layer_devices=self.layer_devices())
+                           device=p.device, dtype=p.dtype, scale=self.scale, fused=fused, softcap=self.softcap,
+                           layer_windows=self.layer_windows(), layer_devices=self.layer_devices())
+
+    def cache_bytes(self, settings: LambdaSettings) -> int:
+        """Bytes the ring and global buffers of a cache with these settings take (before making one)."""
+        p = next(self.model.parameters())
+        slots = settings.ring_size + settings.n_global
+        return 2 * self.n_layers * self.n_kv_heads * slots * self.head_dim * p.element_size()
 
     def layer_devices(self) -> list[torch.device]:
         """Device of each decoder layer (they differ when a device map splits the model)."""
         p = next(self.model.parameters())
         return [p.device] * self.n_layers
 
-    def forward(self, ids: Tensor, cache: LambdaCache, rows: Rows = None) -> Tensor | None:
-        """Add ids [1, C] to the cache; logits [1, len(rows), V] for `rows`, or None."""
+    def forward(self, ids: Tensor, cache: LambdaCache, plan: StepPlan, rows: Rows = None) -> Tensor | None:
+        """Run ids [1, C] through the model under `plan`, storing their K/V in the cache's
+        layers; logits [1, len(rows), V] for `rows`, or None."""
         raise NotImplementedError
 
 

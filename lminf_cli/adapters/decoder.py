@@ -1,8 +1,8 @@
-"""The forward loop shared by the adapters other than Llama's.
+"""The forward loop every adapter shares.
 
 A family adapter says how to embed, how one block runs (re-using the HF
 modules: projections, norms, MLP) and how the head reads the last hidden state;
-attention always goes through the layer's cache.
+attention always goes through the layer's cache, under the step's plan.
 """
 
 from __future__ import annotations
@@ -82,12 +82,10 @@ class DecoderAdapter(Adapter):
         return out
 
     @no_grad_forward
-    def forward(self, ids: Tensor, cache: LambdaCache, rows: Rows = None) -> Tensor | None:
-        plan = cache.plan(ids.shape[1])
+    def forward(self, ids: Tensor, cache: LambdaCache, plan: StepPlan, rows: Rows = None) -> Tensor | None:
         x = self.embed(ids)  # [1, C, hidden]
         for layer, lc in zip(self.layers, cache.layers, strict=True):
-            x = self.block(layer, x, lc, plan)
-        cache.commit(plan)
+            x = self.block(layer, x.to(lc.device), lc, plan)  # .to: a no-op unless a device map split the model
         if rows is None:
             return None
         return self.logits(x[:, rows])  # [1, rows, V]

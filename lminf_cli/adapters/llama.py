@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import LambdaCache
-from .base import Adapter, Rows, config_layer_windows, no_grad_forward, register, rope_from_hf
+from ..cache import LayerCache, StepPlan
+from .base import config_layer_windows, register, rope_from_hf
+from .decoder import DecoderAdapter
 
 
 @register
-class LlamaAdapter(Adapter):
+class LlamaAdapter(DecoderAdapter):
     """Pre-norm decoder, rotate-half RoPE on the whole head, grouped-query attention.
 
     Qwen3's per-head q/k RMSNorm and Qwen2's projection biases are handled by the
@@ -25,7 +26,8 @@ class LlamaAdapter(Adapter):
         super().__init__(model)
         cfg = self.config
         body = model.model
-        self.embed, self.layers, self.norm, self.lm_head = body.embed_tokens, body.layers, body.norm, model.lm_head
+        self.embed_tokens, self.layers, self.norm, self.lm_head = body.embed_tokens, body.layers, body.norm, \
+            model.lm_head
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -36,28 +38,20 @@ class LlamaAdapter(Adapter):
     def layer_windows(self) -> list[int | None]:
         return config_layer_windows(self.config, self.n_layers)
 
-    @no_grad_forward
-    def forward(self, ids: Tensor, cache: LambdaCache, rows: Rows = None) -> Tensor | None:
-        c = ids.shape[1]
-        plan = cache.plan(c)
-        x = self.embed(ids)  # [1, C, hidden]
-        for layer, lc in zip(self.layers, cache.layers, strict=True):
-            attn = layer.self_attn
-            x = x.to(lc.k_ring.device)  # no-op unless a device map split the model
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, c, self.n_heads, self.head_dim)      # [1, C, H, D]
-            k = attn.k_proj(h).view(1, c, self.n_kv_heads, self.head_dim)   # [1, C, Hkv, D]
-            v = attn.v_proj(h).view(1, c, self.n_kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            o = lc.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan)  # [1, H, C, D]
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, c, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.commit(plan)
-        if rows is None:
-            return None
-        x = x[:, rows].to(self.norm.weight.device)
-        return self.lm_head(self.norm(x).to(self.lm_head.weight.device))  # [1, rows, V]
-
     def layer_devices(self) -> list[torch.device]:
         return [layer.input_layernorm.weight.device for layer in self.layers]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.embed_tokens(ids)
+
+    def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
+        attn = layer.self_attn
+        q, k, v = self.project_qkv(attn, layer.input_layernorm(x))  # [1, C, H or Hkv, D]
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        x = x + attn.o_proj(self.attend(lc, plan, q, k, v))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def head(self, x: Tensor) -> Tensor:
+        # Each .to is a no-op unless a device map put the norm and the head elsewhere.
+        return self.lm_head(self.norm(x.to(self.norm.weight.device)).to(self.lm_head.weight.device))

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import EngineOptions, cli_errors, with_options
 from ..errors import UsageError
-from ..ui import status, write_stdout
 from ..units import human_bytes, human_tokens, parse_lengths
+from .options import SETTINGS_FIELDS, EngineOptions, with_options
+from .output import cli_errors, status, write_stdout
 
 
 @with_options(EngineOptions, "opts")
@@ -41,7 +41,7 @@ def bench(
 
     with cli_errors():
         lengths = parse_lengths(length)
-        opts.check()
+        requested = opts.requested()
         if decode_tokens < 0:
             raise UsageError(f"--decode-tokens must be >= 0, got {decode_tokens}")
         if baseline_timeout <= 0:
@@ -58,14 +58,12 @@ def bench(
             from ..documents import read_document
             read_document(text)  # fail now, not inside every child
         if plot:
-            _check_matplotlib()
-        o = opts
-        spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=o.model, arch=arch,
-                         device=o.device, dtype=o.dtype, device_map=device_map, text=text, n_local=o.n_local,
-                         n_global=o.n_global, limit_distance=o.limit_distance, chunk_size=o.chunk_size,
-                         middle_top_k=o.middle_top_k, middle_from_layer=o.middle_from_layer,
-                         middle_distance=o.middle_distance, middle_blocks=o.middle_blocks,
-                         middle_dtype=o.middle_dtype, retrieval=o.retrieval, middle_dir=o.middle_dir)
+            from ..eval.plots import check_plotting
+
+            check_plotting()
+        spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=opts.model,
+                         arch=arch, device=opts.device, dtype=opts.dtype, device_map=device_map, text=text,
+                         requested={k: requested[k] for k in SETTINGS_FIELDS})
         console = Console(stderr=True)
 
         def started(variant: str, n: int) -> None:
@@ -86,7 +84,9 @@ def bench(
                 out = Console(width=200)  # files and pipes get the whole table, unwrapped
             out.print(render_table(results, summary))
         if plot:
-            write_plot(results, plot)
+            from ..eval.plots import plot_bench
+
+            plot_bench(results, plot)
         failed = [r for r in results if r.status == "error"]
         for r in failed:
             typer.echo(f"lminf: {r.variant} at {human_tokens(r.length)} failed: {r.message}", err=True)
@@ -135,39 +135,6 @@ def render_table(results, summary) -> Table:
                       x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
                       "", "", "")
     return table
-
-
-def _check_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("--plot needs matplotlib (pip install 'lminf[bench]')") from None
-
-
-def write_plot(results, path: str) -> None:
-    """Encode time and peak memory against length, both variants."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant, style in (("baseline", "o--"), ("lminf", "s-")):
-        rows = [r for r in results if r.variant == variant and r.status == "ok"]
-        if not rows:
-            continue
-        xs = [r.length for r in rows]
-        ax1.plot(xs, [r.encode_seconds for r in rows], style, label=variant)
-        ax2.plot(xs, [r.peak_memory_bytes / 2**30 for r in rows], style, label=variant)
-    for ax, ylabel in ((ax1, "encode time (s)"), (ax2, "peak memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("input tokens")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import RETRIEVAL, EngineOptions, cli_errors, with_options
 from ..errors import UsageError
-from ..ui import encode_progress, write_stdout
+from .options import RETRIEVAL, EngineOptions, with_options
+from .output import cli_errors, note, stdout_console, task_progress, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Measure length generalisation: perplexity by position, passkey retrieval.")
@@ -34,19 +33,8 @@ def register(app: typer.Typer) -> None:
 SPARK_WIDTH = 100
 
 
-def _stdout_console():
-    from rich.console import Console
-
-    # Wide enough for the tables when stdout is not a terminal (files, pipes, tests).
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
-
-
-def _notice(message: str) -> None:
-    typer.echo(f"lminf: {message}", err=True)
-
-
 def _budget(max_length: str | None, seconds: float | None):
-    from ..evaluate import Budget
+    from ..eval.baseline import Budget
     from ..units import parse_length
 
     if seconds is not None and not seconds > 0:
@@ -84,8 +72,10 @@ def ppl(
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Mean NLL and perplexity by position bucket, with LM-Infinite and optional baselines."""
-    from .. import evaluate as ev
     from ..documents import read_document
+    from ..eval import baseline as bl
+    from ..eval import plots as pl
+    from ..eval import ppl as pp
     from ..units import parse_length
 
     with cli_errors():
@@ -93,61 +83,59 @@ def ppl(
         size = parse_length(bucket, "--bucket")
         baselines = list(dict.fromkeys(baseline or []))
         for b in baselines:
-            if b not in ev.BASELINES:
-                raise UsageError(f"--baseline must be one of {', '.join(ev.BASELINES)}, got '{b}'")
+            if b not in bl.BASELINES:
+                raise UsageError(f"--baseline must be one of {', '.join(bl.BASELINES)}, got '{b}'")
         budget = _budget(baseline_max_length, baseline_time)
         stride = parse_length(window_stride, "--window-stride") if window_stride is not None else None
         if no_lminf and not baselines:
             raise UsageError("--no-lminf needs at least one --baseline")
         skip = parse_length(offset, "--offset", allow_zero=True)
-        ev.check_streams(streams)
-        opts.check()
+        pp.check_streams(streams)
         if plot:
-            ev.check_plotting()
+            pl.check_plotting()
         doc = read_document(file)
-        engine = opts.engine()
+        from ..tasks import engine_for
+
+        engine = engine_for(opts.load(), opts.requested())
         lm = engine.lm
-        ids = ev.tokenize_prefix(lm.tokenizer, doc.text, skip + streams * n_max)
-        ids = ev.skip_tokens(ids, skip, doc.name)
-        ev.check_file_long_enough(len(ids), size, doc.name)
-        parts = ev.split_streams(ids, streams, n_max, doc.name)
+        ids = pp.tokenize_prefix(lm.tokenizer, doc.text, skip + streams * n_max)
+        ids = pp.skip_tokens(ids, skip, doc.name)
+        pp.check_file_long_enough(len(ids), size, doc.name)
+        parts = pp.split_streams(ids, streams, n_max, doc.name)
         L = engine.adapter.trained_length
         stride = stride or min(size, max(1, L // 2))
-        if ev.WINDOW in baselines and not stride < L:
+        if bl.WINDOW in baselines and not stride < L:
             raise UsageError(f"--window-stride must be smaller than the trained length ({L:,}), got {stride:,}")
 
-        def over_streams(name: str, score) -> ev.Scored:
+        def over_streams(name: str, score) -> bl.Scored:
             """One method over every stream (progress and stop notices per stream), averaged by position."""
             per_stream = []
             for i, part in enumerate(parts):
                 label = name if streams == 1 else f"{name}, stream {i + 1}/{streams}"
-                with encode_progress(opts.quiet, label) as progress:
+                with task_progress(opts.quiet, label) as progress:
                     run = score(part, progress)
                 if run.stop_reason:
-                    _notice(f"{label} stopped at {run.tokens_read:,} of {len(part):,} tokens: {run.stop_reason}")
+                    note(f"{label} stopped at {run.tokens_read:,} of {len(part):,} tokens: {run.stop_reason}")
                 per_stream.append(run)
-            return ev.average_streams(per_stream)
+            return pp.average_streams(per_stream)
 
         runs = []
         if not no_lminf:
-            runs.append(over_streams("LM-Infinite", lambda part, progress: ev.lminf_nll(engine, part, progress)))
-        dense = ev.DenseModel(lm, budget=budget) if baselines else None
+            runs.append(over_streams("LM-Infinite", lambda part, progress: pp.lminf_nll(engine, part, progress)))
+        dense = bl.DenseModel(lm, budget=budget) if baselines else None
         for b in baselines:
-            if b == ev.VANILLA:
-                runs.append(over_streams(ev.METHOD_LABELS[b], dense.nll))
+            if b == bl.VANILLA:
+                runs.append(over_streams(bl.METHOD_LABELS[b], dense.nll))
             else:
-                runs.append(over_streams(ev.METHOD_LABELS[b], lambda part, progress: dense.window_nll(
+                runs.append(over_streams(bl.METHOD_LABELS[b], lambda part, progress: dense.window_nll(
                     part, window=L, stride=stride, progress=progress)))
 
-        s = engine.settings
         meta = {"model": lm.name, "file": doc.name, "streams": streams, "offset": skip,
-                "window_stride": stride if ev.WINDOW in baselines else None,
-                "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
-                             "chunk_size": engine.chunk_size, "device": str(lm.device),
-                             "dtype": str(lm.dtype).replace("torch.", "")}}
-        report = ev.ppl_report(runs, size, L, meta)
+                "window_stride": stride if bl.WINDOW in baselines else None, "device": str(lm.device),
+                "dtype": str(lm.dtype).replace("torch.", ""), "settings": engine.settings.to_dict()}
+        report = pp.ppl_report(runs, size, L, meta)
         if plot:
-            ev.plot_nll(report, plot)
+            pl.plot_nll(report, plot)
         if json_out:
             write_stdout(json.dumps(report, indent=1) + "\n")
         else:
@@ -157,7 +145,8 @@ def ppl(
 def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
     from rich.table import Table
 
-    from .. import evaluate as ev
+    from ..eval import baseline as bl
+    from ..eval import ppl as pp
     from ..units import format_length
 
     methods = report["methods"]
@@ -185,7 +174,7 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
         mean_row += [_fmt(m["mean_nll"]), _fmt(math.exp(m["mean_nll"]), 1) if not math.isnan(m["mean_nll"]) else "-"]
     table.add_section()
     table.add_row(*mean_row, style="bold")
-    console = _stdout_console()
+    console = stdout_console()
     console.print(table)
 
     lines = []
@@ -195,11 +184,11 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
         lines.append(f"LM-Infinite: mean NLL {ref['nll']:.3f} over positions {format_length(ref['start'])}-"
                      f"{format_length(ref['end'])}; every {format_length(L // 2)}-token span after it within "
                      f"{flat['max_deviation']:.3f} nats of that.")
-    for base in ev.BASELINES:
+    for base in bl.BASELINES:
         cmp_ = report["summary"].get(f"past_trained_length_vs_{base}")
         if cmp_:
             lines.append(f"Past the trained length ({format_length(cmp_['start'])}-{format_length(cmp_['end'])}): "
-                         f"LM-Infinite {cmp_[ev.LMINF]:.3f} vs {ev.METHOD_LABELS[base]} {cmp_[base]:.3f} mean NLL.")
+                         f"LM-Infinite {cmp_[bl.LMINF]:.3f} vs {bl.METHOD_LABELS[base]} {cmp_[base]:.3f} mean NLL.")
     for m in methods.values():
         if m["stop_reason"]:
             lines.append(f"{m['label']} stopped at {m['stopped_at']:,} tokens: {m['stop_reason']}.")
@@ -211,7 +200,7 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
                      f"{format_length(report['bucket'])} or more; | = trained length):")
         for m in methods.values():
             vals_m = [b["nll"] if b["tokens"] else float("nan") for b in m["buckets"]]
-            spark = ev.sparkline(vals_m, lo, hi, width=SPARK_WIDTH)
+            spark = pp.sparkline(vals_m, lo, hi, width=SPARK_WIDTH)
             per_mark = max(1, math.ceil(len(vals_m) / SPARK_WIDTH))  # buckets averaged into one mark
             cut = min(len(spark), math.ceil(L / report["bucket"] / per_mark))
             lines.append(f"  {m['label']:<{width}} {spark[:cut]}|{spark[cut:]}")
@@ -238,52 +227,50 @@ def passkey(
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
-    from .. import evaluate as ev
+    from ..eval import baseline as bl
+    from ..eval import passkey as pk
+    from ..eval import plots as pl
     from ..units import parse_lengths
 
     with cli_errors():
         lens = parse_lengths(lengths, "--lengths")
-        deps = ev.parse_depths(depths)
+        deps = pk.parse_depths(depths)
         if samples < 1:
             raise UsageError(f"--samples must be at least 1, got {samples}")
-        if template not in ev.TEMPLATES:
-            raise UsageError(f"--template must be one of {', '.join(ev.TEMPLATES)}, got '{template}'")
+        if template not in pk.TEMPLATES:
+            raise UsageError(f"--template must be one of {', '.join(pk.TEMPLATES)}, got '{template}'")
         budget = _budget(baseline_max_length, baseline_time)
         if no_lminf and not baseline:
             raise UsageError("--no-lminf needs --baseline")
-        opts.check()
         if plot:
-            ev.check_plotting()
-        engine = opts.engine()
+            pl.check_plotting()
+        from ..tasks import engine_for
+
+        engine = engine_for(opts.load(), opts.requested())
         lm = engine.lm
-        prompts = [(i, ev.passkey_prompt(lm.tokenizer, n, d, ev.passkey_key(seed, n, d, i), template))
+        prompts = [(i, pk.passkey_prompt(lm.tokenizer, n, d, pk.passkey_key(seed, n, d, i), template))
                    for n in lens for d in deps for i in range(samples)]
-        s = engine.settings
-        report = ev.PasskeyReport(
+        report = pk.PasskeyReport(
             meta={"model": lm.name, "template": template, "samples": samples, "seed": seed,
-                  "trained_length": engine.adapter.trained_length,
-                  "settings": {"n_global": s.n_global, "n_local": s.n_local, "limit_distance": s.limit_distance,
-                               "chunk_size": engine.chunk_size, "middle_top_k": s.middle_top_k,
-                               "middle_from_layer": s.middle_from_layer, "middle_distance": s.middle_distance,
-                               "middle_blocks": s.middle_blocks, "middle_dtype": s.middle_dtype}},
+                  "trained_length": engine.adapter.trained_length, "settings": engine.settings.to_dict()},
             lengths=lens, depths=deps)
         if not no_lminf:
-            with encode_progress(opts.quiet, "LM-Infinite") as progress:
-                report.results += ev.run_passkey(ev.LMINF, prompts, lambda p: ev.lminf_answer(engine, p.ids),
+            with task_progress(opts.quiet, "LM-Infinite") as progress:
+                report.results += pk.run_passkey(bl.LMINF, prompts, lambda p: pk.lminf_answer(engine, p.ids),
                                                  progress)
         if baseline:
-            dense = ev.DenseModel(lm, budget=budget)
+            dense = bl.DenseModel(lm, budget=budget)
             dense.start_clock()
             stops = engine.stop_ids()
-            with encode_progress(opts.quiet, "unmodified") as progress:
-                base = ev.run_passkey(ev.VANILLA, prompts, lambda p: ev.dense_answer(dense, p.ids, stops), progress)
+            with task_progress(opts.quiet, "unmodified") as progress:
+                base = pk.run_passkey(bl.VANILLA, prompts, lambda p: pk.dense_answer(dense, p.ids, stops), progress)
             skipped = [r for r in base if r.skipped]
             if skipped:
-                _notice(f"unmodified model skipped {len(skipped)} of {len(base)} prompts "
+                note(f"unmodified model skipped {len(skipped)} of {len(base)} prompts "
                         f"(from {skipped[0].length:,} tokens): {skipped[0].skipped}")
             report.results += base
         if plot:
-            ev.plot_passkey(report, plot)
+            pl.plot_passkey(report, plot)
         if json_out:
             write_stdout(json.dumps(report.to_json(), indent=1) + "\n")
         else:
@@ -293,16 +280,17 @@ def passkey(
 def _print_passkey(report) -> None:
     from rich.table import Table
 
-    from .. import evaluate as ev
+    from ..eval import baseline as bl
+    from ..eval import passkey as pk
     from ..units import format_length
 
-    console = _stdout_console()
-    grid = ev.passkey_grid(report.results)
+    console = stdout_console()
+    grid = pk.passkey_grid(report.results)
     tokens: dict[int, list[int]] = {}
     for r in report.results:
         tokens.setdefault(r.length, []).append(r.tokens)
     for method, rows in grid.items():
-        table = Table(title=f"Passkey accuracy, {ev.METHOD_LABELS[method]} ({report.meta['model']}, "
+        table = Table(title=f"Passkey accuracy, {bl.METHOD_LABELS[method]} ({report.meta['model']}, "
                       f"{report.meta['template']} prompt)", title_justify="left")
         table.add_column("length", justify="right")
         table.add_column("tokens", justify="right")
@@ -310,7 +298,7 @@ def _print_passkey(report) -> None:
             table.add_column(f"depth {d:g}", justify="center")
         table.add_column("all", justify="center")
         for n in report.lengths:
-            cells = [rows.get(n, {}).get(d, ev.Cell()) for d in report.depths]
+            cells = [rows.get(n, {}).get(d, pk.Cell()) for d in report.depths]
             right, ran = sum(c.correct for c in cells), sum(c.total for c in cells)
             toks = tokens.get(n, [0])
             table.add_row(format_length(n), f"{round(sum(toks) / len(toks)):,}",

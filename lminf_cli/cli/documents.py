@@ -7,7 +7,6 @@ progress, prompts and diagnostics to stderr.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +15,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import EngineOptions, QuietOpt, SamplingOptions, cli_errors, with_options
 from ..errors import InputError, LminfError, UsageError
-from ..ui import status, task_progress, write_stdout
+from .options import EngineOptions, QuietOpt, SamplingOptions, check_positive, with_options
+from .output import cli_errors, emit_json, error_line, note, status, stream_text, task_progress, write_stdout
 
 FilesArg = Annotated[list[str], typer.Argument(
     help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
@@ -28,11 +27,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 SectionOpt = Annotated[Optional[int], typer.Option(
     "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
 NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
-
-
-def _check_max_new(value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"--max-new-tokens must be positive, got {value}")
 
 
 def _state_source(sources: list[str]) -> str | None:
@@ -58,104 +52,38 @@ def read_source(sources: list[str], quiet: bool) -> Any:
         return read_documents(sources, progress=bar)
 
 
-def open_document(source: Any, opts: EngineOptions, notes: bool | None = False, reserve: int = 0,
-                  section_tokens: int | None = None, note_tokens: int = 96, sampling: Any = None,
-                  question_first: str | None = None):
-    """(engine, encoded document) from read_source's result: a state is loaded, documents are encoded."""
-    from ..models import resolve_model_spec
-    from ..tasks import encode_document
+def open_document(source: Any, opts: EngineOptions, requested: dict[str, Any], **encode_options: Any):
+    """(engine, encoded document) from read_source's result, with progress on stderr:
+    documents are encoded (notes counted on the bar), a state is loaded."""
+    from ..tasks import open_source
 
+    lm = opts.load()
     if isinstance(source, str):
-        return _open_state(source, opts)
-    spec = resolve_model_spec(opts.model)
-    engine = opts.engine(model=spec)
+        with status("Loading state", opts.quiet):
+            return open_source(source, lm, requested)
     with task_progress(opts.quiet, "Encoding") as bar:
         def on_note(k: int, n: int, _note: str) -> None:
             if bar is not None:
                 bar.describe(f"Encoding (notes {k}/{n})")
 
-        encoded = encode_document(engine, source, spec, question_first=question_first, notes=notes,
-                                  reserve=reserve, section_tokens=section_tokens, note_tokens=note_tokens,
-                                  sampling=sampling, progress=bar, on_note=on_note)
-    return engine, encoded
+        return open_source(source, lm, requested, progress=bar, on_note=on_note, **encode_options)
 
 
-def _open_state(path: str, opts: EngineOptions):
-    from ..cache import RETRIEVAL_TOP_K
-    from ..errors import UsageError
-    from ..prompts import PromptFormat
-    from ..state_io import load_state, read_header
-    from ..tasks import EncodedDocument, chunk_size_for
-
-    header = read_header(path)
-    model = opts.model
-    if model is None and Path(header.model_spec).exists():
-        model = header.model_spec
-    # Unset options take the state's values; retrieval too (its stores were built for them).
-    engine = opts.engine(
-        model=model, chunk_size=chunk_size_for(header, opts.chunk_size),
-        n_local=header.n_local if opts.n_local is None else opts.n_local,
-        n_global=header.n_global if opts.n_global is None else opts.n_global,
-        limit_distance=header.limit_distance if opts.limit_distance is None else opts.limit_distance,
-        retrieval=False, middle_top_k=header.middle_top_k, middle_from_layer=header.middle_from_layer,
-        middle_distance=header.middle_distance if header.middle_top_k else None,
-        middle_blocks=header.middle_blocks, middle_dtype=header.middle_dtype)
-    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
-    with status("Loading state", opts.quiet):
-        state = load_state(path, engine, header, fmt.fingerprint)
-    if opts.middle_top_k or opts.retrieval:  # asked for retrieval on a state: only where its stores allow
-        if not state.cache.has_middle:
-            raise UsageError(f"{header.document_name}: this state was encoded without retrieval; "
-                             "encode it again with --retrieval (or --middle-top-k)")
-        state.cache.set_retrieval(opts.middle_top_k or RETRIEVAL_TOP_K, opts.middle_from_layer,
-                                  opts.middle_distance, opts.middle_blocks)
-    return engine, EncodedDocument(state, fmt, header)
-
-
-def _emit_json(obj: dict[str, Any]) -> None:
-    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
-
-
-def _deliver(pieces: Iterator[str], json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
+def _deliver(response: Any, json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
     """Stream the reply to stdout, or (--json) run it to the end and print `fields()` as one object."""
     if not json_out:
-        _stream(pieces)
+        stream_text(iter(response))
         return
-    for _ in pieces:
-        pass
-    _emit_json(fields())
-
-
-def _stream(pieces: Iterator[str]) -> None:
-    """Stream text to stdout without leading or trailing whitespace, ending with one newline.
-
-    Whitespace is held back until more text follows it, so a reply that ends in blank
-    lines prints none of them.
-    """
-    wrote, pending = False, ""
-    for piece in pieces:
-        if not wrote:
-            piece = piece.lstrip()
-        text = pending + piece
-        body = text.rstrip()
-        pending = text[len(body):]
-        if body:
-            write_stdout(body)
-            wrote = True
-    write_stdout("\n")
-
-
-def _note(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        typer.echo(f"lminf: {message}", err=True)
+    response.text()
+    emit_json(fields())
 
 
 def _hint_retrieval(encoded: Any, quiet: bool) -> None:
     """Say when a question may miss facts: the document outgrew the window and nothing retrieves."""
     s = encoded.state.cache.settings
-    if not s.middle_top_k and encoded.document_tokens > s.n_global + s.n_local:
-        _note(f"{encoded.header.document_name} ({encoded.document_tokens:,} tokens) is longer than the "
-              f"{s.n_local:,}-token window: facts from its middle may be missed (--retrieval finds them)", quiet)
+    if not s.retrieves and encoded.outgrows_window:
+        note(f"{encoded.header.document_name} ({encoded.document_tokens:,} tokens) is longer than the "
+             f"{s.n_local:,}-token window: facts from its middle may be missed (--retrieval finds them)", quiet)
 
 
 # -- commands -----------------------------------------------------------------
@@ -175,7 +103,7 @@ def info(
                 from ..state_io import read_header
 
                 header = read_header(source)
-                rows.append({"file": source, "kind": "lminf state", **json.loads(header.to_json())})
+                rows.append({"file": source, "kind": "lminf state", **header.to_dict()})
                 continue
             with task_progress(quiet, f"Reading {source}", unit="pages") as bar:
                 doc = read_document(source, progress=bar)
@@ -184,7 +112,7 @@ def info(
                          "words": len(doc.text.split()), "tokens_estimate": estimate_tokens(doc.text)})
         if json_out:
             for row in rows:
-                _emit_json(row)
+                emit_json(row)
             return
         out = []
         for row in rows:
@@ -205,12 +133,14 @@ def _fmt(value: Any) -> str:
 
 
 def _state_lines(row: dict[str, Any]) -> str:
-    size = Path(row["file"]).expanduser().stat().st_size
+    size, s = Path(row["file"]).expanduser().stat().st_size, row["settings"]
     lines = [
         ("file", row["file"]), ("kind", "lminf state"), ("size", f"{size / 2**20:,.1f} MiB"),
         ("model", f"{row['model_name']} (fingerprint {row['model_fingerprint']})"),
-        ("attention", f"n_global={row['n_global']} n_local={row['n_local']} "
-                      f"limit_distance={row['limit_distance']} chunk={row['max_chunk']} dtype={row['dtype']}"),
+        ("attention", f"n_global={s['n_global']} n_local={s['n_local']} limit_distance={s['limit_distance']} "
+                      f"chunk={s['chunk_size']} dtype={row['dtype']}"),
+        ("retrieval", f"top-k {s['middle_top_k']} from layer {s['middle_from_layer']}, "
+                      f"distance {s['middle_distance']}" if s["middle_top_k"] else "off"),
         ("document", row["document_name"]), ("pages", row["document_pages"]),
         ("characters", row["document_characters"]), ("tokens", row["document_tokens"]),
         ("sha256", row["document_sha256"]), ("section notes", len(row["notes"]) or "none"),
@@ -232,22 +162,20 @@ def encode(
     from ..documents import STATE_SUFFIX, is_state_path
 
     with cli_errors():
-        opts.check()
         if not output.lower().endswith(STATE_SUFFIX):
             raise UsageError(f"--output must end in {STATE_SUFFIX}, got '{output}'")
         if any(is_state_path(f) for f in files):
             raise UsageError("encode reads text or PDF files, not a saved state")
-        if note_tokens <= 0:
-            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        check_positive("--note-tokens", note_tokens)
+        requested = opts.requested()
         source = read_source(files, opts.quiet)
         from ..state_io import save_state
 
-        engine, encoded = open_document(source, opts, notes=notes, section_tokens=section_tokens,
-                                        note_tokens=note_tokens)
+        _, encoded = open_document(source, opts, requested, notes=notes, section_tokens=section_tokens,
+                                   note_tokens=note_tokens)
         with status("Saving state", opts.quiet):
             size = save_state(output, encoded.state, encoded.header)
-        _note(f"wrote {output}: {encoded.document_tokens:,} document tokens, "
-              f"{size / 2**20:,.1f} MiB", opts.quiet)
+        note(f"wrote {output}: {encoded.document_tokens:,} document tokens, {size / 2**20:,.1f} MiB", opts.quiet)
 
 
 @with_options(SamplingOptions, "sampling")
@@ -270,20 +198,18 @@ def ask(
         if len(args) < 2:
             raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
         files, question = args[:-1], check_question(args[-1])
-        opts.check()
-        _check_max_new(max_new_tokens)
+        check_positive("--max-new-tokens", max_new_tokens)
+        requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
-        from ..tasks import DEFAULT_ANSWER_TOKENS, Reply
+        from ..tasks import DEFAULT_ANSWER_TOKENS
         from ..tasks import ask as ask_task
 
-        params = sampling.params()
-        engine, encoded = open_document(source, opts)
+        engine, encoded = open_document(source, opts, requested)
         _hint_retrieval(encoded, opts.quiet)
-        reply = Reply()
-        pieces = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reply)
-        _deliver(pieces, json_out, lambda: {
-            "answer": reply.text.strip(), "document_tokens": encoded.document_tokens,
-            "answer_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
+        response = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
+        _deliver(response, json_out, lambda: {
+            "answer": response.text(), "document_tokens": encoded.document_tokens,
+            "answer_tokens": len(response.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
 
 
 @with_options(SamplingOptions, "sampling")
@@ -303,30 +229,25 @@ def summarize(
 
     t0 = time.perf_counter()
     with cli_errors():
-        opts.check()
-        _check_max_new(max_new_tokens)
-        if note_tokens <= 0:
-            raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        check_positive("--max-new-tokens", max_new_tokens)
+        check_positive("--note-tokens", note_tokens)
         budget = max_new_tokens or summary_length(length)[1]
+        requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
-        from ..tasks import SUMMARY_PROMPT_RESERVE, Reply, condense_notes, notes_budget, plan_summary
+        from ..tasks import SUMMARY_PROMPT_RESERVE
         from ..tasks import summarize as summarize_task
 
-        params = sampling.params()
         # Sections with notes only when the document, a summary prompt and the summary overflow one window.
-        engine, encoded = open_document(source, opts, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
+        engine, encoded = open_document(source, opts, requested, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
                                         section_tokens=section_tokens, note_tokens=note_tokens, sampling=params)
-        plan = plan_summary(engine, encoded, length, budget)
-        if not plan.covers_whole_document:
-            _note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
-                  "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
-        with status("Condensing notes", opts.quiet):
-            notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), params, 2 * note_tokens)
-        reply = Reply()
-        pieces = summarize_task(engine, encoded, length, budget, params, reply, notes)
-        _deliver(pieces, json_out, lambda: {
-            "summary": reply.text.strip(), "notes": encoded.notes, "document_tokens": encoded.document_tokens,
-            "summary_tokens": len(reply.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
+        with task_progress(opts.quiet, "Condensing notes", unit="merges") as bar:
+            summary = summarize_task(engine, encoded, length, budget, params, note_tokens, progress=bar)
+        if not summary.covers_whole_document:
+            note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
+                 "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
+        _deliver(summary, json_out, lambda: {
+            "summary": summary.text(), "notes": encoded.notes, "document_tokens": encoded.document_tokens,
+            "summary_tokens": len(summary.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
 
 
 CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "
@@ -346,18 +267,17 @@ def chat(
 ) -> None:
     """Interactive questions about documents, encoded once; reads one question per line when piped."""
     with cli_errors():
-        opts.check()
         if "-" in files:
             raise UsageError("chat reads its questions from stdin, so the document cannot come from stdin too; "
                              "give a file (or use lminf ask - QUESTION)")
         if history < 0:
             raise UsageError(f"--history must be >= 0, got {history}")
-        _check_max_new(max_new_tokens)
+        check_positive("--max-new-tokens", max_new_tokens)
+        requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
-        from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, Reply
+        from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession
 
-        params = sampling.params()
-        engine, encoded = open_document(source, opts)
+        engine, encoded = open_document(source, opts, requested)
         _hint_retrieval(encoded, opts.quiet)
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
@@ -372,15 +292,12 @@ def chat(
                 if _command(text, session, encoded) == "quit":
                     break
                 continue
-            reply = Reply()
-            pieces = session.ask(text, reply)
+            response = session.ask(text)
             if json_out:
-                for _ in pieces:
-                    pass
-                _emit_json({"question": text, "answer": reply.text.strip(), "answer_tokens": len(reply.token_ids),
-                            "seconds": round(reply.seconds, 3)})
+                emit_json({"question": text, "answer": response.text(), "answer_tokens": len(response.token_ids),
+                           "seconds": round(response.seconds, 3)})
             else:
-                _stream(pieces)
+                stream_text(iter(response))
                 if tty:
                     write_stdout("\n")
 
@@ -423,25 +340,25 @@ def _command(text: str, session: Any, encoded: Any) -> str | None:
             return "quit"
         if name == "/reset":
             session.reset()
-            _note("conversation forgotten; the next answer depends on the document alone")
+            note("conversation forgotten; the next answer depends on the document alone")
         elif name == "/save":
             if not arg:
                 raise UsageError("/save needs a path: /save notes.txt (transcript) or /save book.lminf (state)")
             if is_state_path(arg):
                 size = save_state(arg, encoded.state, encoded.header)
-                _note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
+                note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
             else:
                 try:
                     Path(arg).expanduser().write_text(session.transcript_text(), encoding="utf-8")
                 except OSError as exc:
                     raise InputError(f"cannot write {arg}: {exc.strerror or exc}") from exc
-                _note(f"wrote the transcript to {arg}")
+                note(f"wrote the transcript to {arg}")
         elif name == "/help":
-            _note(CHAT_HELP)
+            note(CHAT_HELP)
         else:
             raise UsageError(f"unknown command {name}; {CHAT_HELP}")
     except LminfError as exc:
-        typer.echo(f"lminf: error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(error_line(exc), err=True)
     return None
 
 

@@ -1,4 +1,4 @@
-"""Terminal presentation for the CLI: stderr progress and stdout writing.
+"""What the CLI writes: content on stdout, one-line errors and notices and progress on stderr.
 
 Progress is drawn only when stderr is a terminal and --quiet is off, so that
 logs and pipelines never receive control characters.
@@ -7,13 +7,18 @@ logs and pipelines never receive control characters.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+from ..errors import LminfError, SettingsError
 
 
 def stderr_console() -> Console:
@@ -30,27 +35,6 @@ class _Rate(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s", style="cyan")
-
-
-class _Count(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{int(task.completed):,}/{int(task.total or 0):,} tokens", style="green")
-
-
-@contextlib.contextmanager
-def encode_progress(quiet: bool, label: str = "Encoding") -> Iterator[Callable[[int, int], None] | None]:
-    """Yield a progress(done, total) callback drawing a bar on stderr, or None."""
-    if not interactive(quiet):
-        yield None
-        return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Count(), _Rate(),
-                  TimeRemainingColumn(), console=stderr_console(), transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 @contextlib.contextmanager
@@ -124,7 +108,8 @@ class TaskProgress:
 
 @contextlib.contextmanager
 def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[TaskProgress | None]:
-    """Like encode_progress, for any unit (pages, tokens), with a changeable label; None when not drawn."""
+    """A progress(done, total) callback drawing a bar on stderr (any unit: pages, tokens), with a
+    changeable label; None when progress is not drawn (--quiet, or stderr is not a terminal)."""
     if not interactive(quiet):
         yield None
         return
@@ -133,3 +118,63 @@ def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[Tas
         yield progress
     finally:
         progress.close()
+
+
+def one_line(message: str) -> str:
+    """A message on one line: runs of whitespace (newlines too) become one space."""
+    return " ".join(message.split())
+
+
+def error_line(exc: LminfError) -> str:
+    """The stderr line for an error; a setting is named by the option that sets it."""
+    if isinstance(exc, SettingsError):
+        return f"lminf: error: --{exc.setting.replace('_', '-')} {one_line(exc.detail)}"
+    return f"lminf: error: {one_line(str(exc))}"
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn domain errors into one stderr line + exit 2, and a closed stdout into a quiet exit."""
+    try:
+        yield
+    except LminfError as exc:
+        typer.echo(error_line(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except BrokenPipeError:
+        silence_stdout()
+        raise typer.Exit(141) from None
+
+
+def note(message: str, quiet: bool = False) -> None:
+    """A notice on stderr (`lminf: ...`), unless quiet."""
+    if not quiet:
+        typer.echo(f"lminf: {message}", err=True)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """One JSON object on one stdout line."""
+    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def stream_text(pieces: Iterator[str]) -> None:
+    """Stream text to stdout without leading or trailing whitespace, ending with one newline.
+
+    Whitespace is held back until more text follows it, so a reply that ends in blank
+    lines prints none of them.
+    """
+    wrote, pending = False, ""
+    for piece in pieces:
+        if not wrote:
+            piece = piece.lstrip()
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body):]
+        if body:
+            write_stdout(body)
+            wrote = True
+    write_stdout("\n")
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout, wide enough for tables when stdout is not a terminal (files, pipes, tests)."""
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)

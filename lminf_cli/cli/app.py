@@ -1,0 +1,110 @@
+"""The `lminf` command line: the Typer app, error handling and the entry point.
+
+stdout carries only content (generated text, tables asked for); everything else goes to
+stderr.  Every failure the user can fix becomes one line `lminf: error: ...` on stderr and
+exit code 2; Ctrl-C exits 130.  The commands live in their own modules (generate,
+documents, evaluate, bench), each parsing + one call of the Python API + printing; they
+register themselves here and never import this module.
+
+Modules are imported lazily inside commands where that keeps `lminf --help` and bad-input
+errors fast: torch and transformers take seconds to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from .. import __version__
+from . import bench, documents, evaluate, generate
+from .output import one_line
+
+
+def _exception_types(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class of that name, wherever this typer version keeps it."""
+    found = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _exception_types("UsageError")
+_CLICK_ERRORS = _exception_types("ClickException")
+_ABORTS = _exception_types("Abort")
+
+
+class LminfGroup(TyperGroup):
+    """Formats every failure as a single `lminf: error: ...` line on stderr."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "lminf", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except _USAGE_ERRORS as exc:
+            typer.echo(f"lminf: error: {one_line(exc.format_message())}", err=True)
+            code = 2
+        except _ABORTS:
+            code = 130
+        except _CLICK_ERRORS as exc:
+            typer.echo(f"lminf: error: {one_line(exc.format_message())}", err=True)
+            code = exc.exit_code
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=LminfGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Read documents far longer than a model's trained length (LM-Infinite).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lminf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Show the version and exit.")] = False) -> None:
+    """Read documents far longer than a model's trained length (LM-Infinite)."""
+
+
+for _module in (generate, documents, evaluate, bench):
+    _module.register(app)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """First Ctrl-C: KeyboardInterrupt (clean exit 130 through click); a second one, in
+    case a library swallowed the first: leave at once, still with 130 and no traceback."""
+    global _SIGINTS
+    _SIGINTS += 1
+    if _SIGINTS > 1:
+        os._exit(130)
+    raise KeyboardInterrupt
+
+
+_SIGINTS = 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        app()
+    except KeyboardInterrupt:  # outside click's own handling (e.g. while a module loads)
+        sys.exit(130)
