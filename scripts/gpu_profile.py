@@ -14,10 +14,11 @@ import time
 import torch
 
 from lminf_cli import attention
-from lminf_cli.bench import PeakMemory, arch_config
-from lminf_cli.cache import LambdaSettings
+from lminf_cli.bench import arch_config
 from lminf_cli.generate import Engine, sync
+from lminf_cli.memory import PeakMemory
 from lminf_cli.models import from_hf
+from lminf_cli.settings import LambdaSettings
 from lminf_cli.units import parse_length
 
 
@@ -32,7 +33,7 @@ def build(arch: str, dtype: torch.dtype, device: str):
 
 def time_decode(engine: Engine, state, steps: int, graphs: bool) -> list[float]:
     """Per-token seconds of `steps` greedy steps (argmax syncs each one)."""
-    engine.cuda_graphs = graphs
+    engine.graphs = "auto" if graphs else "off"
     token = int(torch.argmax(state.logits))
     out = []
     for _ in range(steps):
@@ -58,7 +59,7 @@ def memory_probe(lm, settings, ids, chunk: int) -> None:
 
     cache_mod.LayerCache.attend = attend
     try:
-        Engine(lm, settings, chunk_size=chunk).encode(ids)
+        Engine(lm, settings.replace(chunk_size=chunk)).encode(ids)
     finally:
         cache_mod.LayerCache.attend = original
     last = log[-lm.adapter.n_layers:]
@@ -69,7 +70,7 @@ def memory_probe(lm, settings, ids, chunk: int) -> None:
 
 def measure(lm, settings, ids, chunk: int, graphs: bool, decode: int):
     """Encode all ids then decode `decode` tokens; returns the engine, the state and a table row."""
-    engine = Engine(lm, settings, chunk_size=chunk, cuda_graphs=graphs)
+    engine = Engine(lm, settings.replace(chunk_size=chunk), graphs="auto" if graphs else "off")
     warm = engine.encode(ids[: 2 * chunk])
     del warm
     sync(lm.device)
@@ -121,7 +122,7 @@ def main() -> None:
             if a.profile and chunk == int(a.chunks.split(",")[0]):
                 from torch.profiler import ProfilerActivity, profile
 
-                engine.cuda_graphs = False
+                engine.graphs = "off"
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     time_decode(engine, state, 3, False)
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))

@@ -18,12 +18,12 @@ import json
 import time
 from pathlib import Path
 
-from lminf_cli.cache import LambdaSettings
 from lminf_cli.corpus import all_plays_text
 from lminf_cli.documents import Document
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
-from lminf_cli.tasks import Reply, ask, encode_document, tokenize
+from lminf_cli.settings import LambdaSettings
+from lminf_cli.tasks import ask, encode_document, tokenize
 
 FACTS = [  # (sentence, question, expected answer)
     ("Note from the archivist: the combination of the iron vault is 7294.",
@@ -63,7 +63,7 @@ def haystack(engine: Engine, n_tokens: int) -> tuple[str, list[int]]:
 
 def run(args: argparse.Namespace) -> None:
     lm = load_model(device="cpu", dtype="float32")
-    settings = LambdaSettings.for_model(lm.adapter.trained_length, args.n_global, args.n_local)
+    settings = LambdaSettings.for_model(lm.adapter.trained_length, n_global=args.n_global, n_local=args.n_local)
     engine = Engine(lm, settings)
     print(f"# {lm.name}, n_global={settings.n_global} n_local={settings.n_local} "
           f"limit_distance={settings.limit_distance}", flush=True)
@@ -92,12 +92,11 @@ def run(args: argparse.Namespace) -> None:
                         t0 = time.perf_counter()
                         encoded = encode_document(engine, doc, "embedded", question_first=question)
                         enc_s = time.perf_counter() - t0
-                    reply = Reply()
-                    "".join(ask(engine, encoded, question, args.max_new_tokens, reply=reply))
+                    answer = ask(engine, encoded, question, args.max_new_tokens).text()
                     row = {"n_local": engine.settings.n_local,
                            "length": length, "doc_tokens": encoded.document_tokens, "mode": mode, "depth": DEPTHS[i],
-                           "question": question, "expected": expected, "answer": reply.text.strip(),
-                           "correct": expected.lower() in reply.text.lower(), "encode_seconds": round(enc_s, 1)}
+                           "question": question, "expected": expected, "answer": answer,
+                           "correct": expected.lower() in answer.lower(), "encode_seconds": round(enc_s, 1)}
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     print(json.dumps(row), flush=True)

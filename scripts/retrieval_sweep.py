@@ -25,11 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-from lminf_cli import evaluate as ev
-from lminf_cli.cache import LambdaSettings
-from lminf_cli.generate import Engine, SamplingParams
+from lminf_cli.eval import passkey as ev
+from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
-from lminf_cli.state_io import Checkpoint
+from lminf_cli.sampling import SamplingParams
+from lminf_cli.settings import LambdaSettings
 from lminf_cli.units import format_length, parse_lengths
 
 
@@ -78,17 +78,16 @@ def main() -> None:
                     p = ev.passkey_prompt(tok, n, d, key, "plain")
                     cut = (len(p.ids) - 1) // chunk * chunk  # where the one-shot encode's last chunk starts
                     t0 = time.perf_counter()
-                    state = engine.encode([])
-                    state.cache.set_retrieval(0)
-                    engine.encode(p.ids[:cut], state=state)
+                    state = engine.encode(p.ids[:cut], continued=False)
                     prefix_s = time.perf_counter() - t0
-                    mark = Checkpoint(state, budget=len(p.ids) - cut + ev.PASSKEY_NEW_TOKENS + 1)
+                    mark = state.snapshot(len(p.ids) - cut + ev.PASSKEY_NEW_TOKENS + 1)
                     for name, k, layer, dist, blocks in configs:
                         state.cache.set_retrieval(k, layer or None, dist or None, blocks)
                         steps_before = len(state.metrics.step_seconds)
                         t1 = time.perf_counter()
                         engine.encode(p.ids[cut:], state=state)
-                        answer = ev.read_answer(engine.generate(state, ev.PASSKEY_NEW_TOKENS, SamplingParams()), tok)
+                        new = engine.generate_ids(state, ev.PASSKEY_NEW_TOKENS, SamplingParams())
+                        answer = ev.read_answer(new, tok)
                         steps = state.metrics.step_seconds[steps_before:]
                         row = {"config": name, "n_local": settings.n_local, "limit": settings.limit_distance,
                                "n_global": settings.n_global, "blocks": state.cache.settings.middle_blocks,
@@ -98,7 +97,7 @@ def main() -> None:
                                "prefix_seconds": round(prefix_s, 2), "seconds": round(time.perf_counter() - t1, 2),
                                "median_step_ms": round(statistics.median(steps) * 1000, 1) if steps else None,
                                "middle_store_bytes": state.cache.middle_nbytes}
-                        mark.restore()
+                        state.restore(mark)
                         out.write(json.dumps(row) + "\n")
                         out.flush()
                         rows.append(row)

@@ -17,10 +17,10 @@ import argparse
 
 import torch
 
-from lminf_cli import evaluate as ev
-from lminf_cli.cache import LambdaSettings
+from lminf_cli.eval import passkey as ev
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
+from lminf_cli.settings import LambdaSettings
 
 
 def main() -> None:

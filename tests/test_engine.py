@@ -10,8 +10,8 @@ from conftest import dense_lambda_logits, tiny_llama
 from lminf_cli.attention import Rope, lambda_attention
 from lminf_cli.errors import UsageError
 from lminf_cli.generate import Engine
-from lminf_cli.sampling import SamplingParams, make_sampler
 from lminf_cli.models import from_hf
+from lminf_cli.sampling import SamplingParams, make_sampler
 from lminf_cli.settings import LambdaSettings
 
 HEADS = [pytest.param(4, 2, id="gqa"), pytest.param(4, 4, id="mha"), pytest.param(4, 1, id="mqa")]

@@ -174,7 +174,7 @@ def test_cli_continue_matches_python_api(name, family_dirs, tmp_path):
     lm = load_model(str(path), device="cpu")
     ids = lm.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) > 16  # the document runs past the window
-    engine = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, n_global=4, n_local=16).replace(chunk_size=8))
+    engine = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, n_global=4, n_local=16, chunk_size=8))
     expected = engine.generate(engine.encode(ids), 8)
     assert r.stdout == (expected + "\n" if expected else "")
 
