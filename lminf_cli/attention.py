@@ -12,7 +12,6 @@ decides which keys exist and builds the additive masks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -286,10 +285,3 @@ def merge_extra_keys(out: Tensor, lse: Tensor, scores: Tensor, values: Tensor) -
     probs = torch.exp(scores - total[:, None])                               # [H, k]
     added = torch.bmm(probs[:, None], values.float())[:, 0]                  # [H, D]
     return (out.float() * torch.exp(lse - total)[:, None] + added).to(out.dtype)
-
-
-def default_scale(head_dim: int) -> float:
-    """The usual 1/sqrt(d) softmax temperature."""
-    return 1.0 / math.sqrt(head_dim)
-
-

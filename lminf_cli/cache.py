@@ -166,8 +166,12 @@ class LayerCache:
             q_ins = self.owner.rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)  # [H, D]
         s = self.owner.settings
         scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks, with_keys=False)
+        scores = scores * self.owner.scale
+        if self.owner.softcap is not None:  # Gemma 2: middle scores are capped like both Λ branches
+            # tanh is monotonic, so the top-k of the capped scores are the top-k of the raw ones.
+            scores = torch.tanh(scores / self.owner.softcap) * self.owner.softcap
         # `out` is this call's own tensor: its last row can be replaced in place.
-        out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores * self.owner.scale, values)
+        out[0, :, -1] = merge_extra_keys(out[0, :, -1], last_lse, scores, values)
         return out
 
     def rotate_ring(self, cos: Tensor, sin: Tensor) -> None:

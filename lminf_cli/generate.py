@@ -28,7 +28,7 @@ from torch import Tensor
 from .cache import CacheSnapshot, LambdaCache
 from .errors import UsageError
 from .graphs import graphable, graphed
-from .memory import peak_bytes
+from .memory import check_fits, peak_bytes
 from .models import LoadedModel
 from .progress import Progress
 from .sampling import Sampler, SamplingParams, make_sampler
@@ -169,8 +169,11 @@ class Engine:
         return self.settings.chunk_size
 
     def new_cache(self) -> LambdaCache:
-        """An empty constant-size cache for this model and settings."""
-        return self.adapter.new_cache(self.settings, fused=self.fused)
+        """An empty constant-size cache for this model and settings (refused first if it cannot fit)."""
+        s = self.settings
+        check_fits(self.adapter.cache_bytes(s), self.lm.device,
+                   f"a cache of {s.n_local:,} window + {s.chunk_size:,} chunk + {s.n_global:,} first tokens")
+        return self.adapter.new_cache(s, fused=self.fused)
 
     def new_state(self) -> State:
         """A state with nothing encoded yet."""

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
+from .units import human_bytes
+
 
 def available_bytes(device: torch.device) -> int | None:
     """Free device memory: CUDA's free bytes, or the kernel's MemAvailable on CPU (None if unknown)."""
@@ -57,3 +60,10 @@ class PeakMemory:
 def peak_bytes(device: torch.device) -> int:
     """Peak memory of this process on `device` (see PeakMemory)."""
     return PeakMemory(device).read()
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse, before allocating, `nbytes` of `what` that cannot fit in the device's free memory."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise UsageError(f"{what} needs {human_bytes(nbytes)}, but only {human_bytes(free)} of memory is free")

@@ -51,9 +51,6 @@ def format_length(n: int) -> str:
     return str(n)
 
 
-human_tokens = format_length
-
-
 def human_bytes(n: float) -> str:
     """Bytes in binary units: 388 MiB, 1.52 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -20,7 +20,7 @@ from lminf_cli.bench import (
 from lminf_cli.cli.app import app
 from lminf_cli.cli.bench import render_table
 from lminf_cli.errors import UsageError
-from lminf_cli.units import human_tokens, parse_length, parse_lengths
+from lminf_cli.units import format_length, parse_length, parse_lengths
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def test_parse_length_rejects(text):
 
 def test_parse_lengths_and_human():
     assert parse_lengths("8k,32k,8k,128k") == [8192, 32768, 131072]
-    assert [human_tokens(n) for n in (8192, 1048576, 1000)] == ["8k", "1M", "1000"]
+    assert [format_length(n) for n in (8192, 1048576, 1000)] == ["8k", "1M", "1000"]
     with pytest.raises(UsageError):
         parse_lengths(",")
 

@@ -430,3 +430,46 @@ def test_retrieval_settings_switched_on_an_encoded_stream_equal_fresh_engines():
         Engine(lm, settings(0, 0, 4).replace(chunk_size=8)).new_cache().set_retrieval(5)
     with pytest.raises(UsageError):
         Engine(lm, settings(5, 2, 4).replace(chunk_size=8)).new_cache().set_retrieval(5, from_layer=1)
+
+
+def test_sectioned_encode_equals_one_shot_with_retrieval_on(tiny_model_dir):
+    # Only the row that will be continued retrieves, and a document's last row never is (a
+    # prompt follows it): however the document is cut into sections, the state is the same.
+    from conftest import CORPUS
+
+    from lminf_cli.documents import Document
+    from lminf_cli.tasks import ask, encode_document
+
+    # Retrieval from layer 0: a retrieving row changes what layer 1 stores, so the old rule shows.
+    engine = _engine_with_retrieval(tiny_model_dir)
+    engine = Engine(engine.lm, engine.settings.replace(middle_from_layer=0))  # chunk 8, window 16, top-k 3
+    ids = torch.randint(0, 200, (203,), generator=torch.Generator().manual_seed(9))
+    one = engine.encode(ids, continued=False)
+    assert one.cache.layers[0].middle.length > 150
+    # Sections that end on chunk boundaries run the very same forwards: bit for bit.
+    for cut in (8, 96, 200):
+        two = engine.encode(ids[:cut], continued=False)
+        engine.encode(ids[cut:], two, continued=False)
+        a, b = one.cache.state_dict(), two.cache.state_dict()
+        assert one.cache.meta_state() == two.cache.meta_state() and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(one.logits, two.logits), cut
+    # Any other cut moves the chunk boundaries (and so when the ring is re-based): the same
+    # arithmetic up to float rounding, where retrieving at every section end was 1e-2 away.
+    doc = Document("doc.txt", "\n".join(CORPUS.split(". ")))
+    whole = encode_document(engine, doc, "tiny", section_tokens=10_000)
+    q = "Who is Ishmael?"
+    want = ask(engine, whole, q, 8)
+    want.text()
+    for size in (13, 40):
+        cut = encode_document(engine, doc, "tiny", section_tokens=size)
+        assert cut.state.cache.length == whole.state.cache.length
+        torch.testing.assert_close(cut.state.logits, whole.state.logits, atol=1e-5, rtol=1e-5)
+        got = ask(engine, cut, q, 8)
+        assert got.text() == want.text() and got.token_ids == want.token_ids
+    # The old rule (the last row of every encode call retrieves) changes the state: token 95's
+    # keys and values in layer 1, now in its middle store.
+    old = engine.encode(ids[:96], continued=True)
+    engine.encode(ids[96:], old, continued=False)
+    a, b = one.cache.state_dict(), old.cache.state_dict()
+    assert (a["layers.1.middle_v"].float() - b["layers.1.middle_v"].float()).abs().max() > 1e-4
+    assert torch.equal(a["layers.0.middle_v"], b["layers.0.middle_v"])  # layer 0 stores its input's K/V

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UsageError
-from ..units import human_bytes, human_tokens, parse_lengths
+from ..units import format_length, human_bytes, parse_lengths
 from .options import SETTINGS_FIELDS, EngineOptions, with_options
 from .output import cli_errors, status, write_stdout
 
@@ -68,7 +68,7 @@ def bench(
 
         def started(variant: str, n: int) -> None:
             if not opts.quiet:
-                console.print(f"[dim]running {variant} at {human_tokens(n)} tokens…[/dim]", highlight=False)
+                console.print(f"[dim]running {variant} at {format_length(n)} tokens…[/dim]", highlight=False)
 
         with status("Benchmarking", opts.quiet):
             results = run_bench(spec, lengths, baseline=baseline, baseline_timeout=baseline_timeout,
@@ -89,7 +89,7 @@ def bench(
             plot_bench(results, plot)
         failed = [r for r in results if r.status == "error"]
         for r in failed:
-            typer.echo(f"lminf: {r.variant} at {human_tokens(r.length)} failed: {r.message}", err=True)
+            typer.echo(f"lminf: {r.variant} at {format_length(r.length)} failed: {r.message}", err=True)
         if results and all(r.status == "error" for r in results):
             raise typer.Exit(1)
 
@@ -119,19 +119,19 @@ def render_table(results, summary) -> Table:
     for r in results:
         if r.status != "ok":
             label = {"oom": "OOM", "timeout": "timeout"}.get(r.status, "error")
-            table.add_row(human_tokens(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-", "-")
+            table.add_row(format_length(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-", "-")
             continue
         bw = _fmt(r.bandwidth_bytes_per_s, "bw")
         if r.bandwidth_fraction is not None:
             bw += f" ({r.bandwidth_fraction:.0%})"
-        table.add_row(human_tokens(r.length), r.variant, _fmt(r.encode_seconds, "s"), _fmt(r.encode_tps, "tps"),
+        table.add_row(format_length(r.length), r.variant, _fmt(r.encode_seconds, "s"), _fmt(r.encode_tps, "tps"),
                       _fmt(r.decode_tps, "tps"), _fmt(r.median_step_ms, "ms"), _fmt(r.peak_memory_bytes, "bytes"),
                       _fmt(r.peak_beyond_weights_bytes, "bytes"), _fmt(r.kv_cache_bytes, "bytes"),
                       _fmt(r.extra.get("middle_store_bytes") or None, "bytes"), bw)
     for length, s in summary.items():
         def x(v):
             return f"{v:.2f}x" if v else "-"
-        table.add_row(human_tokens(length), "[bold]speedup[/bold]", x(s["encode_speedup"]), "",
+        table.add_row(format_length(length), "[bold]speedup[/bold]", x(s["encode_speedup"]), "",
                       x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
                       "", "", "")
     return table
