@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .corpus import all_plays_text, plays_dir
 from .errors import UsageError
 from .generate import Engine, sync
 from .memory import PeakMemory
@@ -153,11 +154,8 @@ def bench_tokens(spec: BenchSpec, tokenizer, vocab_size: int) -> torch.Tensor:
     text = None
     if spec.text:
         text = Path(spec.text).read_text(encoding="utf-8", errors="replace")
-    elif tokenizer is not None:
-        from .corpus import all_plays_text, plays_dir
-
-        if plays_dir() is not None:
-            text = all_plays_text()[: spec.length * 6]  # ~4 chars per token, with margin
+    elif tokenizer is not None and plays_dir() is not None:
+        text = all_plays_text()[: spec.length * 6]  # ~4 chars per token, with margin
     if text is not None and tokenizer is not None:
         ids = tokenizer.encode(text, add_special_tokens=False)
         if not ids:

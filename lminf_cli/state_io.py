@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
@@ -164,8 +166,6 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
 
 def save_state(path: str | Path, state: State, header: StateHeader) -> int:
     """Write the cache and header to `path` atomically; returns the file size in bytes."""
-    from safetensors.torch import save_file
-
     if state.logits is None:
         raise InputError("nothing has been encoded: there is no state to save")
     tensors: dict[str, Tensor] = {"logits": state.logits.detach().reshape(-1).cpu().contiguous()}
@@ -190,8 +190,6 @@ def save_state(path: str | Path, state: State, header: StateHeader) -> int:
 
 def read_header(path: str | Path) -> StateHeader:
     """Read and validate a state file's header without loading a model or tensors."""
-    from safetensors import SafetensorError, safe_open
-
     name = str(path)
     p = Path(path).expanduser()
     if not p.exists():
@@ -267,8 +265,6 @@ class _Tensors(Mapping):
 
 def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fingerprint: str) -> State:
     """Rebuild the encoded state of `path` in a fresh cache of `engine` (checked first)."""
-    from safetensors import SafetensorError, safe_open
-
     name = str(path)
     check_compatible(header, engine, prompt_fingerprint, name)
     try:
