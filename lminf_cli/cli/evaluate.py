@@ -13,7 +13,8 @@ from .options import RETRIEVAL, EngineOptions, with_options
 from .output import cli_errors, note, stdout_console, task_progress, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                       help="Measure length generalisation: perplexity by position, passkey retrieval.")
+                       help="Measure length generalisation: perplexity by position, passkey retrieval, needles "
+                       "in your own text.")
 
 BaselineMaxOpt = Annotated[Optional[str], typer.Option(
     "--baseline-max-length", help="Stop the unmodified model after this many tokens (e.g. 32k).")]
@@ -278,6 +279,17 @@ def passkey(
 
 
 def _print_passkey(report) -> None:
+    from ..eval import passkey as pk
+
+    tokens: dict[int, list[int]] = {}
+    for r in report.results:
+        tokens.setdefault(r.length, []).append(r.tokens)
+    _print_grid(pk.passkey_grid(report.results), report.lengths, report.depths, tokens,
+                lambda label: f"Passkey accuracy, {label} ({report.meta['model']}, {report.meta['template']} prompt)")
+
+
+def _print_grid(grid: dict, lengths: list[int], columns: list, tokens: dict[int, list[int]], title) -> None:
+    """One table per method: a row per length, a column per depth (or "all"), hits/asked in each cell."""
     from rich.table import Table
 
     from ..eval import baseline as bl
@@ -285,25 +297,20 @@ def _print_passkey(report) -> None:
     from ..units import format_length
 
     console = stdout_console()
-    grid = pk.passkey_grid(report.results)
-    tokens: dict[int, list[int]] = {}
-    for r in report.results:
-        tokens.setdefault(r.length, []).append(r.tokens)
     for method, rows in grid.items():
-        table = Table(title=f"Passkey accuracy, {bl.METHOD_LABELS[method]} ({report.meta['model']}, "
-                      f"{report.meta['template']} prompt)", title_justify="left")
+        table = Table(title=title(bl.METHOD_LABELS[method]), title_justify="left")
         table.add_column("length", justify="right")
         table.add_column("tokens", justify="right")
-        for d in report.depths:
-            table.add_column(f"depth {d:g}", justify="center")
-        table.add_column("all", justify="center")
-        for n in report.lengths:
-            cells = [rows.get(n, {}).get(d, pk.Cell()) for d in report.depths]
+        for d in columns:
+            table.add_column(f"depth {d:g}" if isinstance(d, float) else str(d), justify="center")
+        if len(columns) > 1:
+            table.add_column("all", justify="center")
+        for n in lengths:
+            cells = [rows.get(n, {}).get(d, pk.Cell()) for d in columns]
             right, ran = sum(c.correct for c in cells), sum(c.total for c in cells)
             toks = tokens.get(n, [0])
-            table.add_row(format_length(n), f"{round(sum(toks) / len(toks)):,}",
-                          *[_cell(c) for c in cells],
-                          f"{right / ran:.0%}" if ran else "skipped")
+            total = [f"{right / ran:.0%}" if ran else "skipped"] if len(columns) > 1 else []
+            table.add_row(format_length(n), f"{round(sum(toks) / len(toks)):,}", *[_cell(c) for c in cells], *total)
         console.print(table)
 
 
@@ -311,3 +318,93 @@ def _cell(c) -> str:
     if c.total == 0:
         return "skipped" if c.skipped else "-"
     return f"{c.correct}/{c.total}"
+
+
+@eval_app.command("needle")
+@with_options(EngineOptions, "opts")
+def needle(
+    file: Annotated[str, typer.Argument(help="Real text to hide the facts in (text or PDF; - for stdin).")],
+    lengths: Annotated[str, typer.Option("--lengths", help="Document lengths in tokens.")] = "4k,16k,32k",
+    depths: Annotated[str, typer.Option("--depths", help="Where the fact sits, 0 = start, 1 = end "
+                                        "(one needle per trial).")] = "0.1,0.3,0.5,0.7,0.9",
+    fact: Annotated[Optional[str], typer.Option(
+        "--needle", help="Your own fact sentence (with --question and --expect) [default: five built-in facts].")]
+    = None,
+    question: Annotated[Optional[str], typer.Option("--question", help="The question about --needle.")] = None,
+    expect: Annotated[Optional[list[str]], typer.Option(
+        "--expect", help="A string whose presence in the answer counts as a hit (repeat for alternatives).")] = None,
+    needles: Annotated[int, typer.Option(
+        "--needles", help="Facts planted in each document, at spread depths, each asked about: recall = the "
+        "fraction found.")] = 1,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also ask the unmodified model.")] = False,
+    lambda_alone: Annotated[bool, typer.Option(
+        "--lambda-alone", help="Also ask with LM-Infinite's Λ-attention alone (no retrieval, the paper's "
+        "window).")] = False,
+    baseline_max_length: BaselineMaxOpt = None,
+    baseline_time: BaselineTimeOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest answer.")] = 48,
+    json_out: JsonOpt = False,
+    plot: PlotOpt = None,
+    opts: EngineOptions = EngineOptions(),
+) -> None:
+    """Needle in a haystack on your own text: facts planted at depths, asked as `lminf ask` asks."""
+    from ..documents import read_document
+    from ..eval import baseline as bl
+    from ..eval import needle as nd
+    from ..eval import passkey as pk
+    from ..eval import plots as pl
+    from ..units import parse_lengths
+
+    with cli_errors():
+        lens = parse_lengths(lengths, "--lengths")
+        deps = pk.parse_depths(depths)
+        if (fact, question, expect) != (None, None, None) and not (fact and question and expect):
+            raise UsageError("--needle, --question and --expect go together")
+        facts = [nd.Needle(fact, question, tuple(expect))] if fact else list(nd.DEFAULT_NEEDLES)
+        if needles < 1:
+            raise UsageError(f"--needles must be at least 1, got {needles}")
+        if max_new_tokens <= 0:
+            raise UsageError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        plan = nd.trials(lens, deps, facts, needles)
+        budget = _budget(baseline_max_length, baseline_time)
+        requested = opts.requested()
+        if plot:
+            pl.check_plotting()
+        text = read_document(file).text
+        from ..tasks import engine_for
+
+        lm = opts.load()
+        engine = engine_for(lm, requested)
+        report = nd.NeedleReport(
+            meta={"model": lm.name, "file": file, "settings": engine.settings.to_dict(),
+                  "trained_length": engine.adapter.trained_length},
+            lengths=lens, depths=deps if needles == 1 else ["all"], per_trial=needles)
+        methods = [(bl.LMINF, nd.lminf_answers(engine, max_new_tokens))]
+        if lambda_alone:
+            alone = engine_for(lm, {k: v for k, v in requested.items() if k not in RETRIEVAL})
+            methods.append((bl.LAMBDA, nd.lminf_answers(alone, max_new_tokens)))
+        if baseline:
+            dense = bl.DenseModel(lm, budget=budget)
+            dense.start_clock()
+            methods.append((bl.VANILLA, nd.dense_answers(dense, max_new_tokens, engine.stop_ids())))
+        for method, answer in methods:
+            with task_progress(opts.quiet, bl.METHOD_LABELS[method], unit="documents") as progress:
+                results = nd.run_needles(method, lm.tokenizer, text, plan, answer, progress)
+            skipped = [r for r in results if r.skipped]
+            if skipped:
+                note(f"{bl.METHOD_LABELS[method]} skipped {len(skipped)} of {len(results)} questions "
+                     f"(from {skipped[0].length:,} tokens): {skipped[0].skipped}")
+            report.results += results
+        grid = nd.needle_grid(report.results, needles == 1)
+        columns = report.depths
+        if plot:
+            pl.plot_grid(grid, lens, columns, plot, "depth of the fact" if needles == 1 else "",
+                         "document length (tokens)", "hits")
+        if json_out:
+            write_stdout(json.dumps(report.to_json(), indent=1) + "\n")
+            return
+        tokens: dict[int, list[int]] = {}
+        for r in report.results:
+            tokens.setdefault(r.length, []).append(r.tokens)
+        what = "one fact per document" if needles == 1 else f"{needles} facts per document, recall"
+        _print_grid(grid, lens, columns, tokens, lambda label: f"Needles found, {label} ({lm.name}, {what})")

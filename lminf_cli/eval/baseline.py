@@ -20,8 +20,9 @@ from ..memory import available_bytes
 from ..models import LoadedModel, past_keyword, past_of
 from ..progress import Progress
 
-LMINF, VANILLA, WINDOW = "lminf", "vanilla", "window"
-METHOD_LABELS = {LMINF: "LM-Infinite", VANILLA: "unmodified", WINDOW: "window baseline"}
+LMINF, LAMBDA, VANILLA, WINDOW = "lminf", "lambda", "vanilla", "window"
+METHOD_LABELS = {LMINF: "LM-Infinite", LAMBDA: "Λ-attention alone", VANILLA: "unmodified",
+                 WINDOW: "window baseline"}
 BASELINES = (VANILLA, WINDOW)
 
 # Rows of hidden states turned into logits at once: bounds the [rows, vocab] workspace.

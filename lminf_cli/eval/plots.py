@@ -49,28 +49,34 @@ def check_plotting() -> None:
 
 
 def plot_passkey(report: PasskeyReport, path: str | Path) -> None:
-    """Accuracy heatmaps (length x depth), one panel per method, saved as PNG."""
+    """Passkey accuracy heatmaps (length x depth), one panel per method, saved as PNG."""
+    plot_grid(passkey_grid(report.results), report.lengths, report.depths, path, "depth of the key",
+              "prompt length (tokens)", "accuracy")
+
+
+def plot_grid(grid: dict[str, dict[int, dict[Any, Cell]]], lengths: list[int], columns: list, path: str | Path,
+              xlabel: str, ylabel: str, label: str) -> None:
+    """Heatmaps of hits (a row per length, a column per depth), one panel per method, saved as PNG."""
     plt = _pyplot()
-    grid = passkey_grid(report.results)
     methods = list(grid)
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods) + 0.8, 0.5 * len(report.lengths) + 2),
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods) + 0.8, 0.5 * len(lengths) + 2),
                              dpi=120, squeeze=False)
     image = None
     for ax, m in zip(axes[0], methods, strict=True):
-        data = [[_cell_value(grid[m].get(n, {}).get(d)) for d in report.depths] for n in report.lengths]
+        data = [[_cell_value(grid[m].get(n, {}).get(d)) for d in columns] for n in lengths]
         image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i, n in enumerate(report.lengths):
-            for j, d in enumerate(report.depths):
+        for i, n in enumerate(lengths):
+            for j, d in enumerate(columns):
                 c = grid[m].get(n, {}).get(d)
-                label = "-" if c is None or c.accuracy is None else f"{c.correct}/{c.total}"
-                ax.text(j, i, label, ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(report.depths)), [f"{d:g}" for d in report.depths])
-        ax.set_yticks(range(len(report.lengths)), [format_length(n) for n in report.lengths])
-        ax.set_xlabel("depth of the key")
-        ax.set_ylabel("prompt length (tokens)")
+                text = "-" if c is None or c.accuracy is None else f"{c.correct}/{c.total}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(columns)), [f"{d:g}" if isinstance(d, float) else str(d) for d in columns])
+        ax.set_yticks(range(len(lengths)), [format_length(n) for n in lengths])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(METHOD_LABELS[m])
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+        fig.colorbar(image, ax=axes[0].tolist(), label=label)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
