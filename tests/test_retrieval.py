@@ -473,3 +473,69 @@ def test_sectioned_encode_equals_one_shot_with_retrieval_on(tiny_model_dir):
     a, b = one.cache.state_dict(), old.cache.state_dict()
     assert (a["layers.1.middle_v"].float() - b["layers.1.middle_v"].float()).abs().max() > 1e-4
     assert torch.equal(a["layers.0.middle_v"], b["layers.0.middle_v"])  # layer 0 stores its input's K/V
+
+
+def test_soft_capped_scores_cap_the_retrieved_tokens_too():
+    # Gemma 2 caps attention logits (cap * tanh(s / cap)): in both Λ branches and, since the
+    # retrieved tokens join the same softmax, in the middle branch as well.  One layer driven
+    # through the cache's step protocol against a dense reference of the whole rule.
+    from lminf_cli.attention import Rope
+    from lminf_cli.cache import LambdaCache
+
+    torch.manual_seed(11)
+    h, d, n, cap, scale = 2, 8, 21, 0.5, 8 ** -0.5
+    rope = Rope(inv_freq=1.0 / (100.0 ** (torch.arange(0, d, 2) / d)), head_dim=d, rotary_dim=d)
+    s = LambdaSettings(n_global=2, n_local=4, limit_distance=6, chunk_size=4, middle_top_k=3, middle_from_layer=0,
+                       middle_distance=2, middle_block=4, middle_blocks=0, middle_dtype="float32")
+    q, k, v = (3 * torch.randn(1, h if i == 0 else 1, n, d) for i in range(3))
+
+    def engine_last_row(softcap):
+        cache = LambdaCache(1, h, 1, d, rope, s, scale=scale, softcap=softcap, fused=False)
+        out = None
+        for a in range(0, n, 4):
+            b = min(n, a + 4)
+            plan = cache.plan(b - a, retrieve_last=b == n)
+            out = cache.layers[0].attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], plan)
+            cache.commit(plan)
+        return out[0, :, -1]                                                   # [H, D]
+
+    def rot(x, pos):
+        return rope.rotate(x, *rope.cos_sin(torch.tensor([pos]), torch.device("cpu"), torch.float32))
+
+    i = n - 1
+    qi = q[0, :, i]                                                            # [H, D]
+    local = [j for j in range(n) if 0 <= i - j < 4]
+    glob = [j for j in range(2) if i - j >= 4]
+    middle = [j for j in range(2, n) if i - j >= 4]
+    s_loc = torch.stack([(rot(qi, i) * rot(k[0, 0, j], j)).sum(-1) for j in local], -1)
+    s_glob = torch.stack([(rot(qi, 6) * k[0, 0, j]).sum(-1) for j in glob], -1)
+    s_mid = torch.stack([(rot(qi, 2) * k[0, 0, j]).sum(-1) for j in middle], -1)
+    top = s_mid.topk(3, dim=-1).indices                                        # [H, 3]
+
+    def reference(cap_middle: bool):
+        def squash(x):
+            return torch.tanh(x * scale / cap) * cap
+
+        mid = s_mid.gather(1, top) * scale
+        scores = torch.cat([squash(s_loc), squash(s_glob), torch.tanh(mid / cap) * cap if cap_middle else mid], -1)
+        vals = torch.stack([torch.stack([v[0, 0, j] for j in local + glob]).expand(h, -1, -1)[hh] for hh in range(h)])
+        mid_vals = torch.stack([v[0, 0, torch.tensor(middle)[top[hh]]] for hh in range(h)])  # [H, 3, D]
+        p = torch.softmax(scores, -1)
+        return (p[:, :, None] * torch.cat([vals, mid_vals], 1)).sum(1)
+
+    got = engine_last_row(cap)
+    torch.testing.assert_close(got, reference(True), atol=1e-5, rtol=1e-5)
+    assert (got - reference(False)).abs().max() > 1e-2  # what an uncapped middle branch would give
+
+
+def test_middle_top_k_beyond_what_a_bounded_search_reads_is_refused(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lminf_cli.cli.app import app
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    r = CliRunner().invoke(app, ["continue", str(doc), "--model", str(tiny_model_dir), "--n-local", "16",
+                                 "--middle-top-k", "100", "--middle-blocks", "1", "--middle-from-layer", "0"])
+    assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("lminf: error: --middle-top-k") and "middle_blocks" in r.stderr
