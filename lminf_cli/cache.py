@@ -165,7 +165,11 @@ class LayerCache:
         if q_ins is None:
             q_ins = self.owner.rope.rotate(q[0, :, -1], plan.ins_cos, plan.ins_sin)  # [H, D]
         s = self.owner.settings
-        scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks, with_keys=False)
+        if s.middle_unit == "block":
+            scores, values = self.middle.top_blocks(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks)
+        else:
+            scores, _, values = self.middle.top_k(q_ins, s.middle_top_k, g, max_blocks=s.middle_blocks,
+                                                  with_keys=False)
         scores = scores * self.owner.scale
         if self.owner.softcap is not None:  # Gemma 2: middle scores are capped like both Λ branches
             # tanh is monotonic, so the top-k of the capped scores are the top-k of the raw ones.
@@ -285,15 +289,15 @@ class LambdaCache:
         return max(self.settings.n_global, self.length - self.settings.n_local)
 
     def set_retrieval(self, top_k: int, from_layer: int | None = None, distance: int | None = None,
-                      blocks: int | None = None) -> None:
+                      blocks: int | None = None, unit: str | None = None) -> None:
         """Change top-k retrieval for the rows still to come; 0 switches it off.
 
-        Everything else in the cache is independent of these four, so one encoded
+        Everything else in the cache is independent of these five, so one encoded
         stream can be asked under several retrieval settings (snapshot, ask, restore).
         Stores exist only for the layers chosen when the cache was made.
         """
         s = self.settings
-        knobs = dict(zip(RETRIEVAL_KNOBS, (top_k, from_layer, distance, blocks), strict=True))
+        knobs = dict(zip(RETRIEVAL_KNOBS, (top_k, from_layer, distance, blocks, unit), strict=True))
         s = s.replace(**{k: v for k, v in knobs.items() if v is not None})
         if s.middle_top_k and not self.has_middle:
             raise UsageError("this cache keeps no middle-token store (it was made without retrieval)")

@@ -285,13 +285,7 @@ class MiddleStore:
             return self._scan(qf, k, groups, with_keys)
         hkv, g, dev, sdev = self.n_kv_heads, groups, q.device, self.store_device
         bound = self.bounds(qf, g)                                                  # [H, nb]
-        # A block's place in the pool is its best rank among the group's heads; only each head's
-        # top m can make it (their union already holds m blocks).
-        top = torch.topk(bound, m, dim=1).indices                                   # [H, m]
-        ranks = self._const("rank", m, dev, torch.float32, repeat=hkv * g).view(hkv, g * m)
-        best_rank = torch.full((hkv, nb), float(m), device=dev).scatter_reduce_(
-            1, top.view(hkv, g * m), ranks, "amin")                                 # [Hkv, nb]
-        pool = torch.topk(best_rank, m, dim=1, largest=False).indices               # [Hkv, m]
+        pool = self._pool(bound, g, m)                                              # [Hkv, m]
         # Whole blocks, one contiguous row each of the store seen as [Hkv * blocks, B * D].
         cap_blocks = self.k.shape[1] // bl
         rows = pool.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks   # [Hkv, m]
@@ -313,6 +307,53 @@ class MiddleStore:
         values = self._rows("v", flat, 1).view(h, k, d)
         sel_k = self._rows("k", flat, 1).view(h, k, d) if with_keys else None
         return best.values.view(h, k), sel_k, values
+
+    def _pool(self, bound: Tensor, groups: int, m: int) -> Tensor:
+        """The m blocks each KV head reads: its query heads' best-bound blocks in turn ([Hkv, m] block ids).
+
+        A block's place in the pool is its best rank among the group's heads; only each
+        head's top m can make it (their union already holds m blocks).
+        """
+        hkv, g, nb, dev = self.n_kv_heads, groups, bound.shape[1], bound.device
+        top = torch.topk(bound, m, dim=1).indices                                   # [H, m]
+        ranks = self._const("rank", m, dev, torch.float32, repeat=hkv * g).view(hkv, g * m)
+        best_rank = torch.full((hkv, nb), float(m), device=dev).scatter_reduce_(
+            1, top.view(hkv, g * m), ranks, "amin")                                 # [Hkv, nb]
+        return torch.topk(best_rank, m, dim=1, largest=False).indices               # [Hkv, m]
+
+    def top_blocks(self, q: Tensor, n: int, groups: int, max_blocks: int = 0) -> tuple[Tensor, Tensor]:
+        """Every token of the n blocks whose best token scores highest, for queries q [H, D].
+
+        Block retrieval (InfLLM-style): a fact a sentence long comes back whole, in its
+        order, instead of the few tokens that match the query best.  The blocks are ranked
+        by their best token among those read (a pool of `max_blocks` best-bound blocks per
+        KV head, or all of them when 0).  Returns scores [H, n*B] (unfilled slots of the
+        tail block at -inf) and values [H, n*B, D], float32 on the fast device.
+        """
+        h, d = q.shape
+        qf = q.float()
+        nb, bl, hkv, g, sdev = self.n_blocks, self.block, self.n_kv_heads, groups, self.store_device
+        n = min(n, nb)
+        if 0 < max_blocks < nb:
+            pool = self._pool(self.bounds(qf, g), g, max_blocks)                    # [Hkv, m]
+            self.reads["blocks"] += max_blocks * hkv
+        else:
+            pool = torch.arange(nb, device=q.device).expand(hkv, nb)
+            self.reads["scans"] += 1
+        m = pool.shape[1]
+        cap_blocks = self.k.shape[1] // bl
+        rows = (pool.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks).flatten()  # [Hkv*m]
+        keys = self._rows("k", rows, bl).view(hkv, m * bl, d)                      # [Hkv, m*B, D]
+        scores = torch.matmul(qf.view(hkv, g, d), keys.transpose(1, 2)).view(hkv, g, m, bl)
+        if self.length % bl:  # the tail block's unfilled slots hold no token
+            tok = pool[:, :, None] * bl + self._const("slot", bl, q.device)          # [Hkv, m, B]
+            scores = scores.masked_fill((tok >= self.length)[:, None], float("-inf"))
+        choice = torch.topk(scores.amax(dim=3), n, dim=2).indices                  # [Hkv, g, n] places in the pool
+        picked = torch.gather(scores, 2, choice[..., None].expand(-1, -1, -1, bl))   # [Hkv, g, n, B]
+        blocks = torch.gather(pool, 1, choice.view(hkv, g * n))                      # [Hkv, g*n] block ids
+        vrows = (blocks.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks).flatten()
+        values = self._rows("v", vrows, bl).view(h, n * bl, d)
+        return picked.reshape(h, n * bl), values
 
     def bounds(self, q: Tensor, groups: int) -> Tensor:
         """Best score any token of each block can reach, per head: [H, nb] for q [H, D] (float32).

@@ -34,7 +34,8 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 MAX_TOKENS = 1 << 40
 
 # The settings that only steer retrieval; everything else decides what a cache holds.
-RETRIEVAL_KNOBS = ("middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks")
+RETRIEVAL_KNOBS = ("middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_unit")
+MIDDLE_UNITS = ("token", "block")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,12 @@ class LambdaSettings:
     middle_blocks: int = 16         # blocks each KV head reads per search; 0 = exact search of the whole store
     middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
     middle_dir: str | None = None   # keep the store in memory-mapped files here instead of RAM
+    middle_unit: str = "token"      # what top-k counts: tokens, or whole blocks of middle_block tokens
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("middle_dtype", "middle_dir"):
+            if f.name in ("middle_dtype", "middle_dir", "middle_unit"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SettingsError(f.name, f"must be a whole number, got {value!r}")
@@ -75,11 +77,14 @@ class LambdaSettings:
         if not isinstance(self.middle_dtype, str) or (self.middle_dtype != "auto"
                                                       and self.middle_dtype not in STORE_DTYPES):
             raise SettingsError("middle_dtype", f"must be auto, {', '.join(STORE_DTYPES)}; got {self.middle_dtype!r}")
-        if self.middle_blocks and self.middle_top_k > self.middle_blocks * self.middle_block:
-            # A bounded search reads middle_blocks blocks per KV head: it has no more tokens to rank.
-            raise SettingsError("middle_top_k", f"({self.middle_top_k:,}) must not exceed middle_blocks x "
-                                f"middle_block ({self.middle_blocks * self.middle_block:,}), the tokens one "
-                                "bounded search reads; raise middle_blocks, or 0 for an exact search")
+        if self.middle_unit not in MIDDLE_UNITS:
+            raise SettingsError("middle_unit", f"must be {' or '.join(MIDDLE_UNITS)}, got {self.middle_unit!r}")
+        per_block = 1 if self.middle_unit == "block" else self.middle_block
+        if self.middle_blocks and self.middle_top_k > self.middle_blocks * per_block:
+            # A bounded search reads middle_blocks blocks per KV head: it has no more to rank.
+            raise SettingsError("middle_top_k", f"({self.middle_top_k:,}) must not exceed the "
+                                f"{self.middle_blocks * per_block:,} {self.middle_unit}s one bounded search reads "
+                                "(middle_blocks); raise middle_blocks, or 0 for an exact search")
         d = self.middle_dir
         if d is not None and not (isinstance(d, str) and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)):
             raise SettingsError("middle_dir", f"{d!r} is not a writable directory")

@@ -214,7 +214,7 @@ def open_state(path: str | Path, lm: LoadedModel,
     state = load_state(path, engine, header, fmt.fingerprint)
     if wants_retrieval:  # another k, distance or first layer, on the stores the state has
         state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
-                                  given.get("middle_distance"), given.get("middle_blocks"))
+                                  given.get("middle_distance"), given.get("middle_blocks"), given.get("middle_unit"))
     return engine, EncodedDocument(state, fmt, header)
 
 

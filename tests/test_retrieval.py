@@ -539,3 +539,67 @@ def test_middle_top_k_beyond_what_a_bounded_search_reads_is_refused(tiny_model_d
                                  "--middle-top-k", "100", "--middle-blocks", "1", "--middle-from-layer", "0"])
     assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith("lminf: error: --middle-top-k") and "middle_blocks" in r.stderr
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_store_top_blocks_equals_brute_force(quantized):
+    torch.manual_seed(3)
+    hkv, g, d, bl = 2, 3, 16, 8
+    store = MiddleStore(hkv, d, block=bl, fast_device=torch.device("cpu"), store_device=torch.device("cpu"),
+                        dtype=torch.int8 if quantized else torch.float32)
+    k, v = torch.randn(hkv, 61, d), torch.randn(hkv, 61, d)  # the tail block is part-filled
+    store.append(k, v)
+    q = torch.randn(hkv * g, d)
+    keys, vals = store.keys(0, 61), store._read("v", slice(0, 61))  # what the store holds (int8: dequantized)
+    for n, pool in [(2, 0), (3, 0), (2, 8)]:  # exact, and a pool covering every block
+        scores, values = store.top_blocks(q, n, g, max_blocks=pool)
+        for head in range(hkv * g):
+            kv = head // g
+            s = keys[kv] @ q[head]                                                  # [61]
+            padded = torch.full((64,), float("-inf"))
+            padded[:61] = s
+            best = padded.view(8, bl).amax(1).topk(n).indices                       # the n best blocks
+            want_s = torch.cat([padded[b * bl:(b + 1) * bl] for b in best])
+            want_v = torch.cat([torch.nn.functional.pad(vals[kv], (0, 0, 0, 3))[b * bl:(b + 1) * bl] for b in best])
+            torch.testing.assert_close(scores[head], want_s, atol=1e-5, rtol=1e-5)
+            finite = torch.isfinite(want_s)
+            torch.testing.assert_close(values[head][finite], want_v[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_block_retrieval_through_the_cache_equals_a_dense_reference():
+    # The last row also attends to every token of the 2 middle blocks holding its best match.
+    from lminf_cli.attention import Rope
+    from lminf_cli.cache import LambdaCache
+
+    torch.manual_seed(12)
+    h, d, n, bl, scale = 2, 8, 42, 4, 8 ** -0.5
+    rope = Rope(inv_freq=1.0 / (100.0 ** (torch.arange(0, d, 2) / d)), head_dim=d, rotary_dim=d)
+    s = LambdaSettings(n_global=2, n_local=4, limit_distance=6, chunk_size=4, middle_top_k=2, middle_from_layer=0,
+                       middle_distance=2, middle_block=bl, middle_blocks=0, middle_dtype="float32",
+                       middle_unit="block")
+    q, k, v = (3 * torch.randn(1, h if i == 0 else 1, n, d) for i in range(3))
+    cache = LambdaCache(1, h, 1, d, rope, s, scale=scale, fused=False)
+    for a in range(0, n, 4):
+        b = min(n, a + 4)
+        plan = cache.plan(b - a, retrieve_last=b == n)
+        out = cache.layers[0].attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], plan)
+        cache.commit(plan)
+
+    def rot(x, pos):
+        return rope.rotate(x, *rope.cos_sin(torch.tensor([pos]), torch.device("cpu"), torch.float32))
+
+    i = n - 1
+    qi = q[0, :, i]
+    seen = [j for j in range(n) if 0 <= i - j < 4] + [j for j in range(2) if i - j >= 4]
+    middle = list(range(2, i - 3))                                         # stored in blocks of 4 from token 2
+    s_seen = torch.stack([(rot(qi, i if i - j < 4 else 6) * (rot(k[0, 0, j], j) if i - j < 4 else k[0, 0, j]))
+                          .sum(-1) for j in seen], -1)
+    s_mid = torch.stack([(rot(qi, 2) * k[0, 0, j]).sum(-1) for j in middle], -1)  # [H, len(middle)]
+    for head in range(h):
+        blocks = s_mid[head].view(-1, bl).amax(1).topk(2).indices
+        picked = torch.cat([torch.arange(b * bl, (b + 1) * bl) for b in blocks])
+        scores = torch.cat([s_seen[head], s_mid[head][picked]]) * scale
+        vals = torch.stack([v[0, 0, j] for j in seen] + [v[0, 0, middle[t]] for t in picked])
+        want = torch.softmax(scores, 0) @ vals
+        torch.testing.assert_close(out[0, head, -1], want, atol=1e-5, rtol=1e-5)
+    assert len(middle) % bl == 0  # whole blocks: no padding in this stream

@@ -58,6 +58,10 @@ MiddleDtypeOpt = Annotated[Optional[str], typer.Option(
     "float32 model, else the model's), float16, bfloat16, float32, or int8 (per-token scales: half of float16's "
     "bytes) [default: auto].")]
 
+MiddleUnitOpt = Annotated[Optional[str], typer.Option(
+    "--middle-unit", help="Retrieval: what --middle-top-k counts: token (the K best tokens per head), or block "
+    "(every token of the K best blocks of 64, so a fact comes back whole) [default: token].")]
+
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")]
@@ -65,9 +69,9 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling."
 
 # The EngineOptions fields that are LambdaSettings.for_model keywords, and those that only steer retrieval.
 SETTINGS_FIELDS = ("n_local", "n_global", "limit_distance", "chunk_size", "retrieval", "middle_top_k",
-                   "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype", "middle_dir")
+                   "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype", "middle_dir", "middle_unit")
 RETRIEVAL = ("retrieval", "middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype",
-             "middle_dir")
+             "middle_dir", "middle_unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,7 @@ class EngineOptions:
     middle_blocks: MiddleBlocksOpt = None
     middle_dtype: MiddleDtypeOpt = None
     middle_dir: MiddleDirOpt = None
+    middle_unit: MiddleUnitOpt = None
     quiet: QuietOpt = False
 
     def requested(self) -> dict[str, Any]:
