@@ -25,6 +25,9 @@ _MARKS = ("\u27e6lminf-user-1\u27e7", "\u27e6lminf-assistant-1\u27e7", "\u27e6lm
 DOC_INTRO = "Read the following document. Questions about it come after it.\n\n"
 QUESTION_FIRST = "Keep this question in mind while reading; it is asked again after the document: {q}\n\n"
 FIRST_QUESTION = "\n\nAnswer this question about the document above, briefly and precisely.\nQuestion: {q}"
+# A passage of the document re-read right before the question (tasks.ask with `reread`): the
+# small model reads a fact reliably only from a short distance.
+EXCERPT = "\n\nHere is again the passage of the document above that the question is about:\n\n{passage}"
 NEXT_QUESTION = "Another question about the document: {q}"
 # Measured on SmolLM2-135M: quoting the section's first words made it copy them, and
 # without a start to its reply it went on with the document; a plain request and a
@@ -76,9 +79,11 @@ class PromptFormat:
         first = QUESTION_FIRST.format(q=check_question(question_first)) if question_first else ""
         return self.head + first + DOC_INTRO
 
-    def question(self, question: str) -> str:
-        """Appended right after the document: the question, then the assistant's turn opens."""
-        return FIRST_QUESTION.format(q=check_question(question)) + self.user_end
+    def question(self, question: str, excerpt: str | None = None) -> str:
+        """Appended right after the document: the question (after a re-read passage of the document,
+        when given), then the assistant's turn opens."""
+        again = EXCERPT.format(passage=excerpt.strip()) if excerpt else ""
+        return again + FIRST_QUESTION.format(q=check_question(question)) + self.user_end
 
     def follow_up(self, question: str) -> str:
         """Appended after a previous answer: closes it and asks the next question."""

@@ -80,6 +80,9 @@ class MiddleStore:
         self._summary = torch.zeros(n_kv_heads, 4, 2 * head_dim, device=fast_device, dtype=torch.float32)
         self._consts: dict = {}  # small index tensors reused by every search (see _const)
         self.reads = {"blocks": 0, "scans": 0}  # how top-k searches ended (bounds held, or a full scan)
+        # Store indices of the tokens the last search returned, per query head ([H, k]): where the
+        # model looked (tasks use them to find the passage a question is about).
+        self.last_hits: Tensor | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -303,6 +306,7 @@ class MiddleStore:
                 return self._scan(qf, k, groups, with_keys)
         self.reads["blocks"] += m * hkv
         picked = torch.gather(tok, 1, best.indices.view(hkv, g * k))               # [Hkv, g*k] token ids
+        self.last_hits = picked.view(h, k)
         flat = (picked.to(sdev) + self._const("kv", hkv, sdev)[:, None] * self.v.shape[1]).flatten()
         values = self._rows("v", flat, 1).view(h, k, d)
         sel_k = self._rows("k", flat, 1).view(h, k, d) if with_keys else None
@@ -353,6 +357,8 @@ class MiddleStore:
         blocks = torch.gather(pool, 1, choice.view(hkv, g * n))                      # [Hkv, g*n] block ids
         vrows = (blocks.to(sdev) + self._const("kv", hkv, sdev)[:, None] * cap_blocks).flatten()
         values = self._rows("v", vrows, bl).view(h, n * bl, d)
+        best_in_block = picked.argmax(dim=3)                                          # [Hkv, g, n]
+        self.last_hits = (blocks.view(hkv, g, n) * bl + best_in_block).view(h, n)
         return picked.reshape(h, n * bl), values
 
     def bounds(self, q: Tensor, groups: int) -> Tensor:
@@ -382,6 +388,7 @@ class MiddleStore:
         qs = qf.to(self.store_device, keys.dtype).view(hkv, groups, d)              # [Hkv, g, D]
         scores = torch.matmul(qs, keys.transpose(1, 2)).float()                     # [Hkv, g, n]
         best = torch.topk(scores, k, dim=-1)                                        # [Hkv, g, k]
+        self.last_hits = best.indices.view(h, k).to(self.fast_device)
         flat = (best.indices + self._const("kv", hkv, self.store_device)[:, None, None] * self.k.shape[1]).flatten()
         sel_v = self._rows("v", flat, 1).view(h, k, d)
         sel_k = self._rows("k", flat, 1).view(h, k, d) if with_keys else None

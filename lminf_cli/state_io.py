@@ -35,6 +35,7 @@ from .generate import Engine, GenerationMetrics, State
 from .settings import MAX_TOKENS, LambdaSettings
 
 FORMAT = "lminf-state"
+IDS = "stream_ids"  # the encoded stream's token ids, [length] int32 (optional)
 VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The JSON header is read whole before it is checked: notes and a tail are a few KB, so this is generous.
@@ -164,12 +165,15 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
         notes=list(notes or []), tail=tail)
 
 
-def save_state(path: str | Path, state: State, header: StateHeader) -> int:
-    """Write the cache and header to `path` atomically; returns the file size in bytes."""
+def save_state(path: str | Path, state: State, header: StateHeader, ids: Tensor | None = None) -> int:
+    """Write the cache, header and (when given) the stream's token ids to `path` atomically; returns the
+    file size in bytes.  The ids (4 bytes a token) let passages of the document be read again."""
     if state.logits is None:
         raise InputError("nothing has been encoded: there is no state to save")
     tensors: dict[str, Tensor] = {"logits": state.logits.detach().reshape(-1).cpu().contiguous()}
     tensors.update(state.cache.state_dict())
+    if ids is not None:
+        tensors[IDS] = ids.to(torch.int32).reshape(-1).cpu().contiguous()
     target = Path(path).expanduser()
     if target.is_dir():
         raise InputError(f"{path} is a directory; give a file name ending in {STATE_SUFFIX}")
@@ -278,10 +282,27 @@ def load_state(path: str | Path, engine: Engine, header: StateHeader, prompt_fin
             vocab = engine.lm.model.get_output_embeddings().weight.shape[0]
             if logits.shape != (vocab,):
                 raise InputError(f"logits have shape {tuple(logits.shape)}, expected ({vocab},)")
-            cache.load_state_dict(_Tensors(f, name, dtype, exclude=("logits",)), header.cache)
+            cache.load_state_dict(_Tensors(f, name, dtype, exclude=("logits", IDS)), header.cache)
     except SafetensorError as exc:
         raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
     metrics = GenerationMetrics(cache_bytes=cache.nbytes)
     return State(cache, logits.to(device=engine.lm.device, dtype=engine.lm.dtype), metrics)
+
+
+def read_stream_ids(path: str | Path, header: StateHeader, vocab: int) -> Tensor | None:
+    """The stream's token ids saved with a state ([length] int32, checked), or None when it has none."""
+    name = str(path)
+    try:
+        with safe_open(str(Path(path).expanduser()), framework="pt", device="cpu") as f:
+            if IDS not in set(f.keys()):
+                return None
+            ids = f.get_tensor(IDS)
+    except SafetensorError as exc:
+        raise InputError(f"{name} is not a complete lminf state (truncated or damaged: {exc})") from exc
+    if ids.dtype != torch.int32 or tuple(ids.shape) != (header.length,):
+        raise InputError(f"{name}: tensor '{IDS}' is {ids.dtype} {tuple(ids.shape)}, expected int32 ({header.length},)")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InputError(f"{name}: tensor '{IDS}' holds token ids outside the vocabulary")
+    return ids

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from .documents import Document
 from .errors import UsageError
 from .generate import Engine, GenerationResponse, State
@@ -35,7 +38,7 @@ from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
 from .settings import RETRIEVAL_TOP_K, LambdaSettings
-from .state_io import StateHeader, build_header, load_state, read_header
+from .state_io import StateHeader, build_header, load_state, read_header, read_stream_ids
 
 # Small models sometimes loop instead of emitting their end token: three blank lines in a
 # row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
@@ -63,6 +66,7 @@ class EncodedDocument:
     state: State
     fmt: PromptFormat
     header: StateHeader
+    ids: Tensor | None = None  # the encoded stream's token ids [length] (int32): passages can be re-read
 
     @property
     def document_tokens(self) -> int:
@@ -215,7 +219,8 @@ def open_state(path: str | Path, lm: LoadedModel,
     if wants_retrieval:  # another k, distance or first layer, on the stores the state has
         state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
                                   given.get("middle_distance"), given.get("middle_blocks"), given.get("middle_unit"))
-    return engine, EncodedDocument(state, fmt, header)
+    ids = read_stream_ids(path, header, lm.model.get_input_embeddings().num_embeddings)
+    return engine, EncodedDocument(state, fmt, header, ids)
 
 
 def section_size(engine: Engine, requested: int | None = None) -> int:
@@ -303,7 +308,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
                 on_note(k + 1, len(bounds), note)
     header = build_header(engine, state, model_spec, fmt.fingerprint, doc.name, doc.sha256, len(ids) - n_head,
                           len(doc.text), doc.pages, written, tail)
-    return EncodedDocument(state, fmt, header)
+    return EncodedDocument(state, fmt, header, torch.tensor(stream, dtype=torch.int32))
 
 
 def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
@@ -320,10 +325,69 @@ def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
 # -- Tasks ------------------------------------------------------------------
 
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
-        sampling: SamplingParams | None = None) -> Response:
-    """The answer to one question about the encoded document."""
-    prompt = encoded.prompt_ids(engine, encoded.fmt.question(check_question(question)))
+        sampling: SamplingParams | None = None, reread: int = 0) -> Response:
+    """The answer to one question about the encoded document.
+
+    `reread` > 0 (with retrieval on, for a document longer than the window): the passage
+    of that many tokens where the model's retrieval looks for the answer is written out
+    again right before the question (see `locate`), so the model reads it from a short
+    distance, where a small model reads facts reliably.
+    """
+    question = check_question(question)
+    excerpt = None
+    if reread > 0 and encoded.outgrows_window:
+        span = locate(engine, encoded, encoded.prompt_ids(engine, encoded.fmt.question(question)), reread)
+        if span is not None and encoded.ids is not None:
+            excerpt = passage_text(engine, encoded.ids[span[0]:span[1]])
+    prompt = encoded.prompt_ids(engine, encoded.fmt.question(question, excerpt))
     return reply(engine, encoded.state, prompt, max_new_tokens, sampling)
+
+
+def locate(engine: Engine, encoded: EncodedDocument, prompt_ids: Sequence[int], span: int) -> tuple[int, int] | None:
+    """Where the model looks for the answer to a prompt: the `span` stream positions holding most of the
+    middle tokens that the prompt's last row retrieves, over every retrieving layer and head.
+
+    The prompt is run as a detour (the state is restored); None when nothing retrieves.
+    """
+    state, cache = encoded.state, encoded.state.cache
+    stores = [layer.middle for layer in cache.layers if layer.middle is not None]
+    if not cache.settings.retrieves or not stores:
+        return None
+    snap = state.snapshot(len(prompt_ids))
+    try:
+        for store in stores:
+            store.last_hits = None
+        engine.encode(prompt_ids, state)  # its last row retrieves, in every layer from middle_from_layer
+        hits = [store.last_hits.flatten().cpu() for store in stores if store.last_hits is not None]
+    finally:
+        state.restore(snap)
+    if not hits:
+        return None
+    # The store holds the stream's middle in order, from position n_global.
+    pos = torch.sort(torch.cat(hits) + cache.settings.n_global).values                  # [hits]
+    ends = torch.searchsorted(pos, pos + span)                                           # window [p, p + span)
+    best = int(torch.argmax(ends - torch.arange(len(pos))))                              # most hits inside
+    inside = pos[best:int(ends[best])].double()
+    a = max(0, int(inside.mean()) - span // 2)
+    length = cache.length if encoded.ids is None else len(encoded.ids)
+    return min(a, max(0, length - span)), min(length, a + span)
+
+
+def passage_text(engine: Engine, ids: Tensor) -> str:
+    """Token ids of a passage as text, cut to whole lines or sentences at both ends where it can be."""
+    text = engine.lm.tokenizer.decode(ids.tolist())
+    n = len(text)
+    for mark in ("\n", ". "):
+        a = text.find(mark)
+        if 0 <= a < n // 4:
+            text = text[a + len(mark):]
+            break
+    for mark in ("\n", ". "):
+        b = text.rfind(mark)
+        if b > 3 * len(text) // 4:
+            text = text[:b + 1]
+            break
+    return text.strip()
 
 
 @dataclass

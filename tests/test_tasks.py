@@ -317,3 +317,56 @@ def test_runaway_blank_lines_end_a_reply_and_are_not_printed(capsys):
     assert _looping("Prologue. " + line * 2) and not _looping("Prologue. " + line)
     _stream(iter(["\n ", "The ", "answer", ".", "\n\n", "Second", " line.", "\n", " \n", "\n"]))
     assert capsys.readouterr().out == "The answer.\n\nSecond line.\n"
+
+
+# -- re-reading the passage the model looks at -------------------------------------
+
+def test_locate_finds_a_span_and_leaves_the_state_alone(lm):
+    from lminf_cli.tasks import locate
+
+    settings = SETTINGS.replace(middle_top_k=3, middle_from_layer=0, chunk_size=16)
+    engine = Engine(lm, settings)
+    encoded = encode_document(engine, doc(), "tiny")
+    assert encoded.outgrows_window and len(encoded.ids) == encoded.header.length
+    before = buffers(encoded.state)
+    prompt = encoded.prompt_ids(engine, encoded.fmt.question("Who is Ishmael?"))
+    a, b = locate(engine, encoded, prompt, 40)
+    assert_same(buffers(encoded.state), before)
+    assert b - a == 40 and 0 <= a and b <= len(encoded.ids)
+    # The hits it counted: positions of the middle (after the first tokens, before the window).
+    assert a + 40 > settings.n_global
+    # Without retrieval there is nothing to follow.
+    plain = encode_document(Engine(lm, SETTINGS.replace(chunk_size=16)), doc(), "tiny")
+    assert locate(engine, plain, prompt, 40) is None
+
+
+def test_ask_with_reread_puts_the_passage_before_the_question(lm, monkeypatch):
+    import lminf_cli.tasks as tasks
+
+    settings = SETTINGS.replace(middle_top_k=3, middle_from_layer=0, chunk_size=16)
+    engine = Engine(lm, settings)
+    encoded = encode_document(engine, doc(), "tiny")
+    seen = []
+    real = tasks.reply
+    monkeypatch.setattr(tasks, "reply", lambda e, st, ids, *rest: seen.append(ids) or real(e, st, ids, *rest))
+    plain = ask(engine, encoded, "Who is Ishmael?", 6).text()
+    again = ask(engine, encoded, "Who is Ishmael?", 6, reread=40).text()
+    span = tasks.locate(engine, encoded, seen[0], 40)
+    passage = tasks.passage_text(engine, encoded.ids[span[0]:span[1]])
+    assert passage and passage in engine.lm.tokenizer.decode(seen[1])
+    assert seen[1] == encoded.prompt_ids(engine, encoded.fmt.question("Who is Ishmael?", passage))
+    assert isinstance(plain, str) and isinstance(again, str)
+    # A document that fits the window is asked exactly as before.
+    wide = Engine(lm, LambdaSettings(4, 64, 64, chunk_size=16, middle_top_k=3, middle_from_layer=0))
+    short = encode_document(wide, doc("Call me Ishmael. The whale is white."), "tiny")
+    assert ask(wide, short, "Who?", 6, reread=40).token_ids == ask(wide, short, "Who?", 6).token_ids
+
+
+def test_the_stream_ids_travel_with_a_saved_state(engine, tmp_path):
+    from lminf_cli.tasks import open_state
+
+    encoded = encode_document(engine, doc(), "tiny")
+    path = tmp_path / "ids.lminf"
+    save_state(path, encoded.state, encoded.header, encoded.ids)
+    _, loaded = open_state(path, engine.lm, {"n_global": 4, "n_local": 32, "limit_distance": 64, "chunk_size": 16})
+    assert torch.equal(loaded.ids, encoded.ids)

@@ -174,7 +174,7 @@ def encode(
         _, encoded = open_document(source, opts, requested, notes=notes, section_tokens=section_tokens,
                                    note_tokens=note_tokens)
         with status("Saving state", opts.quiet):
-            size = save_state(output, encoded.state, encoded.header)
+            size = save_state(output, encoded.state, encoded.header, encoded.ids)
         note(f"wrote {output}: {encoded.document_tokens:,} document tokens, {size / 2**20:,.1f} MiB", opts.quiet)
 
 
@@ -345,7 +345,7 @@ def _command(text: str, session: Any, encoded: Any) -> str | None:
             if not arg:
                 raise UsageError("/save needs a path: /save notes.txt (transcript) or /save book.lminf (state)")
             if is_state_path(arg):
-                size = save_state(arg, encoded.state, encoded.header)
+                size = save_state(arg, encoded.state, encoded.header, encoded.ids)
                 note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
             else:
                 try:

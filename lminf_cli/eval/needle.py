@@ -149,11 +149,12 @@ class NeedleResult:
 Answerer = Callable[[Haystack], list[str]]
 
 
-def lminf_answers(engine: Engine, max_new_tokens: int, progress: Progress | None = None) -> Answerer:
+def lminf_answers(engine: Engine, max_new_tokens: int, reread: int = 0,
+                  progress: Progress | None = None) -> Answerer:
     """Answers through `lminf ask`'s own path: encode the document once, ask each needle's question."""
     def answer(h: Haystack) -> list[str]:
         encoded = encode_document(engine, Document("haystack", h.text), engine.lm.spec, progress=progress)
-        return [ask(engine, encoded, n.question, max_new_tokens).text() for n in h.needles]
+        return [ask(engine, encoded, n.question, max_new_tokens, reread=reread).text() for n in h.needles]
     return answer
 
 
