@@ -332,7 +332,7 @@ def test_locate_finds_a_span_and_leaves_the_state_alone(lm):
     prompt = encoded.prompt_ids(engine, encoded.fmt.question("Who is Ishmael?"))
     a, b = locate(engine, encoded, prompt, 40)
     assert_same(buffers(encoded.state), before)
-    assert b - a == 40 and 0 <= a and b <= len(encoded.ids)
+    assert b - a == 40 and a >= 0 and b <= len(encoded.ids)
     # The hits it counted: positions of the middle (after the first tokens, before the window).
     assert a + 40 > settings.n_global
     # Without retrieval there is nothing to follow.
