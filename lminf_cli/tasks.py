@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class EncodedDocument:
     fmt: PromptFormat
     header: StateHeader
     ids: Tensor | None = None  # the encoded stream's token ids [length] (int32): passages can be re-read
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent encoding, and writing notes
 
     @property
     def document_tokens(self) -> int:
@@ -288,7 +289,9 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     if notes is None:
         notes = len(ids) + reserve > engine.settings.n_local
     written: list[str] = []
+    t0 = time.perf_counter()
     state = engine.encode(stream[:n_head], continued=False)
+    note_seconds = 0.0
     # Sections are the same with or without notes, so both give bit-identical states.
     bounds = [(a + n_head, b + n_head)
               for a, b in section_bounds(engine, stream[n_head:], section_size(engine, section_tokens))]
@@ -300,15 +303,18 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
         if b > a:
             engine.encode(stream[a:b], state, continued=False, progress=report)
         if notes:
+            t1 = time.perf_counter()
             last = k == len(bounds) - 1
             prompt = (tail if last else "") + fmt.section_note()
             note = f"{NOTE_START} {generate_text(engine, state, prompt, note_tokens, sampling)}"
             written.append(note)
+            note_seconds += time.perf_counter() - t1
             if on_note is not None:
                 on_note(k + 1, len(bounds), note)
     header = build_header(engine, state, model_spec, fmt.fingerprint, doc.name, doc.sha256, len(ids) - n_head,
                           len(doc.text), doc.pages, written, tail)
-    return EncodedDocument(state, fmt, header, torch.tensor(stream, dtype=torch.int32))
+    timings = {"encode": round(time.perf_counter() - t0 - note_seconds, 2), "notes": round(note_seconds, 2)}
+    return EncodedDocument(state, fmt, header, torch.tensor(stream, dtype=torch.int32), timings)
 
 
 def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
@@ -430,10 +436,54 @@ def notes_budget(engine: Engine) -> int:
 
 
 class Summary(Response):
-    """A summary being generated, with how it was made."""
+    """A summary: written in full before it is handed out (it is checked first), with how it was made.
 
-    notes: list[str]                 # the notes it was written from (condensed), if any
-    covers_whole_document: bool      # False: no notes and longer than the window, so mostly its end
+    When the model's reply says nothing about the content (shorter than a sentence, or
+    about "the document" ending: what SmolLM2 answered to the first wording), the section
+    notes stand in for it (`fallback`), so a summary is never empty or meta.
+    """
+
+    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int, notes: list[str],
+                 source_notes: list[str], covers_whole_document: bool, timings: dict[str, float]) -> None:
+        super().__init__(stream, prompt_tokens)
+        self.notes = notes                    # the notes it was written from (condensed), if any
+        self.source_notes = source_notes      # the section notes as written while reading
+        self.covers_whole_document = covers_whole_document  # False: no notes, longer than the window
+        self.timings = timings                # seconds: encode, notes, condense, summary
+        self.fallback = False                 # True: the notes stand in for a reply that said nothing
+
+    def __iter__(self) -> Iterator[str]:
+        if not self._done:
+            t0 = time.perf_counter()
+            for _ in super().__iter__():
+                pass
+            text = "".join(self._chunks).strip()
+            if says_nothing(text) and self.notes:
+                self.fallback = True
+                self._chunks = [notes_as_text(self.notes)]
+            self.timings["summary"] = round(time.perf_counter() - t0, 2)
+        yield from self._chunks
+
+
+_META = re.compile(r"\b(the |this )?(document|text|passage) (has )?(ended|ends|is over)\b"
+                   r"|\bend of the (document|text)\b|\bas an ai\b|\bi (cannot|can't|am unable to)\b", re.IGNORECASE)
+
+
+def says_nothing(text: str) -> bool:
+    """A reply that is no summary: under a sentence (8 words), or whose first sentence is about the
+    document ending or the model itself."""
+    first = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
+    return len(text.split()) < 8 or bool(_META.search(first))
+
+
+def notes_as_text(notes: Sequence[str]) -> str:
+    """Section notes as a summary of their own: one paragraph each, in order, without their opener."""
+    out = []
+    for note in notes:
+        body = note.strip().removeprefix(NOTE_START).strip()
+        if body:
+            out.append(body[0].upper() + body[1:])
+    return "\n\n".join(out)
 
 
 def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", max_new_tokens: int | None = None,
@@ -443,11 +493,27 @@ def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", 
     `progress` per merge) when it has any, else from what the cache holds."""
     budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
     plan = plan_summary(engine, encoded, length, budget)
+    t0 = time.perf_counter()
     notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens, progress)
+    condense = round(time.perf_counter() - t0, 2)
     prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes))
-    summary = Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling), len(prompt))
-    summary.notes, summary.covers_whole_document = notes, plan.covers_whole_document
-    return summary
+    return Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling), len(prompt), notes,
+                   list(encoded.notes), plan.covers_whole_document, {**encoded.timings, "condense": condense})
+
+
+def summarize_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
+                     length: str = "medium", max_new_tokens: int | None = None,
+                     sampling: SamplingParams | None = None, section_tokens: int | None = None,
+                     note_tokens: int = NOTE_TOKENS, progress: Progress | None = None,
+                     on_note: NoteCallback | None = None) -> tuple[Engine, EncodedDocument, Summary]:
+    """`lminf summarize` in one call: open the document (section notes are written while it is read,
+    when it and a summary overflow one window) or its saved state, then summarize it."""
+    budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
+    options = {} if not isinstance(source, Document) else {
+        "notes": None, "reserve": budget + SUMMARY_PROMPT_RESERVE, "section_tokens": section_tokens,
+        "note_tokens": note_tokens, "sampling": sampling, "progress": progress, "on_note": on_note}
+    engine, encoded = open_source(source, lm, requested, **options)
+    return engine, encoded, summarize(engine, encoded, length, budget, sampling, note_tokens)
 
 
 @dataclass

@@ -220,6 +220,8 @@ def summarize(
     json_out: JsonOpt = False,
     section_tokens: SectionOpt = None,
     note_tokens: NoteTokensOpt = 96,
+    show_notes: Annotated[bool, typer.Option(
+        "--show-notes", help="Print each section note on stderr as it is written (watch the reading).")] = False,
     max_new_tokens: MaxNewOpt = None,
     sampling: SamplingOptions = SamplingOptions(),
     opts: EngineOptions = EngineOptions(),
@@ -231,23 +233,32 @@ def summarize(
     with cli_errors():
         check_positive("--max-new-tokens", max_new_tokens)
         check_positive("--note-tokens", note_tokens)
-        budget = max_new_tokens or summary_length(length)[1]
+        summary_length(length)  # a bad --length fails before the model loads
         requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
-        from ..tasks import SUMMARY_PROMPT_RESERVE
-        from ..tasks import summarize as summarize_task
+        from ..tasks import summarize_source
 
-        # Sections with notes only when the document, a summary prompt and the summary overflow one window.
-        engine, encoded = open_document(source, opts, requested, notes=None, reserve=budget + SUMMARY_PROMPT_RESERVE,
-                                        section_tokens=section_tokens, note_tokens=note_tokens, sampling=params)
-        with task_progress(opts.quiet, "Condensing notes", unit="merges") as bar:
-            summary = summarize_task(engine, encoded, length, budget, params, note_tokens, progress=bar)
+        lm = opts.load()
+        with task_progress(opts.quiet, "Encoding") as bar:
+            def on_note(k: int, n: int, text: str) -> None:
+                if bar is not None:
+                    bar.describe(f"Encoding (notes {k}/{n})")
+                if show_notes:
+                    note(f"note {k}/{n}: {text}")
+
+            _, encoded, summary = summarize_source(source, lm, requested, length, max_new_tokens, params,
+                                                   section_tokens, note_tokens, progress=bar, on_note=on_note)
         if not summary.covers_whole_document:
             note(f"{encoded.header.document_name} is longer than one window and its state has no section notes: "
                  "the summary covers mainly its end (encode it with --notes for a whole-document summary)")
+        with status("Writing the summary", opts.quiet):
+            summary.text()  # written in full and checked before it is shown
+        if summary.fallback:
+            note("the model's summary said nothing about the content; the section notes stand in for it")
         _deliver(summary, json_out, lambda: {
-            "summary": summary.text(), "notes": encoded.notes, "document_tokens": encoded.document_tokens,
-            "summary_tokens": len(summary.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
+            "summary": summary.text(), "notes": encoded.notes, "fallback": summary.fallback,
+            "document_tokens": encoded.document_tokens, "summary_tokens": len(summary.token_ids),
+            "timings": summary.timings, "seconds": round(time.perf_counter() - t0, 3)})
 
 
 CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "

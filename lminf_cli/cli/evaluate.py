@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from .options import RETRIEVAL, EngineOptions, with_options
+from .options import RETRIEVAL, EngineOptions, check_positive, with_options
 from .output import cli_errors, note, stdout_console, task_progress, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -408,3 +408,76 @@ def needle(
             tokens.setdefault(r.length, []).append(r.tokens)
         what = "one fact per document" if needles == 1 else f"{needles} facts per document, recall"
         _print_grid(grid, lens, columns, tokens, lambda label: f"Needles found, {label} ({lm.name}, {what})")
+
+
+@eval_app.command("summary")
+@with_options(EngineOptions, "opts")
+def summary(
+    files: Annotated[list[str], typer.Argument(help="The parts, one file each (two or more), joined in order.")],
+    length: Annotated[str, typer.Option("--length", "-l", help="short, medium or long.")] = "medium",
+    terms: Annotated[Optional[list[str]], typer.Option(
+        "--terms", help="Key terms of a part, comma-separated; repeat once per part, in order [default: each "
+        "part's most distinctive proper nouns].")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also summarize each part alone.")] = True,
+    section_tokens: Annotated[Optional[int], typer.Option(
+        "--section-tokens", help="As in summarize: tokens per section note [default: min(2048, n_local / 2)].")]
+    = None,
+    note_tokens: Annotated[int, typer.Option("--note-tokens", help="As in summarize: longest note.")] = 96,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", "-n", help="Longest summary [default: by --length].")] = None,
+    json_out: JsonOpt = False,
+    opts: EngineOptions = EngineOptions(),
+) -> None:
+    """Does a summary cover every part of a multi-part document?  Coverage of key terms, beside an oracle."""
+    from ..documents import read_document
+    from ..eval import summary as sm
+    from ..prompts import summary_length
+
+    with cli_errors():
+        summary_length(length)
+        check_positive("--note-tokens", note_tokens)
+        check_positive("--max-new-tokens", max_new_tokens)
+        check_positive("--section-tokens", section_tokens)
+        if len(files) < 2:
+            raise UsageError("eval summary needs at least two parts (one file each)")
+        given = sm.parse_terms(terms, len(files))
+        requested = opts.requested()
+        parts = [read_document(f) for f in files]
+        from ..tasks import summarize_source
+
+        lm = opts.load()
+
+        def summarize(doc):
+            with task_progress(opts.quiet, f"Summarizing {doc.name}") as bar:
+                return summarize_source(doc, lm, requested, length, max_new_tokens, None, section_tokens,
+                                        note_tokens, progress=bar)[2]
+
+        report = sm.evaluate_summary(parts, summarize, lambda t: len(lm.tokenizer.encode(t, add_special_tokens=False)),
+                                     given, oracle, meta={"model": lm.name, "length": length})
+        if json_out:
+            write_stdout(json.dumps(report.to_json(), indent=1) + "\n")
+            return
+        _print_summary(report)
+
+
+def _print_summary(report) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    table = Table(title=f"Summary coverage ({report.meta['model']}, {report.meta['length']})", title_justify="left")
+    for col in ("part", "tokens", "key terms", "in the summary", "in its own summary (oracle)"):
+        table.add_column(col)
+    for p in report.parts:
+        table.add_row(p.name, f"{p.tokens:,}", ", ".join(p.terms), ", ".join(p.in_summary) or "-",
+                      "not run" if p.in_oracle is None else ", ".join(p.in_oracle) or "-")
+    console.print(table)
+    oracle = report.oracle_coverage
+    t = report.timings
+    lines = [f"coverage: {sum(p.covered for p in report.parts)}/{len(report.parts)} parts"
+             + (f" (oracle: {round(oracle * len(report.parts))}/{len(report.parts)})" if oracle is not None else ""),
+             "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())]
+    if report.fallback:
+        lines.append("the model's summary said nothing about the content: the section notes stood in for it")
+    lines += ["", report.summary]
+    for line in lines:
+        console.print(line, highlight=False, markup=False)

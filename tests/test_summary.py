@@ -1,0 +1,153 @@
+"""Summaries that cover the whole document: the fallback, the length, the coverage scorer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CORPUS
+from typer.testing import CliRunner
+
+from lminf_cli.cli.app import app
+from lminf_cli.documents import Document
+from lminf_cli.errors import UsageError
+from lminf_cli.eval.summary import evaluate_summary, join_parts, key_terms, mentioned, parse_terms
+from lminf_cli.generate import Engine
+from lminf_cli.models import load_model
+from lminf_cli.prompts import SUMMARY_LENGTHS
+from lminf_cli.settings import LambdaSettings
+from lminf_cli.tasks import encode_document, notes_as_text, says_nothing, summarize
+
+PARTS = [
+    "Macbeth met the witches on the heath. Then Macbeth went home to Inverness, where Banquo waited. "
+    "The king Duncan slept. Later, Banquo spoke with Macbeth about the witches.",
+    "Ruth went with Naomi to Bethlehem. There Ruth gleaned in the field of Boaz. Naomi told Ruth to wait; "
+    "then Boaz married Ruth.",
+    "the program must follow the standards. Programs written for POSIX systems use getopt. A POSIX program "
+    "reads options with getopt, and every program documents them.",
+]
+runner = CliRunner()
+
+
+def test_key_terms_are_each_parts_own_names():
+    terms = key_terms(PARTS)
+    # Naomi is written mid-sentence only once: one capital could be any word's.
+    assert terms[0][:2] == ["macbeth", "banquo"] and terms[1] == ["ruth", "boaz"]
+    assert terms[2] == ["posix"]  # "Programs"/"A" start sentences; "program" is mostly lower case
+    assert all("then" not in t and "the" not in t for t in terms)
+
+
+def test_mentioned_matches_whole_words_case_insensitively():
+    assert mentioned(["ruth", "boaz", "naomi"], "RUTH and Boaz's field; naomis") == ["ruth", "boaz"]
+    assert parse_terms(["a, b", "c"], 2) == [["a", "b"], ["c"]] and parse_terms(None, 2) is None
+    with pytest.raises(UsageError):
+        parse_terms(["a"], 2)
+    with pytest.raises(UsageError):
+        parse_terms(["a", " , "], 2)
+
+
+def test_parts_are_joined_as_cat_would():
+    doc = join_parts([Document("a.txt", "One.\n"), Document("b.txt", "\nTwo.")])
+    assert doc.text == "One.\n\nTwo." and doc.name == "a.txt + b.txt"
+
+
+class Fake:
+    """A summary as tasks.summarize returns it, with a fixed text."""
+
+    def __init__(self, text):
+        self._text, self.timings, self.source_notes, self.fallback = text, {"encode": 1.0}, ["n"], False
+
+    def text(self):
+        return self._text
+
+
+def test_coverage_and_oracle_on_fixed_summaries():
+    parts = [Document(f"p{i}", t) for i, t in enumerate(PARTS)]
+    said = {"whole": "Macbeth meets witches; Boaz marries.", "p0": "Banquo waits.", "p1": "Nothing here.",
+            "p2": "POSIX getopt."}
+    report = evaluate_summary(parts, lambda d: Fake(said["whole" if "+" in d.name else d.name]), len,
+                              meta={"model": "m"})
+    assert [p.covered for p in report.parts] == [True, True, False]
+    assert report.coverage == pytest.approx(2 / 3) and report.oracle_coverage == pytest.approx(2 / 3)
+    assert report.parts[0].in_summary == ["macbeth"] and report.parts[1].in_oracle == []
+    assert report.parts[1].in_summary == ["boaz"]
+    data = report.to_json()
+    assert data["coverage"] == report.coverage and data["parts"][2]["covered"] is False
+    with pytest.raises(UsageError):
+        evaluate_summary(parts[:1], lambda d: Fake(""), len)
+
+
+@pytest.mark.parametrize("text,meta", [
+    ("The document has ended.", True), ("This document has ended, and it was long.", True),
+    ("It is over.", True), ("", True), ("I cannot summarize this document because it is long.", True),
+    ("Macbeth meets three witches, who tell him he will be king; he kills Duncan.", False),
+    ("The document follows Ruth and Naomi from Moab to Bethlehem, where Ruth marries Boaz.", False),
+])
+def test_says_nothing(text, meta):
+    assert says_nothing(text) == meta
+
+
+def test_notes_stand_in_as_text():
+    assert notes_as_text(["In this passage, the witches meet.", "In this passage, Duncan dies.", "In this passage,"]) \
+        == "The witches meet.\n\nDuncan dies."
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    return Engine(lm, LambdaSettings(n_global=4, n_local=32, limit_distance=64, chunk_size=16))
+
+
+def test_a_summary_that_says_nothing_falls_back_to_the_notes(engine, monkeypatch):
+    import lminf_cli.generate as gen
+
+    text = "\n".join(CORPUS.split(". "))
+    encoded = encode_document(engine, Document("doc.txt", text), "tiny", notes=True, section_tokens=60,
+                              note_tokens=5)
+    real = gen.Engine.stream_generate
+
+    def meta_reply(self, state, max_new_tokens, sampling=None, stop_ids=None):
+        ids = self.lm.tokenizer.encode("The document has ended.", add_special_tokens=False)
+        return real(self, state, len(ids), sampling, stop_ids=[]) if False else _scripted(ids)
+
+    def _scripted(ids):
+        for i, t in enumerate(ids):
+            yield gen.GenerationResponse(engine.lm.tokenizer.decode([t]), t, i + 1, 1.0, 0)
+        yield gen.GenerationResponse("", None, len(ids), 1.0, 0, "stop")
+
+    summary_plain = summarize(engine, encoded, "short", 8)
+    assert not summary_plain.fallback or says_nothing(summary_plain.text())
+    monkeypatch.setattr(gen.Engine, "stream_generate", meta_reply)
+    summary = summarize(engine, encoded, "short", 8)
+    assert summary.text() == notes_as_text(summary.notes) and summary.fallback
+    assert set(summary.timings) == {"encode", "notes", "condense", "summary"}
+
+
+def test_length_reaches_the_prompt_and_the_budget(engine, monkeypatch):
+    import lminf_cli.tasks as tasks
+
+    encoded = encode_document(engine, Document("doc.txt", CORPUS), "tiny", notes=True, section_tokens=60,
+                              note_tokens=4)
+    asked = []
+    monkeypatch.setattr(tasks, "_reply_stream", lambda e, st, prompt, budget, sampling: asked.append(
+        (engine.lm.tokenizer.decode(prompt), budget)) or iter(()))
+    for length, (wording, budget) in SUMMARY_LENGTHS.items():
+        summarize(engine, encoded, length)
+        assert wording in asked[-1][0] and asked[-1][1] == budget
+    assert len({b for _, b in asked}) == 3
+
+
+def test_eval_summary_on_a_tiny_model(tiny_model_dir, tmp_path):
+    files = []
+    for i, t in enumerate(PARTS):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(t)
+    r = runner.invoke(app, ["eval", "summary", *map(str, files), "--model", str(tiny_model_dir), "--length",
+                            "short", "--n-local", "64", "--section-tokens", "48", "--note-tokens", "4", "-n", "6",
+                            "--json", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert len(data["parts"]) == 3 and data["parts"][0]["terms"][0] == "macbeth"
+    assert 0 <= data["coverage"] <= 1 and data["oracle_coverage"] is not None and data["summary"]
+    bad = runner.invoke(app, ["eval", "summary", str(files[0]), "--model", str(tiny_model_dir)])
+    assert bad.exit_code == 2 and "at least two parts" in bad.stderr
