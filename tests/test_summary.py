@@ -129,8 +129,11 @@ def test_length_reaches_the_prompt_and_the_budget(engine, monkeypatch):
     encoded = encode_document(engine, Document("doc.txt", CORPUS), "tiny", notes=True, section_tokens=60,
                               note_tokens=4)
     asked = []
-    monkeypatch.setattr(tasks, "_reply_stream", lambda e, st, prompt, budget, sampling: asked.append(
-        (engine.lm.tokenizer.decode(prompt), budget)) or iter(()))
+    def capture(e, st, prompt, budget, sampling):
+        asked.append((engine.lm.tokenizer.decode(prompt), budget))
+        yield from ()
+
+    monkeypatch.setattr(tasks, "_reply_stream", capture)
     for length, (wording, budget) in SUMMARY_LENGTHS.items():
         summarize(engine, encoded, length)
         assert wording in asked[-1][0] and asked[-1][1] == budget
