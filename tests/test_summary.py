@@ -136,8 +136,7 @@ def test_length_reaches_the_prompt_and_the_budget(engine, monkeypatch):
     monkeypatch.setattr(tasks, "_reply_stream", capture)
     for length, (wording, budget) in SUMMARY_LENGTHS.items():
         summarize(engine, encoded, length).text()
-        assert wording in asked[-1][0] and asked[-1][1] == budget
-    assert len({b for _, b in asked}) == 3
+        assert wording in asked[-1][0] and asked[-1][1] == budget  # the last request is the summary's
 
 
 def test_eval_summary_on_a_tiny_model(tiny_model_dir, tmp_path):
