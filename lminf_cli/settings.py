@@ -91,7 +91,7 @@ class LambdaSettings:
 
     # -- building ---------------------------------------------------------------
     @classmethod
-    def for_model(cls, trained_length: int, *, retrieval: bool = False, n_global: int | None = None,
+    def for_model(cls, trained_length: int, *, retrieval: bool | None = False, n_global: int | None = None,
                   n_local: int | None = None, limit_distance: int | None = None, chunk_size: int | None = None,
                   middle_distance: int | None = None, middle_top_k: int | None = None,
                   **rest: Any) -> LambdaSettings:

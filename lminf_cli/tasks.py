@@ -186,12 +186,26 @@ def engine_for(lm: LoadedModel, requested: Mapping[str, Any] | None = None) -> E
 
 
 def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
-                **encode_options: Any) -> tuple[Engine, EncodedDocument]:
-    """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state."""
+                auto_retrieval: bool = False, **encode_options: Any) -> tuple[Engine, EncodedDocument]:
+    """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state.
+
+    `auto_retrieval`: when `requested` leaves retrieval unset (None), turn it on for a document
+    longer than the window (the first tokens and the window of the paper's defaults), and
+    leave a document that fits exactly as it is without it.
+    """
     if isinstance(source, Document):
-        engine = engine_for(lm, requested)
+        wanted = dict(requested or {})
+        if wanted.get("retrieval") is None:
+            wanted["retrieval"] = auto_retrieval and outgrows(lm, source, wanted)
+        engine = engine_for(lm, wanted)
         return engine, encode_document(engine, source, lm.spec, **encode_options)
     return open_state(source, lm, requested)
+
+
+def outgrows(lm: LoadedModel, doc: Document, requested: Mapping[str, Any]) -> bool:
+    """Whether the document is longer than what the model sees directly without retrieval."""
+    plain = LambdaSettings.for_model(lm.adapter.trained_length, **{**requested, "retrieval": False})
+    return len(lm.tokenizer.encode(doc.text, add_special_tokens=False)) > plain.n_global + plain.n_local
 
 
 def open_state(path: str | Path, lm: LoadedModel,
@@ -204,7 +218,7 @@ def open_state(path: str | Path, lm: LoadedModel,
     match).  Retrieval runs with the state's settings unless asked for otherwise, and
     only where its stores allow.
     """
-    given = {k: v for k, v in dict(requested or {}).items() if v is not None and v is not False}
+    given = {k: v for k, v in dict(requested or {}).items() if v is not None}
     header = read_header(path)
     settings = header.settings
     layout = {k: given[k] for k in ("n_global", "n_local", "limit_distance", "chunk_size") if k in given}
@@ -220,6 +234,8 @@ def open_state(path: str | Path, lm: LoadedModel,
     if wants_retrieval:  # another k, distance or first layer, on the stores the state has
         state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
                                   given.get("middle_distance"), given.get("middle_blocks"), given.get("middle_unit"))
+    elif given.get("retrieval") is False:  # --no-retrieval on a state that keeps stores
+        state.cache.set_retrieval(0)
     ids = read_stream_ids(path, header, lm.model.get_input_embeddings().num_embeddings)
     return engine, EncodedDocument(state, fmt, header, ids)
 
@@ -306,7 +322,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
             t1 = time.perf_counter()
             last = k == len(bounds) - 1
             prompt = (tail if last else "") + fmt.section_note()
-            note = f"{NOTE_START} {generate_text(engine, state, prompt, note_tokens, sampling)}"
+            note = f"{NOTE_START} {_note(engine, state, prompt, note_tokens, sampling)}"
             written.append(note)
             note_seconds += time.perf_counter() - t1
             if on_note is not None:
@@ -315,6 +331,19 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
                           len(doc.text), doc.pages, written, tail)
     timings = {"encode": round(time.perf_counter() - t0 - note_seconds, 2), "notes": round(note_seconds, 2)}
     return EncodedDocument(state, fmt, header, torch.tensor(stream, dtype=torch.int32), timings)
+
+
+def _note(engine: Engine, state: State, prompt: str, note_tokens: int, sampling: SamplingParams | None) -> str:
+    """A note on the section just read: it is in the window, so nothing is retrieved for it."""
+    keep = state.cache.settings
+    if not (keep.retrieves and state.cache.has_middle):
+        return generate_text(engine, state, prompt, note_tokens, sampling)
+    state.cache.set_retrieval(0)
+    try:
+        return generate_text(engine, state, prompt, note_tokens, sampling)
+    finally:
+        state.cache.set_retrieval(keep.middle_top_k, keep.middle_from_layer, keep.middle_distance,
+                                  keep.middle_blocks, keep.middle_unit)
 
 
 def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
@@ -458,7 +487,8 @@ class Summary(Response):
             for _ in super().__iter__():
                 pass
             text = "".join(self._chunks).strip()
-            if says_nothing(text) and self.notes:
+            # A reply cut by the token budget is as short as it was asked to be.
+            if says_nothing(text, cut=self.finish_reason == "length") and self.notes:
                 self.fallback = True
                 self._chunks = [notes_as_text(self.notes)]
             self.timings["summary"] = round(time.perf_counter() - t0, 2)
@@ -469,11 +499,11 @@ _META = re.compile(r"\b(the |this )?(document|text|passage) (has )?(ended|ends|i
                    r"|\bend of the (document|text)\b|\bas an ai\b|\bi (cannot|can't|am unable to)\b", re.IGNORECASE)
 
 
-def says_nothing(text: str) -> bool:
-    """A reply that is no summary: under a sentence (8 words), or whose first sentence is about the
-    document ending or the model itself."""
+def says_nothing(text: str, cut: bool = False) -> bool:
+    """A reply that is no summary: under a sentence (8 words) although nothing cut it short, or whose
+    first sentence is about the document ending or the model itself."""
     first = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
-    return len(text.split()) < 8 or bool(_META.search(first))
+    return (len(text.split()) < 8 and not cut) or bool(_META.search(first))
 
 
 def notes_as_text(notes: Sequence[str]) -> str:
@@ -512,7 +542,7 @@ def summarize_source(source: Document | str | Path, lm: LoadedModel, requested: 
     options = {} if not isinstance(source, Document) else {
         "notes": None, "reserve": budget + SUMMARY_PROMPT_RESERVE, "section_tokens": section_tokens,
         "note_tokens": note_tokens, "sampling": sampling, "progress": progress, "on_note": on_note}
-    engine, encoded = open_source(source, lm, requested, **options)
+    engine, encoded = open_source(source, lm, requested, auto_retrieval=True, **options)
     return engine, encoded, summarize(engine, encoded, length, budget, sampling, note_tokens)
 
 

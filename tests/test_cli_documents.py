@@ -127,16 +127,18 @@ def test_state_from_another_model_is_refused(state, other_model_dir):
 
 def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     args = [files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir, *WINDOW, *SHORT]
-    text = invoke(["ask", *args])
-    # stderr: one hint, since the document outgrew the window and nothing retrieves (--quiet drops it).
-    assert text.exit_code == 0 and text.stderr.startswith("lminf: ") and text.stderr.count("\n") == 1
-    assert "longer than the 32-token window" in text.stderr and "--retrieval" in text.stderr
-    quiet = invoke(["ask", *args, "--quiet"])
-    assert quiet.stderr == "" and quiet.stdout == text.stdout
-    found = invoke(["ask", *args, "--retrieval", "--middle-from-layer", "0"])
+    # The document outgrows the window: retrieval is on by default and nothing is said.
+    found = invoke(["ask", *args, "--middle-from-layer", "0"])
     assert found.exit_code == 0 and found.stderr == ""
+    # Without retrieval, stderr has one hint that facts may be missed (--quiet drops it).
+    text = invoke(["ask", *args, "--no-retrieval"])
+    assert text.exit_code == 0 and text.stderr.startswith("lminf: ") and text.stderr.count("\n") == 1
+    assert "longer than the 32-token window" in text.stderr and "retrieves" in text.stderr
+    quiet = invoke(["ask", *args, "--quiet", "--no-retrieval"])
+    assert quiet.stderr == "" and quiet.stdout == text.stdout
+    assert found.stdout != text.stdout  # retrieval changed what the answer read
     assert text.stdout.endswith("\n") and text.stdout.strip()
-    js = invoke(["ask", *args, "--json"])
+    js = invoke(["ask", *args, "--json", "--no-retrieval"])
     obj = json.loads(js.stdout)
     assert set(obj) == {"answer", "document_tokens", "answer_tokens", "seconds"}
     assert obj["answer"] == text.stdout.strip()
@@ -231,7 +233,7 @@ def test_chat_history_zero_equals_ask(files, tiny_model_dir):
     questions = ["Who keeps the lighthouse?", "What was lost?"]
     args = [files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT]
     r = invoke(["chat", *args, "--history", "0"], input="\n".join(questions) + "\n")
-    assert r.exit_code == 0 and r.stderr.count("\n") == 1 and "--retrieval" in r.stderr  # the hint only
+    assert r.exit_code == 0 and r.stderr == ""
     expected = "".join(invoke(["ask", args[0], q, *args[1:]]).stdout for q in questions)
     assert r.stdout == expected
 

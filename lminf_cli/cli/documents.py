@@ -66,7 +66,8 @@ def open_document(source: Any, opts: EngineOptions, requested: dict[str, Any], *
             if bar is not None:
                 bar.describe(f"Encoding (notes {k}/{n})")
 
-        return open_source(source, lm, requested, progress=bar, on_note=on_note, **encode_options)
+        return open_source(source, lm, requested, auto_retrieval=True, progress=bar, on_note=on_note,
+                           **encode_options)
 
 
 def _deliver(response: Any, json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
@@ -83,7 +84,7 @@ def _hint_retrieval(encoded: Any, quiet: bool) -> None:
     s = encoded.state.cache.settings
     if not s.retrieves and encoded.outgrows_window:
         note(f"{encoded.header.document_name} ({encoded.document_tokens:,} tokens) is longer than the "
-             f"{s.n_local:,}-token window: facts from its middle may be missed (--retrieval finds them)", quiet)
+             f"{s.n_local:,}-token window and nothing retrieves from its middle: facts there may be missed", quiet)
 
 
 # -- commands -----------------------------------------------------------------

@@ -35,10 +35,11 @@ LimitOpt = Annotated[Optional[int], typer.Option(
 ChunkOpt = Annotated[Optional[int], typer.Option(
     "--chunk-size", help="Tokens per prefill forward pass [default: 512].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
-RetrievalOpt = Annotated[bool, typer.Option(
-    "--retrieval", help="Find facts anywhere in a long document: top-k retrieval of middle tokens with the "
-    "measured recipe (top-k 5, window and distance cap of half the trained length); the --middle-* and "
-    "window options still override it. Keeps the document's middle in host memory (float16).")]
+RetrievalOpt = Annotated[Optional[bool], typer.Option(
+    "--retrieval/--no-retrieval", help="Find facts anywhere in a long document: retrieval of middle tokens with "
+    "the measured recipe (see docs/usage.md); the --middle-* and window options still override it. Keeps the "
+    "document's middle in host memory. [default: on for ask, chat, summarize and encode when the document is "
+    "longer than the window; off for continue and eval]", show_default=False)]
 MiddleTopKOpt = Annotated[Optional[int], typer.Option(
     "--middle-top-k", help="Retrieval: the token being generated also attends to the K best-matching "
     "middle tokens (beyond the window); 0 = off [default: 0, or 5 with --retrieval].")]
@@ -85,7 +86,7 @@ class EngineOptions:
     n_global: NGlobalOpt = None
     limit_distance: LimitOpt = None
     chunk_size: ChunkOpt = None
-    retrieval: RetrievalOpt = False
+    retrieval: RetrievalOpt = None
     middle_top_k: MiddleTopKOpt = None
     middle_from_layer: MiddleLayerOpt = None
     middle_distance: MiddleDistanceOpt = None
