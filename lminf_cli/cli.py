@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .errors import LminfError, UsageError
-from .ui import encode_progress, silence_stdout, status, write_stdout
+from .ui import encode_progress, printable, silence_stdout, status, write_stdout
 
 
 def _exception_types(name: str) -> tuple[type[BaseException], ...]:
@@ -68,7 +68,9 @@ class LminfGroup(TyperGroup):
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    # Messages quote file names, header fields and option values, all untrusted: shown
+    # escaped, so an error about a hostile file cannot move the cursor or clear the screen.
+    return printable(" ".join(message.split()), keep_layout=False)
 
 
 app = typer.Typer(cls=LminfGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,

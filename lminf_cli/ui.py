@@ -45,7 +45,7 @@ def encode_progress(quiet: bool, label: str = "Encoding") -> Iterator[Callable[[
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Count(), _Rate(),
                   TimeRemainingColumn(), console=stderr_console(), transient=True) as bar:
-        task = bar.add_task(label, total=None)
+        task = bar.add_task(_bar_label(label), total=None)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -63,8 +63,47 @@ def status(message: str, quiet: bool) -> Iterator[None]:
         yield
 
 
+# Characters that a terminal may act on instead of showing: C0 controls (ESC starts
+# CSI/OSC sequences that can clear the screen, retitle the window, or on some
+# terminals write files), DEL, the C1 controls U+0080-U+009F (U+009B is a one-character
+# CSI for terminals that honour 8-bit controls), and the bidirectional overrides and
+# isolates that make text read differently from what it is ("Trojan source").
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_LAYOUT_TABLE = {c: e for c, e in _ESCAPES.items() if chr(c) not in "\t\n"}
+_JSON_TABLE = {c: f"\\u{c:04x}" for c in _ESCAPES if c >= 0x7F}
+
+
+def printable(text: str, keep_layout: bool = True) -> str:
+    """Untrusted text made safe to echo to a terminal: control characters shown as \\xNN.
+
+    Tab and newline stay as they are unless keep_layout is False (one-line contexts).
+    Everything else is left alone, so ordinary text (any script, emoji) is unchanged and
+    applying it twice changes nothing more.
+    """
+    return text.translate(_LAYOUT_TABLE if keep_layout else _ESCAPES)
+
+
+def printable_json(text: str) -> str:
+    """A JSON document with DEL, C1 controls and bidi overrides written as \\u escapes.
+
+    json.dumps(ensure_ascii=False) already escapes C0 controls, but leaves these raw;
+    inside JSON they can only occur in strings, where \\uXXXX means the same character,
+    so the JSON still decodes to identical values.
+    """
+    return text.translate(_JSON_TABLE)
+
+
 def write_stdout(text: str) -> None:
-    """Write to stdout immediately (streaming)."""
+    """Write to stdout immediately (streaming).
+
+    On a terminal, control characters are shown escaped: generated text comes from a
+    model that read an untrusted document and can be steered to emit ESC sequences.
+    Pipes and files get the text exactly as generated, since a program reading it
+    should see what the model wrote (and no terminal interprets it there).
+    """
+    if sys.stdout.isatty():
+        text = printable(text)
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -74,6 +113,13 @@ def silence_stdout() -> None:
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+def _bar_label(label: str) -> str:
+    """A label that may name a file, safe as the rich markup the bar's text column renders."""
+    from rich.markup import escape
+
+    return escape(printable(label, keep_layout=False))
 
 
 class _UnitCount(ProgressColumn):
@@ -93,7 +139,7 @@ class TaskProgress:
     """
 
     def __init__(self, label: str, unit: str) -> None:
-        self.label, self.unit = label, unit
+        self.label, self.unit = _bar_label(label), unit
         self.bar: Progress | None = None
         self.task_id = None
 
@@ -111,7 +157,7 @@ class TaskProgress:
 
     def describe(self, label: str) -> None:
         """Replace the bar's label (e.g. 'Encoding (notes 3/12)')."""
-        self.label = label
+        self.label = label = _bar_label(label)
         if self.bar is not None:
             self.bar.update(self.task_id, description=label)
 

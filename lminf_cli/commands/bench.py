@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..cli import EngineOptions, cli_errors, with_options
 from ..errors import UsageError
-from ..ui import status, write_stdout
+from ..ui import printable, status, write_stdout
 from ..units import human_bytes, human_tokens, parse_lengths
 
 
@@ -89,7 +89,9 @@ def bench(
             write_plot(results, plot)
         failed = [r for r in results if r.status == "error"]
         for r in failed:
-            typer.echo(f"lminf: {r.variant} at {human_tokens(r.length)} failed: {r.message}", err=True)
+            # The message may quote an exception about a model file: escaped (ui.printable).
+            typer.echo(printable(f"lminf: {r.variant} at {human_tokens(r.length)} failed: {r.message}",
+                                 keep_layout=False), err=True)
         if results and all(r.status == "error" for r in results):
             raise typer.Exit(1)
 

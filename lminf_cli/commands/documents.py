@@ -18,7 +18,7 @@ import typer
 
 from ..cli import EngineOptions, QuietOpt, SamplingOptions, cli_errors, with_options
 from ..errors import InputError, LminfError, UsageError
-from ..ui import status, task_progress, write_stdout
+from ..ui import printable, printable_json, status, task_progress, write_stdout
 
 FilesArg = Annotated[list[str], typer.Argument(
     help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
@@ -113,7 +113,7 @@ def _open_state(path: str, opts: EngineOptions):
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+    write_stdout(printable_json(json.dumps(obj, ensure_ascii=False)) + "\n")
 
 
 def _deliver(pieces: Iterator[str], json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
@@ -146,8 +146,9 @@ def _stream(pieces: Iterator[str]) -> None:
 
 
 def _note(message: str, quiet: bool = False) -> None:
+    # Notes quote document names, paths and header fields: escaped like error messages.
     if not quiet:
-        typer.echo(f"lminf: {message}", err=True)
+        typer.echo(f"lminf: {printable(message, keep_layout=False)}", err=True)
 
 
 def _hint_retrieval(encoded: Any, quiet: bool) -> None:
@@ -193,7 +194,9 @@ def info(
             else:
                 keys = ["file", "kind", "pages", "encoding", "characters", "words", "tokens_estimate"]
                 out.append("\n".join(f"{_label(k)}: {_fmt(row[k])}" for k in keys if row.get(k) is not None))
-        write_stdout("\n\n".join(out) + "\n")
+        # Every field comes from the files (names, header strings, notes): escaped even in
+        # pipes, since this is a description of the file, not its content.
+        write_stdout(printable("\n\n".join(out)) + "\n")
 
 
 def _label(key: str) -> str:
@@ -362,8 +365,8 @@ def chat(
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
         if tty and not opts.quiet:
-            typer.echo(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. {CHAT_HELP}",
-                       err=True)
+            typer.echo(printable(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. "
+                                 f"{CHAT_HELP}", keep_layout=False), err=True)
         for line in _questions(tty):
             text = line.strip()
             if not text:
@@ -441,7 +444,7 @@ def _command(text: str, session: Any, encoded: Any) -> str | None:
         else:
             raise UsageError(f"unknown command {name}; {CHAT_HELP}")
     except LminfError as exc:
-        typer.echo(f"lminf: error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"lminf: error: {printable(' '.join(str(exc).split()), keep_layout=False)}", err=True)
     return None
 
 

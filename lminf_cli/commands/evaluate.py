@@ -11,7 +11,7 @@ import typer
 
 from ..cli import RETRIEVAL, EngineOptions, cli_errors, with_options
 from ..errors import UsageError
-from ..ui import encode_progress, write_stdout
+from ..ui import encode_progress, printable, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Measure length generalisation: perplexity by position, passkey retrieval.")
@@ -42,7 +42,15 @@ def _stdout_console():
 
 
 def _notice(message: str) -> None:
-    typer.echo(f"lminf: {message}", err=True)
+    # Notices name documents and models: escaped like error messages (see ui.printable).
+    typer.echo(f"lminf: {printable(message, keep_layout=False)}", err=True)
+
+
+def _shown(name: Any) -> str:
+    """A file or model name inside a rich table title: control characters and markup escaped."""
+    from rich.markup import escape
+
+    return escape(printable(str(name), keep_layout=False))
 
 
 def _budget(max_length: str | None, seconds: float | None):
@@ -164,7 +172,8 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
     streams = report.get("streams", 1)
     what = f"{report['tokens']:,} tokens" if streams == 1 else \
         f"mean of {streams} streams of {report['tokens']:,} tokens"
-    table = Table(title=f"NLL by position: {report['file']} ({what}, {report['model']})", title_justify="left")
+    table = Table(title=f"NLL by position: {_shown(report['file'])} ({what}, {_shown(report['model'])})",
+                  title_justify="left")
     table.add_column("positions", justify="right")
     table.add_column("tokens", justify="right")
     for m in methods.values():
@@ -302,7 +311,7 @@ def _print_passkey(report) -> None:
     for r in report.results:
         tokens.setdefault(r.length, []).append(r.tokens)
     for method, rows in grid.items():
-        table = Table(title=f"Passkey accuracy, {ev.METHOD_LABELS[method]} ({report.meta['model']}, "
+        table = Table(title=f"Passkey accuracy, {ev.METHOD_LABELS[method]} ({_shown(report.meta['model'])}, "
                       f"{report.meta['template']} prompt)", title_justify="left")
         table.add_column("length", justify="right")
         table.add_column("tokens", justify="right")
