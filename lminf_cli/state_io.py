@@ -202,9 +202,10 @@ def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: st
     """Refuse a state made by another model, other attention settings or other prompt wording."""
     fp = model_fingerprint(engine.lm)
     if header.model_fingerprint != fp:
-        raise InputError(f"{name} was encoded by another model ({header.model_name}, fingerprint "
-                         f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}); "
-                         "load that model with --model")
+        # The name comes from the file: the CLI shows it escaped (ui.printable), like every error.
+        raise InputError(f"{name} was encoded by another model, '{str(header.model_name)[:200]}' (fingerprint "
+                         f"{header.model_fingerprint}), not {engine.lm.name} ({fp}); "
+                         "pass that model with --model (a state never chooses its model)")
     s, e = header.settings.layout, engine.settings.layout
     if s != e:
         diff = [k for k in s if s[k] != e[k]]

@@ -146,8 +146,8 @@ def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
 def test_state_round_trip_through_the_cli(files, state, tiny_model_dir):
     q = ["Who keeps the lighthouse?", *SHORT]
     fresh = invoke(["ask", files / "doc.txt", *q, "--model", tiny_model_dir, *WINDOW])
-    # The state names its model and settings: no --model or window options needed.
-    saved = invoke(["ask", state, *q])
+    # The state brings its settings: no window options needed (the model is never taken from it).
+    saved = invoke(["ask", state, *q, "--model", tiny_model_dir])
     assert saved.exit_code == 0, saved.stderr
     assert saved.stdout == fresh.stdout and fresh.stdout.strip()
 
@@ -163,10 +163,11 @@ def test_retrieval_in_ask_and_through_a_saved_state(files, tiny_model_dir, tmp_p
     path = tmp_path / "top.lminf"
     r = invoke(["encode", files / "doc.txt", "-o", path, "--model", tiny_model_dir, *WINDOW, *top])
     assert r.exit_code == 0, r.stderr
-    saved = invoke(["ask", path, *q])  # the state's retrieval settings and stores come with it
+    saved = invoke(["ask", path, *q, "--model", tiny_model_dir])  # the state's retrieval settings and stores
     assert saved.exit_code == 0, saved.stderr
     assert saved.stdout == fresh.stdout
-    assert invoke(["ask", path, *q, "--middle-top-k", "0"]).stdout == saved.stdout  # 0: the state's own
+    zero = invoke(["ask", path, *q, "--model", tiny_model_dir, "--middle-top-k", "0"])  # 0: the state's own
+    assert zero.stdout == saved.stdout
 
 
 def test_retrieval_recipe_is_its_options(files, tiny_model_dir):
@@ -180,8 +181,8 @@ def test_retrieval_recipe_is_its_options(files, tiny_model_dir):
 
 
 @pytest.mark.parametrize("flag", [["--middle-top-k", "3"], ["--retrieval"]])
-def test_retrieval_on_a_state_without_stores_is_refused(state, flag):
-    r = invoke(["ask", state, "Who keeps the lighthouse?", *flag])
+def test_retrieval_on_a_state_without_stores_is_refused(state, flag, tiny_model_dir):
+    r = invoke(["ask", state, "Who keeps the lighthouse?", *flag, "--model", tiny_model_dir])
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith("lminf: error: ") and "--retrieval" in r.stderr and len(r.stderr.splitlines()) == 1
 
@@ -217,7 +218,7 @@ def test_chat_with_scripted_stdin(files, tiny_model_dir, tmp_path):
     assert "unknown command /bogus" in r.stderr
     assert transcript.read_text().count("Q: ") == 3
     # The saved state answers like the session did for the first question.
-    again = invoke(["ask", saved, "Who keeps the lighthouse?", *SHORT, "--json"])
+    again = invoke(["ask", saved, "Who keeps the lighthouse?", *SHORT, "--json", "--model", tiny_model_dir])
     assert json.loads(again.stdout)["answer"] == answers[0]["answer"]
 
 
@@ -243,8 +244,8 @@ def test_summarize_long_document_writes_notes(files, tiny_model_dir):
     assert len(obj["notes"]) >= 2 and 0 < obj["summary_tokens"] <= 10
 
 
-def test_summarize_state_without_notes_warns(state):
-    r = invoke(["summarize", state, "-n", "5"])
+def test_summarize_state_without_notes_warns(state, tiny_model_dir):
+    r = invoke(["summarize", state, "-n", "5", "--model", tiny_model_dir])
     assert r.exit_code == 0
     assert r.stdout.strip() and "covers mainly its end" in r.stderr
 
@@ -308,6 +309,6 @@ def test_encode_with_notes_then_summarize_the_state(files, tiny_model_dir, tmp_p
     assert r.exit_code == 0, r.stderr
     notes = json.loads(invoke(["info", "--json", path]).stdout)["notes"]
     assert len(notes) >= 2
-    s = invoke(["summarize", path, "-n", "6", "--json"])
+    s = invoke(["summarize", path, "-n", "6", "--json", "--model", tiny_model_dir])
     assert s.exit_code == 0 and s.stderr == ""  # no "covers mainly its end" warning: the notes cover it all
     assert json.loads(s.stdout)["notes"] == notes

@@ -88,12 +88,12 @@ def _open_state(path: str, opts: EngineOptions):
     from ..tasks import EncodedDocument, chunk_size_for
 
     header = read_header(path)
-    model = opts.model
-    if model is None and Path(header.model_spec).exists():
-        model = header.model_spec
+    # The model is --model or the default, never the one the state names: a state file is
+    # untrusted and must not choose what gets loaded (a folder with code, a huge model).
+    # load_state's fingerprint check then refuses a state made by another model, naming it.
     # Unset options take the state's values; retrieval too (its stores were built for them).
     engine = opts.engine(
-        model=model, chunk_size=chunk_size_for(header, opts.chunk_size),
+        chunk_size=chunk_size_for(header, opts.chunk_size),
         n_local=header.n_local if opts.n_local is None else opts.n_local,
         n_global=header.n_global if opts.n_global is None else opts.n_global,
         limit_distance=header.limit_distance if opts.limit_distance is None else opts.limit_distance,
