@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError, UsageError
+from .errors import InputError, ModelError, UsageError
 from .generate import Engine, SamplingParams
 from .models import LoadedModel, past_keyword, past_of
 from .units import format_length
@@ -595,8 +595,12 @@ def _render(tokenizer: Any, n_units: int, k: int, key: int, template: str) -> tu
     body = head + PASSKEY_LINE.format(key=key) + "\n" + (after + "\n" if after else "")
     if template == "plain":
         return body + PASSKEY_QUESTION + " " + PASSKEY_ANSWER, len(head)
+    from .prompts import render_template  # bounded in size and time: the template comes from the model's files
+
     messages = [{"role": "user", "content": body + PASSKEY_QUESTION}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_template(tokenizer, messages)
+    if body not in text:
+        raise ModelError("--template chat: the model's chat template does not keep the message text as it is")
     return text + PASSKEY_ANSWER, text.index(body) + len(head)
 
 
