@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .attention import FLASH_CPU, NEG_INF, SPLIT_MIN_ROWS, LocalSplit, Rope, lambda_attention, merge_extra_keys
 from .errors import UsageError
+from .memory import check_fits, kv_cache_bytes
 from .retrieval import MiddleStore
 
 RETRIEVAL_TOP_K = 5  # the paper's k; the passkey grid found no gain from more
@@ -301,6 +302,10 @@ class LambdaCache:
         self.max_chunk = max_chunk
         self.ring_size = settings.n_local + max_chunk
         self.device, self.dtype = torch.device(device), dtype
+        # Sizes come from options (and saved states): refuse what cannot fit before allocating it.
+        check_fits(kv_cache_bytes(n_layers, n_kv_heads, head_dim, self.ring_size + settings.n_global, dtype),
+                   self.device, f"the attention cache (n_local {settings.n_local:,} + chunk {max_chunk:,} + "
+                   f"n_global {settings.n_global:,} tokens)", "lower --chunk-size, --n-local or --n-global")
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.fused = fused
         self.softcap = softcap

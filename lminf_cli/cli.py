@@ -241,6 +241,20 @@ def cli_errors() -> Iterator[None]:
     except BrokenPipeError:
         silence_stdout()
         raise typer.Exit(141) from None
+    except (MemoryError, RuntimeError) as exc:
+        # What memory.check_fits cannot foresee (activations, a model larger than free memory)
+        # still ends in one line: torch reports a failed allocation as a RuntimeError.
+        if not _out_of_memory(exc):
+            raise
+        typer.echo(f"lminf: error: out of memory ({_one_line(str(exc))[:200]}); try a smaller --chunk-size, "
+                   "--n-local or model", err=True)
+        raise typer.Exit(2) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text or "can't allocate memory" in text)
 
 
 @app.command("continue")

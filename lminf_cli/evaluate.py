@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .errors import InputError, ModelError, UsageError
 from .generate import Engine, SamplingParams
+from .memory import check_fits
 from .models import LoadedModel, past_keyword, past_of
 from .units import format_length
 
@@ -65,17 +66,10 @@ class BudgetStop(Exception):
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Free device memory: CUDA's free bytes, or the kernel's MemAvailable on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """Free device memory: CUDA's free bytes, or the kernel's MemAvailable on CPU (see memory.py)."""
+    from .memory import available_bytes
+
+    return available_bytes(device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -546,6 +540,7 @@ _SENTENCES = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()]
 TEMPLATES = ("plain", "chat")
 # Tolerance on prompt length (fraction of the request).
 LENGTH_TOLERANCE = 0.02
+PROMPT_BYTES_PER_TOKEN = 256  # host memory while a passkey prompt is built: text, ids, tokenizer workspace
 
 
 @dataclass
@@ -612,6 +607,10 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, key: int, template
         raise UsageError(f"--template must be one of {', '.join(TEMPLATES)}, got '{template}'")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UsageError("--template chat: this model's tokenizer has no chat template")
+    # The prompt is built as text and ids in host memory, a few copies at a time: a typo
+    # in --lengths (1000000000) must be refused here, not end in the kernel's OOM killer.
+    check_fits(length * PROMPT_BYTES_PER_TOKEN, "cpu", f"a passkey prompt of {length:,} tokens",
+               "use smaller --lengths")
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)

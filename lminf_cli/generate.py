@@ -53,8 +53,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise UsageError for values outside their ranges."""
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # written so that nan fails too
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -109,8 +109,12 @@ def pick_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type not in ("cpu", "cuda"):  # e.g. 'meta' holds no data: the model would fail to run much later
+        raise UsageError(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there is no such GPU ({torch.cuda.device_count()} found)")
     return dev
 
 
