@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import __version__
 from .cache import LambdaCache, LambdaSettings
-from .documents import STATE_SUFFIX, is_state_path  # noqa: F401 - re-exported
+from .documents import STATE_SUFFIX, is_state_path, stat_source  # noqa: F401 - re-exported
 from .errors import InputError
 from .generate import Engine, GenerationMetrics, State
 from .models import LoadedModel
@@ -173,8 +173,7 @@ def read_header(path: str | Path) -> StateHeader:
 
     name = str(path)
     p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"no such file: {name}")
+    stat_source(name, p)  # missing, a broken link or a symlink loop: one line saying which
     if p.is_dir():
         raise InputError(f"{name} is a directory, not a saved state")
     try:
