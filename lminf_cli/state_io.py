@@ -32,6 +32,7 @@ from .documents import STATE_SUFFIX, is_state_path, stat_source  # noqa: F401 - 
 from .errors import InputError
 from .generate import Engine, GenerationMetrics, State
 from .models import LoadedModel
+from .outputs import publish
 
 FORMAT = "lminf-state"
 VERSION = 1
@@ -130,8 +131,12 @@ def _views(header: StateHeader) -> tuple[int, int]:
     return min(header.length, header.ring_size), min(header.length, header.n_global)
 
 
-def save_state(path: str | Path, state: State, header: StateHeader) -> int:
-    """Write the cache and header to `path` atomically; returns the file size in bytes."""
+def save_state(path: str | Path, state: State, header: StateHeader, overwrite: bool = True) -> int:
+    """Write the cache and header to `path` atomically; returns the file size in bytes.
+
+    With overwrite False an existing `path` is left alone (UsageError), even one that
+    appears while the state is being written (outputs.publish).
+    """
     from safetensors.torch import save_file
 
     if state.logits is None:
@@ -158,7 +163,7 @@ def save_state(path: str | Path, state: State, header: StateHeader) -> int:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "header": header.to_json()})
-            os.replace(tmp, target)
+            publish(tmp, target, overwrite)  # with the umask's permissions (mkstemp gives 0600)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

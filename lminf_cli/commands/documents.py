@@ -229,10 +229,13 @@ def encode(
     = False,
     section_tokens: SectionOpt = None,
     note_tokens: NoteTokensOpt = 96,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists (never an input).")]
+    = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Encode documents once and save the constant-size state for ask, summarize and chat."""
     from ..documents import STATE_SUFFIX, is_state_path
+    from ..outputs import check_destination
 
     with cli_errors():
         opts.check()
@@ -242,13 +245,16 @@ def encode(
             raise UsageError("encode reads text or PDF files, not a saved state")
         if note_tokens <= 0:
             raise UsageError(f"--note-tokens must be positive, got {note_tokens}")
+        # Before the documents are read and the model loaded: an encode that cannot be saved is
+        # minutes of work thrown away.
+        check_destination(output, overwrite=force, inputs=files)
         source = read_source(files, opts.quiet)
         from ..state_io import save_state
 
         engine, encoded = open_document(source, opts, notes=notes, section_tokens=section_tokens,
                                         note_tokens=note_tokens)
         with status("Saving state", opts.quiet):
-            size = save_state(output, encoded.state, encoded.header)
+            size = save_state(output, encoded.state, encoded.header, overwrite=force)
         _note(f"wrote {output}: {encoded.document_tokens:,} document tokens, "
               f"{size / 2**20:,.1f} MiB", opts.quiet)
 
@@ -333,7 +339,8 @@ def summarize(
 
 
 CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "
-             "/save PATH (.lminf: the encoded document; other names: the transcript), /quit.")
+             "/save PATH (.lminf: the encoded document; other names: the transcript; /save! PATH replaces "
+             "an existing file), /quit.")
 
 
 @with_options(SamplingOptions, "sampling")
@@ -372,7 +379,7 @@ def chat(
             if not text:
                 continue
             if text.startswith("/"):
-                if _command(text, session, encoded) == "quit":
+                if _command(text, session, encoded, files) == "quit":
                     break
                 continue
             reply = Reply()
@@ -414,9 +421,14 @@ def _questions(tty: bool) -> Iterator[str]:
         yield line
 
 
-def _command(text: str, session: Any, encoded: Any) -> str | None:
-    """Run a /command; problems are reported on stderr and the session goes on."""
+def _command(text: str, session: Any, encoded: Any, inputs: list[str]) -> str | None:
+    """Run a /command; problems are reported on stderr and the session goes on.
+
+    /save never replaces an existing file (/save! does) and never one of `inputs`, the
+    documents (or state) being discussed.
+    """
     from ..documents import is_state_path
+    from ..outputs import check_destination, write_text
     from ..state_io import save_state
 
     name, _, arg = text.partition(" ")
@@ -427,15 +439,18 @@ def _command(text: str, session: Any, encoded: Any) -> str | None:
         if name == "/reset":
             session.reset()
             _note("conversation forgotten; the next answer depends on the document alone")
-        elif name == "/save":
+        elif name in ("/save", "/save!"):
             if not arg:
-                raise UsageError("/save needs a path: /save notes.txt (transcript) or /save book.lminf (state)")
+                raise UsageError(f"{name} needs a path: {name} notes.txt (transcript) or {name} book.lminf (state)")
+            overwrite = name == "/save!"
+            check_destination(arg, overwrite=overwrite, inputs=inputs,
+                              how_to_overwrite=f"use /save! {arg} to replace it")
             if is_state_path(arg):
-                size = save_state(arg, encoded.state, encoded.header)
+                size = save_state(arg, encoded.state, encoded.header, overwrite=overwrite)
                 _note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
             else:
                 try:
-                    Path(arg).expanduser().write_text(session.transcript_text(), encoding="utf-8")
+                    write_text(arg, session.transcript_text(), overwrite)
                 except OSError as exc:
                     raise InputError(f"cannot write {arg}: {exc.strerror or exc}") from exc
                 _note(f"wrote the transcript to {arg}")
