@@ -276,9 +276,17 @@ def continue_(
         params = sampling.params()
         doc = read_document(file)
         engine = opts.engine()
-        ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
+        from .long_text import tokenize_long
+        from .speed import record_speed, recorded_speed, speed_key
+        from .ui import EncodeNotice
+
+        ids = tokenize_long(engine.lm.tokenizer, doc.text)
+        key = speed_key(engine.lm)
         with encode_progress(opts.quiet) as progress:
-            state = engine.encode(ids, progress=progress)
+            notice = EncodeNotice(progress, opts.quiet, engine.settings.n_local, recorded_speed(key))
+            notice(0, len(ids))
+            state = engine.encode(ids, progress=notice)
+        record_speed(key, state.metrics.prompt_tokens, state.metrics.encode_seconds)
         wrote = False
         for piece in engine.stream_text(state, max_new_tokens, params):
             write_stdout(piece)

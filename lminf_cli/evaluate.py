@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .errors import InputError, ModelError, UsageError
 from .generate import Engine, SamplingParams
+from .long_text import tokenize_long
 from .memory import check_fits
 from .models import LoadedModel, past_keyword, past_of
 from .units import format_length
@@ -155,7 +156,7 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
     """The first max_tokens tokens of text, tokenizing only as much text as needed."""
     n_chars = max(1024, max_tokens * 6)
     while True:
-        ids = tokenizer.encode(text[:n_chars], add_special_tokens=False)
+        ids = tokenize_long(tokenizer, text[:n_chars])  # in pieces: a whole book stays within bounded memory
         # One spare token: a word cut at n_chars may tokenize differently.
         if len(ids) > max_tokens + 1 or n_chars >= len(text):
             return ids[:max_tokens]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from .documents import Document
 from .errors import UsageError
 from .generate import Engine, IncrementalDecoder, SamplingParams, State
+from .long_text import tokenize_long
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .state_io import Checkpoint, StateHeader, build_header
 
@@ -175,7 +176,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     head_text = fmt.document_head(question_first)
     n_head = len(tokenize(engine, head_text))
-    ids = tokenize(engine, head_text + doc.text.strip())
+    ids = tokenize_long(engine.lm.tokenizer, head_text + doc.text.strip())  # pieces: same ids, bounded memory
     if len(ids) <= n_head:
         raise UsageError(f"{doc.name} has no tokens to encode")
     held = _hold_back(engine, ids, n_head)
@@ -184,6 +185,8 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     if notes is None:
         notes = len(ids) + reserve > engine.settings.n_local
     written: list[str] = []
+    if progress is not None:
+        progress(0, len(stream))  # the total is known before the first chunk (ui.EncodeNotice uses it)
     state = engine.encode(stream[:n_head])
     # Sections are the same with or without notes, so both give bit-identical states.
     bounds = [(a + n_head, b + n_head)

@@ -179,3 +179,50 @@ def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[Tas
         yield progress
     finally:
         progress.close()
+
+
+class EncodeNotice:
+    """A progress(done, total) callback that says once, on stderr, how long a long encode will take.
+
+    Long means over LONG_WINDOWS windows of tokens and an expected time of at least
+    NOTICE_SECONDS (short ones would only add noise).  With a speed measured on an
+    earlier run the line comes before the first chunk; without one, after the first
+    few seconds of this encode, at the speed seen so far.  `inner` (a drawn bar, or
+    None) gets every call.
+    """
+
+    LONG_WINDOWS = 4
+    NOTICE_SECONDS = 10.0
+    MEASURE_SECONDS = 3.0
+
+    def __init__(self, inner: Callable[[int, int], None] | None, quiet: bool, window: int,
+                 known_speed: float | None, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.inner, self.quiet, self.window, self.known = inner, quiet, window, known_speed
+        self.clock = clock or time.monotonic
+        self.start: tuple[float, int] | None = None
+        self.done = quiet  # nothing to say with --quiet
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.inner is not None:
+            self.inner(done, total)
+        if self.done or total <= self.LONG_WINDOWS * self.window:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = (now, done)
+        speed, how = self.known, "measured on this machine"
+        if speed is None:
+            elapsed, read = now - self.start[0], done - self.start[1]
+            if elapsed < self.MEASURE_SECONDS or read <= 0:
+                return
+            speed, how = read / elapsed, "so far"
+        self.done = True
+        remaining = (total - done) / speed
+        if remaining >= self.NOTICE_SECONDS:
+            from .speed import format_duration
+
+            sys.stderr.write(f"lminf: encoding {total:,} tokens: about {format_duration(remaining)} at "
+                             f"{speed:,.0f} tokens/s ({how})\n")
+            sys.stderr.flush()

@@ -63,20 +63,26 @@ def open_document(source: Any, opts: EngineOptions, notes: bool | None = False, 
                   question_first: str | None = None):
     """(engine, encoded document) from read_source's result: a state is loaded, documents are encoded."""
     from ..models import resolve_model_spec
+    from ..speed import record_speed, recorded_speed, speed_key
     from ..tasks import encode_document
+    from ..ui import EncodeNotice
 
     if isinstance(source, str):
         return _open_state(source, opts)
     spec = resolve_model_spec(opts.model)
     engine = opts.engine(model=spec)
+    key = speed_key(engine.lm)
     with task_progress(opts.quiet, "Encoding") as bar:
         def on_note(k: int, n: int, _note: str) -> None:
             if bar is not None:
                 bar.describe(f"Encoding (notes {k}/{n})")
 
+        notice = EncodeNotice(bar, opts.quiet, engine.settings.n_local, recorded_speed(key))
         encoded = encode_document(engine, source, spec, question_first=question_first, notes=notes,
                                   reserve=reserve, section_tokens=section_tokens, note_tokens=note_tokens,
-                                  sampling=sampling, progress=bar, on_note=on_note)
+                                  sampling=sampling, progress=notice, on_note=on_note)
+    metrics = encoded.state.metrics
+    record_speed(key, metrics.prompt_tokens, metrics.encode_seconds)
     return engine, encoded
 
 
