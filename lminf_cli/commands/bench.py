@@ -34,6 +34,8 @@ def bench(
                                                       "the GPUs and CPU with accelerate.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of time and memory against length.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the --plot file if it exists (never --text).")]
+    = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
@@ -58,7 +60,10 @@ def bench(
             from ..documents import read_document
             read_document(text)  # fail now, not inside every child
         if plot:
+            from ..outputs import check_destination
+
             _check_matplotlib()
+            check_destination(plot, overwrite=force, inputs=[text] if text else [])  # before the runs
         o = opts
         spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=o.model, arch=arch,
                          device=o.device, dtype=o.dtype, device_map=device_map, text=text, n_local=o.n_local,

@@ -11,6 +11,7 @@ import typer
 
 from ..cli import RETRIEVAL, EngineOptions, cli_errors, with_options
 from ..errors import UsageError
+from ..outputs import check_destination
 from ..ui import encode_progress, printable, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -22,6 +23,7 @@ BaselineTimeOpt = Annotated[Optional[float], typer.Option(
     "--baseline-time", help="Stop the unmodified model after this many seconds.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also save a PNG chart to this path.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the --plot file if it exists (never an input).")]
 NoLminfOpt = Annotated[bool, typer.Option(
     "--no-lminf", help="Run only the baseline(s), e.g. to spread a long evaluation over processes.")]
 
@@ -89,6 +91,7 @@ def ppl(
     no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
+    force: ForceOpt = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Mean NLL and perplexity by position bucket, with LM-Infinite and optional baselines."""
@@ -112,6 +115,7 @@ def ppl(
         opts.check()
         if plot:
             ev.check_plotting()
+            check_destination(plot, overwrite=force, inputs=[file])  # before the run, never the document
         doc = read_document(file)
         engine = opts.engine()
         lm = engine.lm
@@ -244,6 +248,7 @@ def passkey(
         "--template", help="plain: the tokenizer's plain encoding; chat: the model's chat template.")] = "plain",
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
+    force: ForceOpt = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
@@ -263,6 +268,7 @@ def passkey(
         opts.check()
         if plot:
             ev.check_plotting()
+            check_destination(plot, overwrite=force)  # before the run: no file written over without --force
         engine = opts.engine()
         lm = engine.lm
         prompts = [(i, ev.passkey_prompt(lm.tokenizer, n, d, ev.passkey_key(seed, n, d, i), template))
