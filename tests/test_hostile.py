@@ -71,7 +71,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     patch: dict[str, Any] = field(default_factory=dict)  # "module.attr" -> value (in-process cases)
     process: bool = False             # run as a real process (closed stdout, real fds)
-    close_stdout: bool = False
+    close: tuple[int, ...] = ()       # file descriptors the process starts without (1: `>&-`)
     creates: tuple[str, ...] = ()     # names the command may create in the folder
     seconds: float = 20.0
     needs: str | None = None          # an optional package the command needs (skipped without it)
@@ -251,9 +251,11 @@ CASES = [
          ("passkey prompt",)),
     # -- streams and special files ----------------------------------------------------------
     Case("ask with stdout closed", ["ask", "{d}/doc.txt", "q", *M], DOC, ("standard output is closed",),
-         process=True, close_stdout=True, seconds=45),
+         process=True, close=(1,), seconds=30),
     Case("info with stdout closed", ["info", "{d}/doc.txt"], DOC, ("standard output is closed",),
-         process=True, close_stdout=True, seconds=45),
+         process=True, close=(1,), seconds=30),
+    Case("ask - with stdin closed", ["ask", "-", "q", *M], {}, ("<stdin> is empty",), process=True, close=(0,),
+         seconds=30),
     Case("info /dev/zero", ["info", "/dev/zero"], {}, ("binary",)),
     Case("stdin over the size limit", ["info", "-"], {}, ("over 1 MiB",), stdin=b"words and words\n" * 140_000,
          patch={"lminf_cli.documents.MAX_INPUT_BYTES": 1 << 20}),
@@ -377,8 +379,8 @@ def run_in_process(case: Case, args: list[str], env: dict[str, str]):
 def run_process(case: Case, args: list[str], env: dict[str, str], cwd: Path):
     def child() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if case.close_stdout:
-            os.close(1)
+        for fd in case.close:
+            os.close(fd)
 
     full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "lminf_cli", *args], input=case.stdin or b"", capture_output=True,
@@ -586,6 +588,30 @@ def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path, tiny_model_dir)
         p.kill()
     assert p.returncode == 143 and b"Traceback" not in err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["doc.txt"]
+
+
+FD_CHECK = """
+import os, sys
+from lminf_cli.cli import _standard_fds
+os.close(0); os.close(1)
+asks = _standard_fds(["ask", "doc.txt", "q"])
+os.close(1)
+encodes = _standard_fds(["encode", "doc.txt"])
+with open(os.devnull) as f:
+    fd = f.fileno()
+sys.stderr.write(repr((encodes, "standard output is closed" in asks, fd, sys.stdin.read())))
+"""
+
+
+def test_closed_descriptors_are_not_reused():
+    """With `>&-`, the next file opened would get fd 1 and receive "stdout": /dev/null takes it first.
+
+    encode (files only) may run so; commands that print are refused.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", FD_CHECK], capture_output=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.decode() == "(None, True, 3, '')"
 
 
 # -- memory -------------------------------------------------------------------------------
