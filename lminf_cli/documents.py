@@ -80,7 +80,14 @@ def read_document(source: str, stdin: BinaryIO | None = None, progress: Progress
             data = read_bounded(source, f)
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}") from exc
-    return document_from_bytes(source, data, progress)
+    return document_from_bytes(_display_name(source), data, progress)
+
+
+def _display_name(source: str) -> str:
+    """The path as text that can be printed and saved: bytes of a file name that are not
+    UTF-8 (lone surrogates in Python) written as \\xNN, like ui.printable shows them."""
+    raw = source.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def stat_source(source: str, path: Path) -> os.stat_result:

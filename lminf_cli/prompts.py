@@ -218,8 +218,12 @@ def _from_template(tokenizer: Any) -> PromptFormat | None:
 
 
 def check_question(question: str | None) -> str:
-    """A question with surrounding whitespace removed; empty ones are refused."""
-    q = (question or "").strip()
+    """A question with surrounding whitespace removed; empty ones are refused.
+
+    Bytes that are not UTF-8 (an argument in another encoding reaches Python as lone
+    surrogates) become U+FFFD: tokenizers refuse surrogates outright.
+    """
+    q = (question or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
     if not q:
         raise UsageError("the question is empty")
     return q

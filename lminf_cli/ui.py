@@ -69,9 +69,13 @@ def status(message: str, quiet: bool) -> Iterator[None]:
 # CSI for terminals that honour 8-bit controls), and the bidirectional overrides and
 # isolates that make text read differently from what it is ("Trojan source").
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))})
+# Lone surrogates U+DC80-U+DCFF are how Python carries bytes that are not UTF-8 in file
+# names and arguments (surrogateescape): shown as the byte they stand for.  Written raw,
+# they would make a UTF-8 stream raise (UnicodeEncodeError) instead of printing.
+_ESCAPES.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
 _LAYOUT_TABLE = {c: e for c, e in _ESCAPES.items() if chr(c) not in "\t\n"}
-_JSON_TABLE = {c: f"\\u{c:04x}" for c in _ESCAPES if c >= 0x7F}
+_JSON_TABLE = {c: f"\\u{c:04x}" for c in _ESCAPES if c >= 0x7F}  # surrogates too: JSON escapes them as such
 
 
 def printable(text: str, keep_layout: bool = True) -> str:

@@ -266,6 +266,7 @@ CASES = [
     Case("broken symlink", ["info", "{d}/link.txt"], {"link.txt": symlink("gone.txt")}, ("broken symbolic link",)),
     Case("escape sequences in a file name", ["info", "{d}/\x1b]0;pwned\x07\x1b[2J.txt"], {},
          ("\\x1b]0;pwned\\x07\\x1b[2J",)),
+    Case("undecodable bytes in a file name", ["info", "{d}/\udcff\udcfe.txt"], {}, ("\\xff\\xfe.txt",)),
     # -- documents ------------------------------------------------------------------------
     Case("missing file", ["ask", "{d}/nope.txt", "q", *M], {}, ("no such file",)),
     Case("directory", ["ask", "{d}", "q", *M], {}, ("directory",)),
@@ -456,6 +457,7 @@ def test_printable_escapes_controls_but_not_text():
     assert shown == "a\\x1b[2J\\x1b]0;title\\x07b\\x9b31m\\x7f\\u202egnp.exe\tc\nd\\x0de"
     assert printable(shown) == shown  # twice changes nothing more
     assert printable("x\ty\nz", keep_layout=False) == "x\\x09y\\x0az"
+    assert printable("name\udcff\ud800") == "name\\xff\\ud800"  # bytes that were not UTF-8, lone surrogates
     plain = "Ünïcödé, 中文, עברית, emoji 🙂 and \\ backslashes"
     assert printable(plain) == plain
     doc = json.dumps({"k": hostile}, ensure_ascii=False)
@@ -488,6 +490,20 @@ def test_info_and_errors_show_names_and_headers_escaped(tmp_path, tiny_model_dir
     # The chat banner and hints name the document too.
     chat = runner.invoke(app, ["chat", str(state), "--model", str(tiny_model_dir)], input="/quit\n")
     assert chat.exit_code == 0 and "\x1b" not in chat.stderr
+
+
+def test_undecodable_bytes_in_names_and_questions(tmp_path, tiny_model_dir):
+    """Bytes that are not UTF-8 (in a file name, an argument, a piped question) never end in a traceback."""
+    doc = tmp_path / os.fsdecode(b"\xff-doc.txt")
+    doc.write_text(TEXT)
+    state = tmp_path / "s.lminf"
+    r = runner.invoke(app, ["encode", str(doc), "-o", str(state), "--model", str(tiny_model_dir), *WINDOW])
+    assert r.exit_code == 0, r.stderr
+    info = runner.invoke(app, ["info", "--json", str(state)])
+    assert json.loads(info.stdout)["document_name"].endswith("\\xff-doc.txt")
+    for args, stdin in ((["ask", str(state), "who\udcff?"], None), (["chat", str(state)], b"who\xff?\n")):
+        r = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "-n", "2", "-q"], input=stdin)
+        assert r.exit_code == 0 and r.exception is None, (r.stderr, r.exception)
 
 
 def test_state_never_chooses_its_model(tmp_path, tiny_model_dir, shared):

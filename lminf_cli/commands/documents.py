@@ -403,6 +403,9 @@ def chat(
 
 def _questions(tty: bool) -> Iterator[str]:
     """Lines typed at a terminal (with readline history) or read from a pipe."""
+    with contextlib.suppress(AttributeError, ValueError):
+        # A question that is not valid UTF-8 gets U+FFFD where its bad bytes were, not a traceback.
+        sys.stdin.reconfigure(errors="replace")
     if not tty:
         for line in sys.stdin:
             yield line
