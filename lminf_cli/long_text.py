@@ -60,18 +60,20 @@ def _checked_cut(tokenizer: Any, text: str, start: int, target: int) -> int | No
     """A cut before `target` (and after start + half a piece) where the tokenizer splits, or None.
 
     Candidates are the starts of the whitespace runs that hold a line break ("end.|\n",
-    "word|  \n"): byte-level BPE pre-tokenizers never join a run of whitespace to the
-    visible character before it, and tokenize the run the same whatever precedes it.
-    Each candidate is still checked, since some tokenizers do join (Llama 3 keeps ".\n"
-    together; SentencePiece marks the start of every call).
+    "word|  \n"), or a space when the stretch has no line break at all (one long line):
+    byte-level BPE pre-tokenizers never join a run of whitespace to the visible character
+    before it, and tokenize the run the same whatever precedes it.  Each candidate is
+    still checked, since some tokenizers do join (Llama 3 keeps ".\n" together;
+    SentencePiece marks the start of every call).
     """
     floor = start + (target - start) // 2
+    separator = "\n" if text.find("\n", floor, target) >= 0 else " "
     end = target
     for _ in range(SEAM_TRIES):
-        nl = text.rfind("\n", floor, end)
-        if nl < 0:
+        at = text.rfind(separator, floor, end)
+        if at < 0:
             return None
-        cut = nl
+        cut = at
         while cut > floor and text[cut - 1].isspace():
             cut -= 1
         end = cut

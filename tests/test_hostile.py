@@ -709,6 +709,9 @@ def test_tokenize_long_matches_one_call_on_the_tiny_tokenizer():
     cuts = seams(tok, text, 1 << 12)
     assert cuts and len(cuts) > 20  # it really is cut
     assert tokenize_long(tok, text, 1 << 12) == encode(tok, text)
+    one_line = text.replace("\n", " ")  # no line breaks at all: cut at spaces
+    assert seams(tok, one_line, 1 << 12)
+    assert tokenize_long(tok, one_line, 1 << 12) == encode(tok, one_line)
 
 
 def test_tokenize_long_on_real_text():
