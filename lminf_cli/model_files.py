@@ -25,6 +25,13 @@ GGUF_MAGIC = b"GGUF"
 CONFIG_LIMIT = 16 << 20  # config.json larger than this is not a model config
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Weights stored with pickle (torch.save): loading them can run code, so lminf never does.
+# Sizes a config.json may give: far above any real model (Llama 3 405B: 126 layers, hidden
+# 16,384; Gemma: 256k vocabulary), far below what would make transformers build millions
+# of modules or allocate terabytes before it ever looks at the weights.
+CONFIG_LIMITS = {"num_hidden_layers": 1_000, "n_layer": 1_000, "num_layers": 1_000, "hidden_size": 131_072,
+                 "n_embd": 131_072, "d_model": 131_072, "intermediate_size": 1_048_576, "vocab_size": 10_000_000,
+                 "num_attention_heads": 4_096, "num_key_value_heads": 4_096, "n_head": 4_096,
+                 "max_position_embeddings": 1 << 24}
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.pth",
                    "model.ckpt", "tf_model.h5", "flax_model.msgpack")
 
@@ -73,6 +80,12 @@ def check_model_dir(path: Path, spec: str) -> None:
     if not config_path.is_file():
         raise ModelError(f"'{spec}' is a directory without config.json: not a Hugging Face model")
     config = _read_json(config_path, spec)
+    for section in (config, config.get("text_config")):
+        for key, limit in CONFIG_LIMITS.items():
+            value = section.get(key) if isinstance(section, dict) else None
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit):
+                raise ModelError(f"'{spec}': config.json has {key} = {str(value)[:40]}, not a size a model can "
+                                 f"have (1 to {limit:,})")
     model_type = config.get("model_type")
     if "auto_map" in config and not _builtin_model_type(model_type):
         raise ModelError(f"'{spec}' needs its own Python code to load (config.json has auto_map and model_type "
