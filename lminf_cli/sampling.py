@@ -23,8 +23,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also refuses nan
-            raise SettingsError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # written so that nan fails too
+            raise SettingsError("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise SettingsError("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

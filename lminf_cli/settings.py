@@ -106,7 +106,8 @@ class LambdaSettings:
         fields, as they are.
         """
         if retrieval:
-            limit_distance = trained_length // 2 if limit_distance is None else limit_distance
+            if limit_distance is None:  # the recipe's cap, or the window asked for when that is wider
+                limit_distance = max(trained_length // 2, n_local or 0)
             middle_top_k = middle_top_k or RETRIEVAL_TOP_K
         limit = trained_length if limit_distance is None else limit_distance
         local = limit if n_local is None else n_local

@@ -29,9 +29,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
-from .documents import STATE_SUFFIX
+from .documents import STATE_SUFFIX, stat_source
 from .errors import InputError, SettingsError
 from .generate import Engine, GenerationMetrics, State
+from .outputs import publish
 from .settings import MAX_TOKENS, LambdaSettings
 
 FORMAT = "lminf-state"
@@ -165,9 +166,14 @@ def build_header(engine: Engine, state: State, model_spec: str, prompt_fingerpri
         notes=list(notes or []), tail=tail)
 
 
-def save_state(path: str | Path, state: State, header: StateHeader, ids: Tensor | None = None) -> int:
+def save_state(path: str | Path, state: State, header: StateHeader, ids: Tensor | None = None,
+               overwrite: bool = True) -> int:
     """Write the cache, header and (when given) the stream's token ids to `path` atomically; returns the
-    file size in bytes.  The ids (4 bytes a token) let passages of the document be read again."""
+    file size in bytes.  The ids (4 bytes a token) let passages of the document be read again.
+
+    With overwrite False an existing `path` is left alone (UsageError), even one that
+    appears while the state is being written (outputs.publish).
+    """
     if state.logits is None:
         raise InputError("nothing has been encoded: there is no state to save")
     tensors: dict[str, Tensor] = {"logits": state.logits.detach().reshape(-1).cpu().contiguous()}
@@ -183,7 +189,7 @@ def save_state(path: str | Path, state: State, header: StateHeader, ids: Tensor 
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "header": header.to_json()})
-            os.replace(tmp, target)
+            publish(tmp, target, overwrite)  # with the umask's permissions (mkstemp gives 0600)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -196,8 +202,7 @@ def read_header(path: str | Path) -> StateHeader:
     """Read and validate a state file's header without loading a model or tensors."""
     name = str(path)
     p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"no such file: {name}")
+    stat_source(name, p)  # missing, a broken link or a symlink loop: one line saying which
     if p.is_dir():
         raise InputError(f"{name} is a directory, not a saved state")
     try:
@@ -226,9 +231,10 @@ def check_compatible(header: StateHeader, engine: Engine, prompt_fingerprint: st
     """Refuse a state made by another model, other attention settings or other prompt wording."""
     fp = engine.lm.fingerprint
     if header.model_fingerprint != fp:
-        raise InputError(f"{name} was encoded by another model ({header.model_name}, fingerprint "
-                         f"{header.model_fingerprint}); this one is {engine.lm.name} ({fp}); "
-                         f"pass that model with --model (it was given as {header.model_spec})")
+        # Names come from the file: the CLI shows them escaped (output.printable), like every error.
+        raise InputError(f"{name} was encoded by another model, '{header.model_name[:200]}' (given as "
+                         f"'{header.model_spec[:200]}', fingerprint {header.model_fingerprint}), not {engine.lm.name} "
+                         f"({fp}); pass that model with --model (a state never chooses its model)")
     s, e = header.settings.layout, engine.settings.layout
     if s != e:
         diff = [k for k in s if s[k] != e[k]]

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from .documents import Document
-from .errors import UsageError
+from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
+from .long_text import tokenize_long
 from .models import LoadedModel
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
@@ -205,7 +206,14 @@ def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mappi
 def outgrows(lm: LoadedModel, doc: Document, requested: Mapping[str, Any]) -> bool:
     """Whether the document is longer than what the model sees directly without retrieval."""
     plain = LambdaSettings.for_model(lm.adapter.trained_length, **{**requested, "retrieval": False})
-    return len(lm.tokenizer.encode(doc.text, add_special_tokens=False)) > plain.n_global + plain.n_local
+    window = plain.n_global + plain.n_local
+    chars = 8 * (window + 1)
+    while True:  # a prefix long enough to decide: a whole book need not be tokenized for this
+        if len(tokenize_long(lm.tokenizer, doc.text[:chars])) > window:
+            return True
+        if chars >= len(doc.text):
+            return False
+        chars *= 2
 
 
 def open_state(path: str | Path, lm: LoadedModel,
@@ -244,7 +252,7 @@ def section_size(engine: Engine, requested: int | None = None) -> int:
     """Tokens per section for notes: at most half the window, so a section is read whole before its note."""
     if requested is not None:
         if requested <= 0:
-            raise UsageError(f"section_tokens must be positive, got {requested}")
+            raise SettingsError("section_tokens", f"must be positive, got {requested}")
         return requested
     return max(16, min(MAX_SECTION_TOKENS, engine.settings.n_local // 2))
 
@@ -292,11 +300,11 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     glues together (e.g. "end." + "\n\n" is one token for some and two for others).
     """
     if note_tokens <= 0:
-        raise UsageError(f"note_tokens must be positive, got {note_tokens}")
+        raise SettingsError("note_tokens", f"must be positive, got {note_tokens}")
     fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
     head_text = fmt.document_head(question_first)
     n_head = len(tokenize(engine, head_text))
-    ids = tokenize(engine, head_text + doc.text.strip())
+    ids = tokenize_long(engine.lm.tokenizer, head_text + doc.text.strip())  # pieces: same ids, bounded memory
     if len(ids) <= n_head:
         raise UsageError(f"{doc.name} has no tokens to encode")
     held = _hold_back(engine, ids, n_head)
@@ -305,6 +313,8 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     if notes is None:
         notes = len(ids) + reserve > engine.settings.n_local
     written: list[str] = []
+    if progress is not None:
+        progress(0, len(stream))  # the total is known before the first chunk (output.EncodeNotice uses it)
     t0 = time.perf_counter()
     state = engine.encode(stream[:n_head], continued=False)
     note_seconds = 0.0
@@ -567,7 +577,7 @@ class ChatSession:
     def __init__(self, engine: Engine, encoded: EncodedDocument, history: int = 3,
                  max_new_tokens: int = DEFAULT_ANSWER_TOKENS, sampling: SamplingParams | None = None) -> None:
         if history < 0:
-            raise UsageError(f"history must be >= 0, got {history}")
+            raise SettingsError("history", f"must be >= 0, got {history}")
         self.engine, self.encoded = engine, encoded
         self.history, self.max_new_tokens, self.sampling = history, max_new_tokens, sampling
         self.turns: list[Turn] = []

@@ -12,6 +12,7 @@ from .. import kernels
 from ..attention import Rope
 from ..cache import LambdaCache, StepPlan
 from ..errors import ModelError
+from ..memory import kv_cache_bytes
 from ..settings import LambdaSettings
 
 Rows = slice | None
@@ -65,9 +66,8 @@ class Adapter:
 
     def cache_bytes(self, settings: LambdaSettings) -> int:
         """Bytes the ring and global buffers of a cache with these settings take (before making one)."""
-        p = next(self.model.parameters())
-        slots = settings.ring_size + settings.n_global
-        return 2 * self.n_layers * self.n_kv_heads * slots * self.head_dim * p.element_size()
+        return kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, settings.ring_size + settings.n_global,
+                              next(self.model.parameters()).dtype)
 
     def layer_devices(self) -> list[torch.device]:
         """Device of each decoder layer (they differ when a device map splits the model)."""

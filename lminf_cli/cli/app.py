@@ -16,6 +16,7 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
@@ -101,9 +102,59 @@ def _on_sigint(signum: int, frame: Any) -> None:
 _SIGINTS = 0
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """`kill` (SIGTERM) ends lminf like Ctrl-C does: as an exception, so that `finally` blocks
+    remove what they must (a half-written state's temporary file); the default action would
+    end the process on the spot and leave it behind.  A second one leaves at once."""
+    global _SIGTERMS
+    _SIGTERMS += 1
+    if _SIGTERMS > 1:
+        os._exit(143)
+    raise SystemExit(143)
+
+
+_SIGTERMS = 0
+# Commands whose results go to files and stderr only: they may run with stdout closed.
+_NO_STDOUT = ("encode",)
+
+
+def _standard_fds(argv: Sequence[str]) -> str | None:
+    """Give closed standard descriptors /dev/null; return an error line when stdout is closed but needed.
+
+    A process started with `>&-` or `<&-` has no fd 0/1/2 and Python sets sys.stdout (etc.)
+    to None: lminf would do all the work and crash at the first print.  Worse, the next file
+    opened would get the free number, so anything later written to "stdout" would land in it
+    (a state being saved, say).  /dev/null takes the number first.
+    """
+    closed = []
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, mode)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        closed.append(fd)
+        stream = open(fd, "r" if fd == 0 else "w", closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
+        setattr(sys, ("stdin", "stdout", "stderr")[fd], stream)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if 1 in closed and command not in _NO_STDOUT:
+        return ("standard output is closed, and lminf writes its results there; redirect it "
+                "(> file, or > /dev/null to discard it) instead of closing it")
+    return None
+
+
 def run() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    problem = _standard_fds(sys.argv[1:])
+    if problem is not None:  # before any work: nothing read, loaded or encoded in vain
+        typer.echo(f"lminf: error: {problem}", err=True)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:  # outside click's own handling (e.g. while a module loads)

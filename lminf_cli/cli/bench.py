@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import UsageError
 from ..units import format_length, human_bytes, parse_lengths
 from .options import SETTINGS_FIELDS, EngineOptions, with_options
-from .output import cli_errors, status, write_stdout
+from .output import cli_errors, note, status, write_stdout
 
 
 @with_options(EngineOptions, "opts")
@@ -34,6 +34,8 @@ def bench(
                                                       "the GPUs and CPU with accelerate.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of time and memory against length.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the --plot file if it exists (never --text).")]
+    = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
@@ -59,8 +61,10 @@ def bench(
             read_document(text)  # fail now, not inside every child
         if plot:
             from ..eval.plots import check_plotting
+            from ..outputs import check_destination
 
             check_plotting()
+            check_destination(plot, overwrite=force, inputs=[text] if text else [])  # before the runs
         spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=opts.model,
                          arch=arch, device=opts.device, dtype=opts.dtype, device_map=device_map, text=text,
                          requested={k: requested[k] for k in SETTINGS_FIELDS})
@@ -89,7 +93,7 @@ def bench(
             plot_bench(results, plot)
         failed = [r for r in results if r.status == "error"]
         for r in failed:
-            typer.echo(f"lminf: {r.variant} at {format_length(r.length)} failed: {r.message}", err=True)
+            note(f"{r.variant} at {format_length(r.length)} failed: {r.message}")  # escaped: may quote a file
         if results and all(r.status == "error" for r in results):
             raise typer.Exit(1)
 

@@ -17,7 +17,18 @@ import typer
 
 from ..errors import InputError, LminfError, UsageError
 from .options import EngineOptions, QuietOpt, SamplingOptions, check_positive, with_options
-from .output import cli_errors, emit_json, error_line, note, status, stream_text, task_progress, write_stdout
+from .output import (
+    EncodeNotice,
+    cli_errors,
+    emit_json,
+    error_line,
+    note,
+    printable,
+    status,
+    stream_text,
+    task_progress,
+    write_stdout,
+)
 
 FilesArg = Annotated[list[str], typer.Argument(
     help="Text or PDF files (several are concatenated), - for stdin, or one saved state (.lminf).")]
@@ -54,20 +65,27 @@ def read_source(sources: list[str], quiet: bool) -> Any:
 
 def open_document(source: Any, opts: EngineOptions, requested: dict[str, Any], **encode_options: Any):
     """(engine, encoded document) from read_source's result, with progress on stderr:
-    documents are encoded (notes counted on the bar), a state is loaded."""
+    documents are encoded (notes counted on the bar; one line first when the encode
+    will be long), a state is loaded."""
+    from ..speed import record_speed, recorded_speed, speed_key
     from ..tasks import open_source
 
     lm = opts.load()
     if isinstance(source, str):
         with status("Loading state", opts.quiet):
             return open_source(source, lm, requested)
+    key = speed_key(lm)
     with task_progress(opts.quiet, "Encoding") as bar:
         def on_note(k: int, n: int, _note: str) -> None:
             if bar is not None:
                 bar.describe(f"Encoding (notes {k}/{n})")
 
-        return open_source(source, lm, requested, auto_retrieval=True, progress=bar, on_note=on_note,
-                           **encode_options)
+        notice = EncodeNotice(bar, opts.quiet, lm.adapter.trained_length, recorded_speed(key))
+        engine, encoded = open_source(source, lm, requested, auto_retrieval=True, progress=notice,
+                                      on_note=on_note, **encode_options)
+    metrics = encoded.state.metrics
+    record_speed(key, metrics.prompt_tokens, metrics.encode_seconds)
+    return engine, encoded
 
 
 def _deliver(response: Any, json_out: bool, fields: Callable[[], dict[str, Any]]) -> None:
@@ -122,7 +140,9 @@ def info(
             else:
                 keys = ["file", "kind", "pages", "encoding", "characters", "words", "tokens_estimate"]
                 out.append("\n".join(f"{_label(k)}: {_fmt(row[k])}" for k in keys if row.get(k) is not None))
-        write_stdout("\n\n".join(out) + "\n")
+        # Every field comes from the files (names, header strings, notes): escaped even in
+        # pipes, since this is a description of the file, not its content.
+        write_stdout(printable("\n\n".join(out)) + "\n")
 
 
 def _label(key: str) -> str:
@@ -157,10 +177,13 @@ def encode(
     = False,
     section_tokens: SectionOpt = None,
     note_tokens: NoteTokensOpt = 96,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists (never an input).")]
+    = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Encode documents once and save the constant-size state for ask, summarize and chat."""
     from ..documents import STATE_SUFFIX, is_state_path
+    from ..outputs import check_destination
 
     with cli_errors():
         if not output.lower().endswith(STATE_SUFFIX):
@@ -169,13 +192,16 @@ def encode(
             raise UsageError("encode reads text or PDF files, not a saved state")
         check_positive("--note-tokens", note_tokens)
         requested = opts.requested()
+        # Before the documents are read and the model loaded: an encode that cannot be saved is
+        # minutes of work thrown away.
+        check_destination(output, overwrite=force, inputs=files)
         source = read_source(files, opts.quiet)
         from ..state_io import save_state
 
         _, encoded = open_document(source, opts, requested, notes=notes, section_tokens=section_tokens,
                                    note_tokens=note_tokens)
         with status("Saving state", opts.quiet):
-            size = save_state(output, encoded.state, encoded.header, encoded.ids)
+            size = save_state(output, encoded.state, encoded.header, encoded.ids, overwrite=force)
         note(f"wrote {output}: {encoded.document_tokens:,} document tokens, {size / 2**20:,.1f} MiB", opts.quiet)
 
 
@@ -263,7 +289,8 @@ def summarize(
 
 
 CHAT_HELP = ("Ask questions about the document. Commands: /reset (forget the conversation), "
-             "/save PATH (.lminf: the encoded document; other names: the transcript), /quit.")
+             "/save PATH (.lminf: the encoded document; other names: the transcript; /save! PATH replaces "
+             "an existing file), /quit.")
 
 
 @with_options(SamplingOptions, "sampling")
@@ -294,14 +321,14 @@ def chat(
         session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
         tty = sys.stdin.isatty()
         if tty and not opts.quiet:
-            typer.echo(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. {CHAT_HELP}",
-                       err=True)
+            typer.echo(printable(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. "
+                                 f"{CHAT_HELP}", keep_layout=False), err=True)
         for line in _questions(tty):
             text = line.strip()
             if not text:
                 continue
             if text.startswith("/"):
-                if _command(text, session, encoded) == "quit":
+                if _command(text, session, encoded, files) == "quit":
                     break
                 continue
             response = session.ask(text)
@@ -316,6 +343,9 @@ def chat(
 
 def _questions(tty: bool) -> Iterator[str]:
     """Lines typed at a terminal (with readline history) or read from a pipe."""
+    with contextlib.suppress(AttributeError, ValueError):
+        # A question that is not valid UTF-8 gets U+FFFD where its bad bytes were, not a traceback.
+        sys.stdin.reconfigure(errors="replace")
     if not tty:
         for line in sys.stdin:
             yield line
@@ -340,9 +370,14 @@ def _questions(tty: bool) -> Iterator[str]:
         yield line
 
 
-def _command(text: str, session: Any, encoded: Any) -> str | None:
-    """Run a /command; problems are reported on stderr and the session goes on."""
+def _command(text: str, session: Any, encoded: Any, inputs: list[str]) -> str | None:
+    """Run a /command; problems are reported on stderr and the session goes on.
+
+    /save never replaces an existing file (/save! does) and never one of `inputs`, the
+    documents (or state) being discussed.
+    """
     from ..documents import is_state_path
+    from ..outputs import check_destination, write_text
     from ..state_io import save_state
 
     name, _, arg = text.partition(" ")
@@ -353,15 +388,18 @@ def _command(text: str, session: Any, encoded: Any) -> str | None:
         if name == "/reset":
             session.reset()
             note("conversation forgotten; the next answer depends on the document alone")
-        elif name == "/save":
+        elif name in ("/save", "/save!"):
             if not arg:
-                raise UsageError("/save needs a path: /save notes.txt (transcript) or /save book.lminf (state)")
+                raise UsageError(f"{name} needs a path: {name} notes.txt (transcript) or {name} book.lminf (state)")
+            overwrite = name == "/save!"
+            check_destination(arg, overwrite=overwrite, inputs=inputs,
+                              how_to_overwrite=f"use /save! {arg} to replace it")
             if is_state_path(arg):
-                size = save_state(arg, encoded.state, encoded.header, encoded.ids)
+                size = save_state(arg, encoded.state, encoded.header, encoded.ids, overwrite=overwrite)
                 note(f"wrote {arg} ({size / 2**20:,.1f} MiB)")
             else:
                 try:
-                    Path(arg).expanduser().write_text(session.transcript_text(), encoding="utf-8")
+                    write_text(arg, session.transcript_text(), overwrite)
                 except OSError as exc:
                     raise InputError(f"cannot write {arg}: {exc.strerror or exc}") from exc
                 note(f"wrote the transcript to {arg}")

@@ -9,8 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
+from ..outputs import check_destination
 from .options import RETRIEVAL, EngineOptions, check_positive, with_options
-from .output import cli_errors, note, stdout_console, task_progress, write_stdout
+from .output import cli_errors, note, printable, stdout_console, task_progress, write_stdout
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Measure length generalisation: perplexity by position, passkey retrieval, needles "
@@ -22,6 +23,7 @@ BaselineTimeOpt = Annotated[Optional[float], typer.Option(
     "--baseline-time", help="Stop the unmodified model after this many seconds.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also save a PNG chart to this path.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the --plot file if it exists (never an input).")]
 NoLminfOpt = Annotated[bool, typer.Option(
     "--no-lminf", help="Run only the baseline(s), e.g. to spread a long evaluation over processes.")]
 
@@ -32,6 +34,13 @@ def register(app: typer.Typer) -> None:
 
 
 SPARK_WIDTH = 100
+
+
+def _shown(name: Any) -> str:
+    """A file or model name inside a rich table title: control characters and markup escaped."""
+    from rich.markup import escape
+
+    return escape(printable(str(name), keep_layout=False))
 
 
 def _budget(max_length: str | None, seconds: float | None):
@@ -70,6 +79,7 @@ def ppl(
     no_lminf: NoLminfOpt = False,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
+    force: ForceOpt = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Mean NLL and perplexity by position bucket, with LM-Infinite and optional baselines."""
@@ -94,6 +104,7 @@ def ppl(
         pp.check_streams(streams)
         if plot:
             pl.check_plotting()
+            check_destination(plot, overwrite=force, inputs=[file])  # before the run, never the document
         doc = read_document(file)
         from ..tasks import engine_for
 
@@ -154,7 +165,8 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
     streams = report.get("streams", 1)
     what = f"{report['tokens']:,} tokens" if streams == 1 else \
         f"mean of {streams} streams of {report['tokens']:,} tokens"
-    table = Table(title=f"NLL by position: {report['file']} ({what}, {report['model']})", title_justify="left")
+    table = Table(title=f"NLL by position: {_shown(report['file'])} ({what}, {_shown(report['model'])})",
+                  title_justify="left")
     table.add_column("positions", justify="right")
     table.add_column("tokens", justify="right")
     for m in methods.values():
@@ -225,6 +237,7 @@ def passkey(
         "--template", help="plain: the tokenizer's plain encoding; chat: the model's chat template.")] = "plain",
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
+    force: ForceOpt = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Passkey retrieval (Mohtashami & Jaggi 2023): accuracy by prompt length and depth of the key."""
@@ -245,6 +258,7 @@ def passkey(
             raise UsageError("--no-lminf needs --baseline")
         if plot:
             pl.check_plotting()
+            check_destination(plot, overwrite=force)  # before the run: nothing written over without --force
         from ..tasks import engine_for
 
         engine = engine_for(opts.load(), opts.requested())
@@ -285,7 +299,8 @@ def _print_passkey(report) -> None:
     for r in report.results:
         tokens.setdefault(r.length, []).append(r.tokens)
     _print_grid(pk.passkey_grid(report.results), report.lengths, report.depths, tokens,
-                lambda label: f"Passkey accuracy, {label} ({report.meta['model']}, {report.meta['template']} prompt)")
+                lambda label: f"Passkey accuracy, {label} ({_shown(report.meta['model'])}, "
+                              f"{report.meta['template']} prompt)")
 
 
 def _print_grid(grid: dict, lengths: list[int], columns: list, tokens: dict[int, list[int]], title) -> None:
@@ -345,6 +360,7 @@ def needle(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest answer.")] = 48,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
+    force: ForceOpt = False,
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Needle in a haystack on your own text: facts planted at depths, asked as `lminf ask` asks."""
@@ -370,6 +386,7 @@ def needle(
         requested = opts.requested()
         if plot:
             pl.check_plotting()
+            check_destination(plot, overwrite=force, inputs=[file])  # before the run, never the document
         text = read_document(file).text
         from ..tasks import engine_for
 
@@ -407,7 +424,7 @@ def needle(
         for r in report.results:
             tokens.setdefault(r.length, []).append(r.tokens)
         what = "one fact per document" if needles == 1 else f"{needles} facts per document, recall"
-        _print_grid(grid, lens, columns, tokens, lambda label: f"Needles found, {label} ({lm.name}, {what})")
+        _print_grid(grid, lens, columns, tokens, lambda label: f"Needles found, {label} ({_shown(lm.name)}, {what})")
 
 
 @eval_app.command("summary")
@@ -464,11 +481,12 @@ def _print_summary(report) -> None:
     from rich.table import Table
 
     console = stdout_console()
-    table = Table(title=f"Summary coverage ({report.meta['model']}, {report.meta['length']})", title_justify="left")
+    table = Table(title=f"Summary coverage ({_shown(report.meta['model'])}, {report.meta['length']})",
+                  title_justify="left")
     for col in ("part", "tokens", "key terms", "in the summary", "in its own summary (oracle)"):
         table.add_column(col)
     for p in report.parts:
-        table.add_row(p.name, f"{p.tokens:,}", ", ".join(p.terms), ", ".join(p.in_summary) or "-",
+        table.add_row(_shown(p.name), f"{p.tokens:,}", ", ".join(p.terms), ", ".join(p.in_summary) or "-",
                       "not run" if p.in_oracle is None else ", ".join(p.in_oracle) or "-")
     console.print(table)
     oracle = report.oracle_coverage

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import UsageError
 from .options import EngineOptions, SamplingOptions, with_options
-from .output import cli_errors, task_progress, write_stdout
+from .output import EncodeNotice, cli_errors, task_progress, write_stdout
 
 
 @with_options(SamplingOptions, "sampling")
@@ -21,6 +21,8 @@ def continue_(
 ) -> None:
     """Encode a whole document, then stream its continuation to stdout."""
     from ..documents import read_document
+    from ..long_text import tokenize_long
+    from ..speed import record_speed, recorded_speed, speed_key
     from ..tasks import engine_for
 
     with cli_errors():
@@ -29,9 +31,13 @@ def continue_(
         requested, params = opts.requested(), sampling.params()
         doc = read_document(file)
         engine = engine_for(opts.load(), requested)
-        ids = engine.lm.tokenizer.encode(doc.text, add_special_tokens=False)
+        ids = tokenize_long(engine.lm.tokenizer, doc.text)  # in pieces: bounded memory, Ctrl-C responsive
+        key = speed_key(engine.lm)
         with task_progress(opts.quiet, "Encoding") as progress:
-            state = engine.encode(ids, progress=progress)
+            notice = EncodeNotice(progress, opts.quiet, engine.settings.n_local, recorded_speed(key))
+            notice(0, len(ids))  # says how long a long encode will take, before it starts when it can
+            state = engine.encode(ids, progress=notice)
+        record_speed(key, state.metrics.prompt_tokens, state.metrics.encode_seconds)
         wrote = False
         for r in engine.stream_generate(state, max_new_tokens, params):
             if r.text:

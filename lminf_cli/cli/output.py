@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
@@ -47,8 +47,51 @@ def status(message: str, quiet: bool) -> Iterator[None]:
         yield
 
 
+# Characters that a terminal may act on instead of showing: C0 controls (ESC starts
+# CSI/OSC sequences that can clear the screen, retitle the window, or on some
+# terminals write files), DEL, the C1 controls U+0080-U+009F (U+009B is a one-character
+# CSI for terminals that honour 8-bit controls), and the bidirectional overrides and
+# isolates that make text read differently from what it is ("Trojan source").
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))})
+# Lone surrogates U+DC80-U+DCFF are how Python carries bytes that are not UTF-8 in file
+# names and arguments (surrogateescape): shown as the byte they stand for.  Written raw,
+# they would make a UTF-8 stream raise (UnicodeEncodeError) instead of printing.
+_ESCAPES.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+_LAYOUT_TABLE = {c: e for c, e in _ESCAPES.items() if chr(c) not in "\t\n"}
+_JSON_TABLE = {c: f"\\u{c:04x}" for c in _ESCAPES if c >= 0x7F}  # surrogates too: JSON escapes them as such
+
+
+def printable(text: str, keep_layout: bool = True) -> str:
+    """Untrusted text made safe to echo to a terminal: control characters shown as \\xNN.
+
+    Tab and newline stay as they are unless keep_layout is False (one-line contexts).
+    Everything else is left alone, so ordinary text (any script, emoji) is unchanged and
+    applying it twice changes nothing more.
+    """
+    return text.translate(_LAYOUT_TABLE if keep_layout else _ESCAPES)
+
+
+def printable_json(text: str) -> str:
+    """A JSON document with DEL, C1 controls and bidi overrides written as \\u escapes.
+
+    json.dumps(ensure_ascii=False) already escapes C0 controls, but leaves these raw;
+    inside JSON they can only occur in strings, where \\uXXXX means the same character,
+    so the JSON still decodes to identical values.
+    """
+    return text.translate(_JSON_TABLE)
+
+
 def write_stdout(text: str) -> None:
-    """Write to stdout immediately (streaming)."""
+    """Write to stdout immediately (streaming).
+
+    On a terminal, control characters are shown escaped: generated text comes from a
+    model that read an untrusted document and can be steered to emit ESC sequences.
+    Pipes and files get the text exactly as generated, since a program reading it
+    should see what the model wrote (and no terminal interprets it there).
+    """
+    if sys.stdout.isatty():
+        text = printable(text)
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -58,6 +101,13 @@ def silence_stdout() -> None:
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+def _bar_label(label: str) -> str:
+    """A label that may name a file, safe as the rich markup the bar's text column renders."""
+    from rich.markup import escape
+
+    return escape(printable(label, keep_layout=False))
 
 
 class _UnitCount(ProgressColumn):
@@ -77,7 +127,7 @@ class TaskProgress:
     """
 
     def __init__(self, label: str, unit: str) -> None:
-        self.label, self.unit = label, unit
+        self.label, self.unit = _bar_label(label), unit
         self.bar: Progress | None = None
         self.task_id = None
 
@@ -95,7 +145,7 @@ class TaskProgress:
 
     def describe(self, label: str) -> None:
         """Replace the bar's label (e.g. 'Encoding (notes 3/12)')."""
-        self.label = label
+        self.label = label = _bar_label(label)
         if self.bar is not None:
             self.bar.update(self.task_id, description=label)
 
@@ -121,8 +171,12 @@ def task_progress(quiet: bool, label: str, unit: str = "tokens") -> Iterator[Tas
 
 
 def one_line(message: str) -> str:
-    """A message on one line: runs of whitespace (newlines too) become one space."""
-    return " ".join(message.split())
+    """A message on one line: runs of whitespace (newlines too) become one space.
+
+    Messages quote file names, header fields and option values, all untrusted: shown
+    escaped, so an error about a hostile file cannot move the cursor or clear the screen.
+    """
+    return printable(" ".join(message.split()), keep_layout=False)
 
 
 def error_line(exc: LminfError) -> str:
@@ -143,17 +197,31 @@ def cli_errors() -> Iterator[None]:
     except BrokenPipeError:
         silence_stdout()
         raise typer.Exit(141) from None
+    except (MemoryError, RuntimeError) as exc:
+        # What memory.check_fits cannot foresee (activations, a model larger than free memory)
+        # still ends in one line: torch reports a failed allocation as a RuntimeError.
+        if not _out_of_memory(exc):
+            raise
+        typer.echo(f"lminf: error: out of memory ({one_line(str(exc))[:200]}); try a smaller --chunk-size, "
+                   "--n-local or model", err=True)
+        raise typer.Exit(2) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text or "can't allocate memory" in text)
 
 
 def note(message: str, quiet: bool = False) -> None:
-    """A notice on stderr (`lminf: ...`), unless quiet."""
+    """A notice on stderr (`lminf: ...`), unless quiet; what it quotes from files is shown escaped."""
     if not quiet:
-        typer.echo(f"lminf: {message}", err=True)
+        typer.echo(f"lminf: {printable(message)}", err=True)
 
 
 def emit_json(obj: dict[str, Any]) -> None:
-    """One JSON object on one stdout line."""
-    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+    """One JSON object on one stdout line (DEL, C1 and bidi controls from files written escaped)."""
+    write_stdout(printable_json(json.dumps(obj, ensure_ascii=False)) + "\n")
 
 
 def stream_text(pieces: Iterator[str]) -> None:
@@ -178,3 +246,50 @@ def stream_text(pieces: Iterator[str]) -> None:
 def stdout_console() -> Console:
     """A rich console on stdout, wide enough for tables when stdout is not a terminal (files, pipes, tests)."""
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
+
+
+class EncodeNotice:
+    """A progress(done, total) callback that says once, on stderr, how long a long encode will take.
+
+    Long means over LONG_WINDOWS windows of tokens and an expected time of at least
+    NOTICE_SECONDS (short ones would only add noise).  With a speed measured on an
+    earlier run the line comes before the first chunk; without one, after the first
+    few seconds of this encode, at the speed seen so far.  `inner` (a drawn bar, or
+    None) gets every call.
+    """
+
+    LONG_WINDOWS = 4
+    NOTICE_SECONDS = 10.0
+    MEASURE_SECONDS = 3.0
+
+    def __init__(self, inner: Callable[[int, int], None] | None, quiet: bool, window: int,
+                 known_speed: float | None, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.inner, self.quiet, self.window, self.known = inner, quiet, window, known_speed
+        self.clock = clock or time.monotonic
+        self.start: tuple[float, int] | None = None
+        self.done = quiet  # nothing to say with --quiet
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.inner is not None:
+            self.inner(done, total)
+        if self.done or total <= self.LONG_WINDOWS * self.window:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = (now, done)
+        speed, how = self.known, "measured on this machine"
+        if speed is None:
+            elapsed, read = now - self.start[0], done - self.start[1]
+            if elapsed < self.MEASURE_SECONDS or read <= 0:
+                return
+            speed, how = read / elapsed, "so far"
+        self.done = True
+        remaining = (total - done) / speed
+        if remaining >= self.NOTICE_SECONDS:
+            from ..speed import format_duration
+
+            sys.stderr.write(f"lminf: encoding {total:,} tokens: about {format_duration(remaining)} at "
+                             f"{speed:,.0f} tokens/s ({how})\n")
+            sys.stderr.flush()

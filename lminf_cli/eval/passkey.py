@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from ..generate import Engine
+from ..memory import check_fits
 from ..progress import Progress
+from ..prompts import render_template
 from ..sampling import SamplingParams
 from .baseline import BudgetStop, DenseModel
 
@@ -30,6 +32,7 @@ _SENTENCES = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()]
 TEMPLATES = ("plain", "chat")
 # Tolerance on prompt length (fraction of the request).
 LENGTH_TOLERANCE = 0.02
+PROMPT_BYTES_PER_TOKEN = 256  # host memory while a passkey prompt is built: text, ids, tokenizer workspace
 
 
 @dataclass
@@ -80,7 +83,9 @@ def _render(tokenizer: Any, n_units: int, k: int, key: int, template: str) -> tu
     if template == "plain":
         return body + PASSKEY_QUESTION + " " + PASSKEY_ANSWER, len(head)
     messages = [{"role": "user", "content": body + PASSKEY_QUESTION}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_template(tokenizer, messages)  # bounded in size and time: the template comes from the model's files
+    if body not in text:
+        raise ModelError("--template chat: the model's chat template does not keep the message text as it is")
     return text + PASSKEY_ANSWER, text.index(body) + len(head)
 
 
@@ -92,6 +97,10 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, key: int, template
         raise UsageError(f"--template must be one of {', '.join(TEMPLATES)}, got '{template}'")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UsageError("--template chat: this model's tokenizer has no chat template")
+    # The prompt is built as text and ids in host memory, a few copies at a time: a typo
+    # in --lengths (1000000000) must be refused here, not end in the kernel's OOM killer.
+    check_fits(length * PROMPT_BYTES_PER_TOKEN, "cpu", f"a passkey prompt of {length:,} tokens",
+               "use smaller --lengths")
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)

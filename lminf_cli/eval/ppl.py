@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import InputError, UsageError
 from ..generate import Engine
+from ..long_text import tokenize_long
 from ..progress import Progress
 from .baseline import BASELINES, LMINF, METHOD_LABELS, Scored
 
@@ -69,7 +70,7 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
     """The first max_tokens tokens of text, tokenizing only as much text as needed."""
     n_chars = max(1024, max_tokens * 6)
     while True:
-        ids = tokenizer.encode(text[:n_chars], add_special_tokens=False)
+        ids = tokenize_long(tokenizer, text[:n_chars])  # in pieces: a whole book stays within bounded memory
         # One spare token: a word cut at n_chars may tokenize differently.
         if len(ids) > max_tokens + 1 or n_chars >= len(text):
             return ids[:max_tokens]
