@@ -190,6 +190,53 @@ DOC = {"doc.txt": TEXT}
 M = ["--model", "{model}"]
 
 
+def crafted(change: Callable[[dict], Any] | str) -> Builder:
+    """A copy of {state} whose JSON header is changed by `change` (a function of the header dict),
+    or replaced by `change` when it is text."""
+    def build(ctx: Context, path: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(ctx.state), framework="pt") as f:
+            meta = dict(f.metadata())
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle
+        if isinstance(change, str):
+            meta["header"] = change
+        else:
+            header = json.loads(meta["header"])
+            change(header)
+            meta["header"] = json.dumps(header)
+        save_file(tensors, str(path), metadata=meta)
+    return build
+
+
+def _set(key: str, value: Any, where: str | None = None) -> Callable[[dict], None]:
+    def change(h: dict) -> None:
+        (h if where is None else h[where])[key] = value
+    return change
+
+
+STATE_CRAFTS = [
+    ("nested 100,000 deep", "[" * 100_000 + "]" * 100_000, ("damaged",)),
+    ("not JSON", "{not json", ("damaged",)),
+    ("notes a number", _set("notes", 5), ("notes",)),
+    ("n_local a string", _set("n_local", "8192", "settings"), ("n_local",)),
+    ("n_local negative", _set("n_local", -8, "settings"), ("n_local",)),
+    ("chunk size zero", _set("chunk_size", 0, "settings"), ("chunk_size",)),
+    ("length 2^62", _set("length", 2 ** 62, "cache"), ("length",)),
+    ("rebases -3", _set("rebases", -3, "cache"), ("rebases",)),
+    ("counters that contradict each other",  # an origin that moved without a re-base, or the reverse
+     lambda h: h["cache"].update(rebases=0 if h["cache"]["base"] else 2), ("counters",)),
+    ("positions far past the origin", lambda h: h["cache"].update(length=h["cache"]["length"] + 10 ** 6),
+     ("counters",)),
+    ("an unknown field", _set("run_this", "rm -rf /"), ("unknown",)),
+    ("a missing field", lambda h: h.pop("model_fingerprint"), ("missing",)),
+    ("an unknown setting", _set("evil", 1, "settings"), ("evil",)),
+    ("dtype float64", _set("dtype", "float64"), ("dtype",)),
+    ("more document tokens than the stream", _set("document_tokens", 10 ** 9), ("document tokens",)),
+]
+
+
 CASES = [
     # -- models: no code, no pickles, no switching, one line for what is not a model -----------
     Case("model folder needing its own code", ["ask", "{d}/doc.txt", "q", "--model", "{d}/evil"],
@@ -294,6 +341,14 @@ CASES = [
     Case("missing state", ["ask", "{d}/nope.lminf", "q", *M], {}, ("no such file",)),
     Case("truncated state", ["ask", "{d}/cut.lminf", "q", *M],
          {"cut.lminf": lambda ctx, p: p.write_bytes(ctx.state.read_bytes()[:1000])}, ("truncated",)),
+    # -- crafted state headers: type, range and consistency of every field -------------------
+    *[Case(f"state header: {name}", ["ask", "{d}/bad.lminf", "q", *M], {"bad.lminf": crafted(change)}, expect)
+      for name, change, expect in STATE_CRAFTS],
+    Case("state header: a cache too large for memory", ["ask", "{d}/bad.lminf", "q", *M],
+         {"bad.lminf": crafted(lambda h: h["settings"].update(n_local=10 ** 9, limit_distance=10 ** 9))},
+         ("memory is free",)),
+    Case("state header: info on a tampered state", ["info", "{d}/bad.lminf"],
+         {"bad.lminf": crafted(lambda h: h["cache"].update(rebases=-3))}, ("rebases",)),
     # -- writing: nothing overwritten, destinations checked before the work ------------------
     Case("encode over an existing state", ["encode", "{d}/doc.txt", "-o", "{d}/old.lminf", *M],
          {**DOC, "old.lminf": b"precious"}, ("already exists", "--force")),
