@@ -35,6 +35,7 @@ from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
 from .long_text import tokenize_long
 from .models import LoadedModel
+from .passages import bm25_scores
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
@@ -369,23 +370,57 @@ def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
 
 # -- Tasks ------------------------------------------------------------------
 
+REREAD_BY = ("words", "attention")
+
+
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
-        sampling: SamplingParams | None = None, reread: int = 0) -> Response:
+        sampling: SamplingParams | None = None, reread: int = 0, reread_by: str = "words") -> Response:
     """The answer to one question about the encoded document.
 
-    `reread` > 0 (with retrieval on, for a document longer than the window): the passage
-    of that many tokens where the model's retrieval looks for the answer is written out
-    again right before the question (see `locate`), so the model reads it from a short
-    distance, where a small model reads facts reliably.
+    `reread` > 0 (for a document longer than the window): the passage of that many tokens
+    the question is about is written out again right before the question, so the model
+    reads it from a short distance, where a small model reads facts reliably.  The
+    passage is found by the question's words (`reread_by="words"`, BM25) or by where the
+    model's own retrieval looks ("attention", with retrieval on; see `locate`).
     """
     question = check_question(question)
     excerpt = None
-    if reread > 0 and encoded.outgrows_window:
-        span = locate(engine, encoded, encoded.prompt_ids(engine, encoded.fmt.question(question)), reread)
-        if span is not None and encoded.ids is not None:
+    if reread > 0 and encoded.outgrows_window and encoded.ids is not None:
+        if reread_by == "words":
+            span = locate_words(engine, encoded, question, reread)
+        elif reread_by == "attention":
+            span = locate(engine, encoded, encoded.prompt_ids(engine, encoded.fmt.question(question)), reread)
+        else:
+            raise SettingsError("reread_by", f"must be {' or '.join(REREAD_BY)}, got {reread_by!r}")
+        if span is not None:
             excerpt = passage_text(engine, encoded.ids[span[0]:span[1]])
     prompt = encoded.prompt_ids(engine, encoded.fmt.question(question, excerpt))
     return reply(engine, encoded.state, prompt, max_new_tokens, sampling)
+
+
+def locate_words(engine: Engine, encoded: EncodedDocument, question: str, span: int) -> tuple[int, int] | None:
+    """The `span` stream positions of the document whose words best match the question's (BM25 over
+    passages that overlap by three quarters, so a short fact lies whole inside one of them),
+    or None when no passage shares a word with it.
+
+    The first tokens and the last window are skipped: the model reads those directly.
+    """
+    ids, s = encoded.ids, encoded.state.cache.settings
+    lo, hi = min(s.n_global, len(ids)), max(0, len(ids) - s.n_local)
+    if hi - lo <= 0:
+        return None
+    step = max(1, span // 4)
+    starts = list(range(lo, max(lo + 1, hi - span + step), step))
+    texts = [engine.lm.tokenizer.decode(ids[a:a + span].tolist()) for a in starts]
+    scores = bm25_scores(texts, question)
+    top = max(scores)
+    if top <= 0:
+        return None
+    # Neighbouring passages that hold the same matches score the same: the middle one of the
+    # run puts them in the middle, with context on both sides.
+    tied = [i for i, v in enumerate(scores) if v >= top - 1e-9]
+    best = tied[len(tied) // 2]
+    return starts[best], min(len(ids), starts[best] + span)
 
 
 def locate(engine: Engine, encoded: EncodedDocument, prompt_ids: Sequence[int], span: int) -> tuple[int, int] | None:

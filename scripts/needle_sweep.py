@@ -25,20 +25,23 @@ from lminf_cli.eval.passkey import parse_depths
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
 from lminf_cli.settings import LambdaSettings
-from lminf_cli.tasks import ask, encode_document, locate
+from lminf_cli.tasks import ask, encode_document, locate, locate_words
 from lminf_cli.units import parse_lengths
 
-CONFIG = re.compile(r"^(off|tok(\d+)|blk(\d+))(?:@(\d+))?(?:\+r(\d+))?$")
+CONFIG = re.compile(r"^(off|tok(\d+)|blk(\d+))(?:@(\d+))?(?:\+([rw])(\d+))?$")
 
 
-def parse_config(c: str) -> tuple[str, int, int | None, int]:
-    """'off', 'tok5', 'blk4', optional '@L' first layer, optional '+rN' re-read span -> (unit, k, layer, reread)."""
+def parse_config(c: str) -> tuple[str, int, int | None, int, str]:
+    """'off', 'tok5', 'blk4', optional '@L' first layer, optional '+rN' (re-read the N tokens the model's
+    retrieval points at) or '+wN' (the N tokens the question's words point at)
+    -> (unit, k, layer, reread, reread_by)."""
     m = CONFIG.match(c)
     if not m:
-        raise SystemExit(f"bad config {c!r}: off | tokK | blkK, then @LAYER, then +rSPAN")
+        raise SystemExit(f"bad config {c!r}: off | tokK | blkK, then @LAYER, then +rSPAN or +wSPAN")
     unit = "token" if m.group(2) else "block" if m.group(3) else "off"
     k = int(m.group(2) or m.group(3) or 0)
-    return unit, k, int(m.group(4)) if m.group(4) else None, int(m.group(5) or 0)
+    by = "attention" if m.group(5) == "r" else "words"
+    return unit, k, int(m.group(4)) if m.group(4) else None, int(m.group(6) or 0), by
 
 
 def main() -> None:
@@ -58,7 +61,7 @@ def main() -> None:
     a = ap.parse_args()
     configs = [(c, *parse_config(c)) for c in a.configs.split(",")]
     lm = load_model(None, "auto", a.dtype)
-    k_max = max(k for _, _, k, _, _ in configs) or 1
+    k_max = max(k for _, _, k, _, _, _ in configs) or 1
     settings = LambdaSettings.for_model(lm.adapter.trained_length, n_local=a.n_local, limit_distance=a.limit_distance,
                                         middle_distance=a.middle_distance, middle_top_k=k_max,
                                         middle_from_layer=a.from_layer, middle_blocks=a.blocks)
@@ -74,15 +77,18 @@ def main() -> None:
                 enc_s = time.perf_counter() - t0
                 head = len(lm.tokenizer.encode(encoded.fmt.document_head(), add_special_tokens=False))
                 fact = (head + h.positions[0], head + h.positions[0] + len(lm.tokenizer.encode(needle.fact)))
-                for name, unit, k, layer, reread in configs:
+                for name, unit, k, layer, reread, by in configs:
                     cache = encoded.state.cache
                     cache.set_retrieval(k, layer, None, None, unit if unit != "off" else None)
                     t1 = time.perf_counter()
                     span = None
-                    if k and reread:
+                    if reread and by == "words":
+                        span = locate_words(engine, encoded, needle.question, reread)
+                    elif k and reread:
                         q = encoded.prompt_ids(engine, encoded.fmt.question(needle.question))
                         span = locate(engine, encoded, q, reread)
-                    answer = ask(engine, encoded, needle.question, a.max_new_tokens, reread=reread).text()
+                    answer = ask(engine, encoded, needle.question, a.max_new_tokens, reread=reread,
+                                 reread_by=by).text()
                     row = {"config": name, "length": n, "tokens": h.tokens, "depth": d,
                            "depth_actual": round(h.depths_actual[0], 3), "n_local": settings.n_local,
                            "limit": settings.limit_distance, "question": needle.question, "answer": answer,

@@ -350,7 +350,7 @@ def test_ask_with_reread_puts_the_passage_before_the_question(lm, monkeypatch):
     real = tasks.reply
     monkeypatch.setattr(tasks, "reply", lambda e, st, ids, *rest: seen.append(ids) or real(e, st, ids, *rest))
     plain = ask(engine, encoded, "Who is Ishmael?", 6).text()
-    again = ask(engine, encoded, "Who is Ishmael?", 6, reread=40).text()
+    again = ask(engine, encoded, "Who is Ishmael?", 6, reread=40, reread_by="attention").text()
     span = tasks.locate(engine, encoded, seen[0], 40)
     passage = tasks.passage_text(engine, encoded.ids[span[0]:span[1]])
     assert passage and passage in engine.lm.tokenizer.decode(seen[1])
@@ -370,3 +370,27 @@ def test_the_stream_ids_travel_with_a_saved_state(engine, tmp_path):
     save_state(path, encoded.state, encoded.header, encoded.ids)
     _, loaded = open_state(path, engine.lm, {"n_global": 4, "n_local": 32, "limit_distance": 64, "chunk_size": 16})
     assert torch.equal(loaded.ids, encoded.ids)
+
+
+def test_bm25_prefers_the_passage_sharing_the_rarest_words():
+    from lminf_cli.passages import bm25_scores, terms
+
+    assert terms("What is the combination of THE iron vault?") == ["combination", "iron", "vault"]
+    passages = ["The ships came home in winter and the keeper counted them.",
+                "The combination of the iron vault is 7294, said the keeper.",
+                "The keeper lived on the rock with the ships and the vault of heaven."]
+    scores = bm25_scores(passages, "What is the combination of the iron vault?")
+    assert max(range(3), key=scores.__getitem__) == 1 and scores[0] == 0 < scores[2] < scores[1]
+    assert bm25_scores(passages, "Who?") == [0.0, 0.0, 0.0]
+
+
+def test_locate_words_finds_the_planted_sentence(lm):
+    from lminf_cli.tasks import locate_words
+
+    engine = Engine(lm, SETTINGS.replace(chunk_size=16))
+    fact = "The combination of the iron vault is 7294."
+    text = TEXT + "\n" + fact + "\n" + TEXT + "\n" + TEXT
+    encoded = encode_document(engine, doc(text), "tiny")
+    a, b = locate_words(engine, encoded, "What is the combination of the iron vault?", 80)
+    assert fact in engine.lm.tokenizer.decode(encoded.ids[a:b].tolist())
+    assert locate_words(engine, encoded, "Zebra quagga?", 80) is None

@@ -102,7 +102,7 @@ def plant(tokenizer: Any, text: str, length: int, needles: Sequence[Needle], dep
     hay = tokenizer.decode(ids)
     for n in needles:
         for e in n.expect:
-            if e.strip().lower() in hay.lower():
+            if re.search(rf"\b{re.escape(e.strip())}\b", hay, re.IGNORECASE):  # as a word: "Orla" is not in "world"
                 raise InputError(f"the haystack text already contains '{e.strip()}' (the answer to "
                                  f"'{n.question}'): choose another needle or text")
     bounds = [0, *sentence_boundaries(hay), len(hay)]  # the very start and end count as boundaries
