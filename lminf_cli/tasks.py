@@ -20,6 +20,8 @@ See docs/documents.md.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,7 +37,7 @@ from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
 from .long_text import tokenize_long
 from .models import LoadedModel
-from .passages import bm25_scores
+from .passages import bm25_scores, terms
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
@@ -416,11 +418,17 @@ def locate_words(engine: Engine, encoded: EncodedDocument, question: str, span: 
     top = max(scores)
     if top <= 0:
         return None
-    # Neighbouring passages that hold the same matches score the same: the middle one of the
-    # run puts them in the middle, with context on both sides.
-    tied = [i for i, v in enumerate(scores) if v >= top - 1e-9]
-    best = tied[len(tied) // 2]
-    return starts[best], min(len(ids), starts[best] + span)
+    best = starts[max(range(len(scores)), key=scores.__getitem__)]
+    # Centre the passage on its matches, so the sentence holding them comes with context on both sides.
+    pieces = [engine.lm.tokenizer.decode([t]) for t in ids[best:best + span].tolist()]
+    ends = list(itertools.accumulate(len(p) for p in pieces))                   # where each token's text ends
+    wanted = set(terms(question))
+    hits = [bisect.bisect_right(ends, m.start()) for m in re.finditer(r"[^\W_]+", "".join(pieces))
+            if m.group().lower() in wanted]
+    if hits:
+        best += (hits[0] + hits[-1]) // 2 - span // 2
+    best = max(lo, min(best, max(lo, hi - span)))
+    return best, min(len(ids), best + span)
 
 
 def locate(engine: Engine, encoded: EncodedDocument, prompt_ids: Sequence[int], span: int) -> tuple[int, int] | None:
