@@ -20,6 +20,8 @@ See docs/documents.md.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +43,10 @@ from .state_io import StateHeader, build_header, load_state, read_header
 # row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
 _RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
 LOOP_SPAN = 60  # a reply whose last LOOP_SPAN characters already appeared in it is looping
+# Where a sentence (or a line) ends: a reply is released up to there, so that a reply the
+# loop guard stops, or the user cancels, ends at its last complete sentence.  Whitespace must
+# follow the punctuation ("3.14" does not end one), and closing quotes or brackets go with it.
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n")
 
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
@@ -85,16 +91,27 @@ class EncodedDocument:
         return self.document_tokens > s.n_global + s.n_local
 
 
+class ReplyControl:
+    """Shared between a Response and its stream: a request to stop (checked once per token)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
 class Response:
     """A reply being generated: iterate it for text pieces as they come, or call text().
 
     Iterating runs the generation; the state it started from is restored when the
     stream ends, including when the consumer stops early (closed pipe, Ctrl-C):
-    the iteration's `finally` closes the underlying stream.
+    the iteration's `finally` closes the underlying stream.  `cancel()` (safe to call from
+    a signal handler) ends the reply after the token being generated, at its last complete
+    sentence, with finish_reason "cancelled".
     """
 
-    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int) -> None:
+    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int,
+                 control: ReplyControl | None = None) -> None:
         self._stream = stream
+        self._control = control or ReplyControl()
         self._chunks: list[str] = []
         self._done = False
         self.prompt_tokens = prompt_tokens
@@ -103,7 +120,12 @@ class Response:
         self.generation_tps = 0.0
         self.peak_memory_bytes = 0
         self.seconds = 0.0
+        self.first_token_at: float | None = None  # time.perf_counter() when the first token was sampled
         self.on_complete: Callable[[Response], None] | None = None
+
+    def cancel(self) -> None:
+        """Stop after the current token; the state is restored as after any reply."""
+        self._control.cancelled = True
 
     def __iter__(self) -> Iterator[str]:
         if self._done:
@@ -113,6 +135,8 @@ class Response:
         try:
             for r in self._stream:
                 if r.token is not None:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
                     self.token_ids.append(r.token)
                 if r.finish_reason is not None:
                     self.finish_reason = r.finish_reason
@@ -143,18 +167,46 @@ def tokenize(engine: Engine, text: str) -> list[int]:
     return list(engine.lm.tokenizer.encode(text, add_special_tokens=False))
 
 
+def _last_sentence_end(text: str, start: int) -> int:
+    """End of the last complete sentence (or line) in text[start:], as an index of text; start if none."""
+    end = start
+    for m in _SENTENCE_END.finditer(text, start):
+        end = m.end()
+    return end
+
+
 def _reply_stream(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_tokens: int,
-                  sampling: SamplingParams | None) -> Iterator[GenerationResponse]:
-    """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`)."""
+                  sampling: SamplingParams | None,
+                  control: ReplyControl | None = None) -> Iterator[GenerationResponse]:
+    """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`).
+
+    Text is released a sentence (or line) at a time: when the loop guard stops a runaway
+    reply ("loop") or the reply is cancelled ("cancelled"), it then ends at its last
+    complete sentence, never mid-word.  A reply that ends by itself ("stop") or at
+    max_new_tokens ("length") is released whole.
+    """
+    control = control or ReplyControl()
     snap = state.snapshot(len(prompt_ids) + max(max_new_tokens, 1))
     try:
         engine.encode(prompt_ids, state)
-        text = ""
-        for r in engine.stream_generate(state, max_new_tokens, sampling):
-            yield r
-            text += r.text
-            if r.text and (_RUNAWAY_BLANKS.search(text[-64:]) or _looping(text)):
-                break
+        text, released = "", 0
+        with contextlib.closing(engine.stream_generate(state, max_new_tokens, sampling)) as stream:
+            for r in stream:
+                text += r.text
+                if r.finish_reason is not None:  # the reply ended by itself: release it all
+                    yield dataclasses.replace(r, text=text[released:])
+                    return
+                end = _last_sentence_end(text, released)
+                yield dataclasses.replace(r, text=text[released:end])
+                released = end
+                reason = None
+                if control.cancelled:
+                    reason = "cancelled"
+                elif r.text and (_RUNAWAY_BLANKS.search(text[-64:]) or _looping(text)):
+                    reason = "loop"
+                if reason is not None:
+                    yield GenerationResponse("", None, r.generated, r.generation_tps, r.peak_memory_bytes, reason)
+                    return
     finally:
         state.restore(snap)
 
@@ -164,7 +216,9 @@ def reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_token
     """The reply to prompt_ids appended to the encoded state; the state is left as it was."""
     if not prompt_ids:
         raise ValueError("a reply needs a prompt")
-    return Response(_reply_stream(engine, state, prompt_ids, max_new_tokens, sampling), len(prompt_ids))
+    control = ReplyControl()
+    return Response(_reply_stream(engine, state, prompt_ids, max_new_tokens, sampling, control), len(prompt_ids),
+                    control)
 
 
 def generate_text(engine: Engine, state: State, prompt: str, max_new_tokens: int,
@@ -181,23 +235,28 @@ def engine_for(lm: LoadedModel, requested: Mapping[str, Any] | None = None) -> E
 
 
 def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
-                **encode_options: Any) -> tuple[Engine, EncodedDocument]:
-    """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state."""
+                system: str | None = None, **encode_options: Any) -> tuple[Engine, EncodedDocument]:
+    """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state.
+
+    `system`: the system prompt, part of the document's prefix (so a state must be opened
+    with the one it was encoded with).
+    """
     if isinstance(source, Document):
         engine = engine_for(lm, requested)
-        return engine, encode_document(engine, source, lm.spec, **encode_options)
-    return open_state(source, lm, requested)
+        return engine, encode_document(engine, source, lm.spec, system=system, **encode_options)
+    return open_state(source, lm, requested, system)
 
 
-def open_state(path: str | Path, lm: LoadedModel,
-               requested: Mapping[str, Any] | None = None) -> tuple[Engine, EncodedDocument]:
+def open_state(path: str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
+               system: str | None = None) -> tuple[Engine, EncodedDocument]:
     """Load a saved state into an engine built for it.
 
     The state fixes its cache layout (window, first tokens, cap, chunk, stores); options
     given for those must agree, and a mismatch is refused with both values named.  The
     model is the one the caller loaded: a state never chooses one (its fingerprint must
     match).  Retrieval runs with the state's settings unless asked for otherwise, and
-    only where its stores allow.
+    only where its stores allow.  The system prompt is encoded with the document: it must
+    be the one the state was encoded with.
     """
     given = {k: v for k, v in dict(requested or {}).items() if v is not None and v is not False}
     header = read_header(path)
@@ -210,12 +269,28 @@ def open_state(path: str | Path, lm: LoadedModel,
         raise UsageError(f"{header.document_name}: this state was encoded without retrieval; "
                          "encode it again with retrieval on")
     engine = Engine(lm, settings)
-    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer, system)
+    if header.model_fingerprint == lm.fingerprint:  # another model: load_state says so first
+        _check_system_prompt(header, fmt, PromptFormat.for_tokenizer(lm.tokenizer), system)
     state = load_state(path, engine, header, fmt.fingerprint)
     if wants_retrieval:  # another k, distance or first layer, on the stores the state has
         state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
                                   given.get("middle_distance"), given.get("middle_blocks"))
     return engine, EncodedDocument(state, fmt, header)
+
+
+def _check_system_prompt(header: StateHeader, fmt: PromptFormat, plain: PromptFormat, system: str | None) -> None:
+    """Say which system prompt a state needs when that is why its prompt prefix differs."""
+    if header.prompt_fingerprint == fmt.fingerprint:
+        return
+    if system and header.prompt_fingerprint == plain.fingerprint:
+        raise UsageError(f"{header.document_name}: this state was encoded without a system prompt, and the system "
+                         "prompt is encoded with the document; encode it again with --system to use one")
+    if not system:
+        raise UsageError(f"{header.document_name}: this state was encoded with another prompt prefix: a system "
+                         "prompt (give the same --system as at encode), another chat template or lminf version")
+    raise UsageError(f"{header.document_name}: this state was encoded with another system prompt (or another chat "
+                     "template or lminf version); give the same --system as at encode")
 
 
 def section_size(engine: Engine, requested: int | None = None) -> int:
@@ -255,7 +330,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
                     notes: bool | None = False, reserve: int = 0, section_tokens: int | None = None,
                     note_tokens: int = NOTE_TOKENS,
                     sampling: SamplingParams | None = None, progress: Progress | None = None,
-                    on_note: NoteCallback | None = None) -> EncodedDocument:
+                    on_note: NoteCallback | None = None, system: str | None = None) -> EncodedDocument:
     """Encode  head + document  once; with `notes`, write a note after each section on the way.
 
     notes: True always, False never, None when the document does not fit in one window
@@ -271,7 +346,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     """
     if note_tokens <= 0:
         raise UsageError(f"note_tokens must be positive, got {note_tokens}")
-    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
+    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer, system)
     head_text = fmt.document_head(question_first)
     n_head = len(tokenize(engine, head_text))
     ids = tokenize(engine, head_text + doc.text.strip())
@@ -381,7 +456,8 @@ def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", 
     plan = plan_summary(engine, encoded, length, budget)
     notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens, progress)
     prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes))
-    summary = Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling), len(prompt))
+    control = ReplyControl()
+    summary = Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling, control), len(prompt), control)
     summary.notes, summary.covers_whole_document = notes, plan.covers_whole_document
     return summary
 
@@ -428,14 +504,15 @@ class ChatSession:
         return self.encoded.prompt_ids(self.engine, fmt.question(question))
 
     def ask(self, question: str) -> Response:
-        """The answer; the exchange joins the history once the answer is complete."""
+        """The answer; the exchange joins the history once the answer is complete (not when cancelled)."""
         question = check_question(question)
         response = reply(self.engine, self.encoded.state, self.prompt_ids(question), self.max_new_tokens,
                          self.sampling)
 
         def keep(done: Response) -> None:
             turn = Turn(question, done.text(), list(done.token_ids))
-            self.turns.append(turn)
+            if done.finish_reason != "cancelled":  # an interrupted answer is not replayed to the model
+                self.turns.append(turn)
             self.transcript.append(turn)
 
         response.on_complete = keep
