@@ -17,6 +17,7 @@ prints; progress is reported through an optional callback.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections import deque
@@ -59,6 +60,20 @@ class GenerationMetrics:
     def decode_tps(self) -> float:
         """Decode throughput in tokens per second."""
         return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def copy(self) -> GenerationMetrics:
+        """These counters as they are now (to measure one reply: later.since(earlier))."""
+        return dataclasses.replace(self, step_seconds=list(self.step_seconds))
+
+    def since(self, earlier: GenerationMetrics) -> GenerationMetrics:
+        """What was encoded and generated after `earlier` was copied (peak memory: the peak so far)."""
+        return GenerationMetrics(
+            prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
+            encode_seconds=self.encode_seconds - earlier.encode_seconds,
+            generated_tokens=self.generated_tokens - earlier.generated_tokens,
+            decode_seconds=self.decode_seconds - earlier.decode_seconds,
+            step_seconds=self.step_seconds[len(earlier.step_seconds):],
+            cache_bytes=self.cache_bytes, peak_memory_bytes=self.peak_memory_bytes)
 
     @property
     def median_step_seconds(self) -> float:

@@ -15,12 +15,13 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from .errors import SettingsError
+
+if TYPE_CHECKING:  # torch is imported when a sampler is made: the CLI reads the settings' defaults without it
+    import torch
+    from torch import Tensor
 
 # A repetition penalty's window is kept per state (the last tokens encoded or generated);
 # this bounds it, so a state stays constant-size however long it gets.
@@ -153,6 +154,7 @@ class Sampler:
     """
 
     def __init__(self, params: SamplingParams, device: torch.device, history: Sequence[int] = ()) -> None:
+        import torch
         from transformers import (
             LogitsProcessorList,
             MinPLogitsWarper,
@@ -202,12 +204,16 @@ class Sampler:
 
     def probs(self, logits: Tensor) -> Tensor:
         """The distribution [V] the next token is drawn from (one-hot when greedy)."""
+        import torch
+
         scores = self.scores(logits)[0]
         if self.params.greedy:
             return torch.nn.functional.one_hot(scores.argmax(), scores.numel()).float()
         return torch.softmax(scores, -1)
 
     def __call__(self, logits: Tensor) -> int:
+        import torch
+
         scores = self.scores(logits)  # [1, V]
         if self.generator is None:
             token = scores.argmax(-1)  # [1]

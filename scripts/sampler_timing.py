@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
     engine = Engine(lm)

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from .options import RETRIEVAL, EngineOptions, with_options
+from .options import RETRIEVAL, EngineOptions, HelpGroup, LminfCommand, with_options
 from .output import cli_errors, note, stdout_console, task_progress, write_stdout
 
-eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+eval_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, rich_markup_mode="rich",
                        help="Measure length generalisation: perplexity by position, passkey retrieval.")
 
 BaselineMaxOpt = Annotated[Optional[str], typer.Option(
@@ -47,7 +47,7 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-@eval_app.command("ppl")
+@eval_app.command("ppl", cls=LminfCommand)
 @with_options(EngineOptions, "opts", exclude=RETRIEVAL)  # scoring never retrieves
 def ppl(
     file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
@@ -208,7 +208,7 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
         console.print(line, highlight=False, markup=False)
 
 
-@eval_app.command("passkey")
+@eval_app.command("passkey", cls=LminfCommand)
 @with_options(EngineOptions, "opts")
 def passkey(
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "4k,8k,16k,32k",
