@@ -383,9 +383,10 @@ def chat(
                     if _command(text, session, encoded) == "quit":
                         break
                     continue
-                response = session.ask(text)
-                reply = Reply(response, encoded.state.metrics, time.perf_counter(), per_answer=True)
-                with interrupts.answering(response):
+                with interrupts.answering() as started:
+                    response = session.ask(text)
+                    started(response)
+                    reply = Reply(response, encoded.state.metrics, time.perf_counter(), per_answer=True)
                     reply.deliver(json_out, opts.quiet, verbose, None if max_new_tokens else budget,
                                   lambda text=text, r=response: {
                                       "question": text, "answer": r.text(), "answer_tokens": len(r.token_ids),
@@ -397,12 +398,15 @@ def chat(
 
 
 class ChatInterrupts:
-    """Ctrl-C in a chat: while an answer streams, it stops that answer (Response.cancel: the reply ends
-    after the current token and the document's state is restored as after any answer); a second one
-    during the same answer, or one while the chat waits for a question, interrupts as usual."""
+    """Ctrl-C in a chat.  While a question is being answered, it stops that answer: Response.cancel
+    (a flag the reply checks after each token: it ends there, at its last complete sentence, and
+    the document's state is restored as after any answer); a second one during the same answer
+    interrupts as usual.  While the chat waits for a question, Ctrl-C interrupts as usual."""
 
     def __init__(self) -> None:
+        self.answering_now = False
         self.response: Any = None
+        self.pending = False  # Ctrl-C before the response existed: cancel it as soon as it does
         self.previous: Any = None
 
     def __enter__(self) -> ChatInterrupts:
@@ -417,18 +421,25 @@ class ChatInterrupts:
             signal.signal(signal.SIGINT, self.previous)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        response, self.response = self.response, None
-        if response is None:
+        if not self.answering_now or self.pending:
             raise KeyboardInterrupt
-        response.cancel()  # only sets a flag: safe wherever the signal lands
+        self.pending = True
+        if self.response is not None:
+            self.response.cancel()  # only sets a flag: safe wherever the signal lands
 
     @contextlib.contextmanager
-    def answering(self, response: Any) -> Iterator[None]:
-        self.response = response
+    def answering(self) -> Iterator[Callable[[Any], None]]:
+        """A question is being answered; call the yielded function with its Response once made."""
+        def started(response: Any) -> None:
+            self.response = response
+            if self.pending:
+                response.cancel()
+
+        self.answering_now, self.pending, self.response = True, False, None
         try:
-            yield
+            yield started
         finally:
-            self.response = None
+            self.answering_now, self.response = False, None
 
 
 def history_path() -> Path:

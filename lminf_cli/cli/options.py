@@ -284,7 +284,7 @@ class HelpGroup(TyperGroup):
         # Bare `lminf` or `lminf eval`: the help, on stdout and with success, as --help gives it
         # (click would raise it as a usage error: one squashed line on stderr, exit 2).
         if not args and self.no_args_is_help and not ctx.resilient_parsing:
-            typer.echo(ctx.get_help(), nl=False)
+            typer.echo(ctx.get_help())
             ctx.exit(0)
         return super().parse_args(ctx, args)
 
