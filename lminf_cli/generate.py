@@ -360,7 +360,9 @@ class Engine:
                 stop_ids: Sequence[int] | None) -> Iterator[tuple[int, bool]]:
         """(token, is_stop) for up to max_new_tokens sampled tokens, ending after a stop token."""
         params = sampling or SamplingParams()
-        sampler = make_sampler(params, self.lm.device, state.recent_ids if params.penalized else ())
+        # The sampler works where the logits are (the head's device, when a device map splits the model).
+        device = state.logits.device if state.logits is not None else self.lm.device
+        sampler = make_sampler(params, device, state.recent_ids if params.penalized else ())
         stops = set(self.stop_ids() if stop_ids is None else stop_ids)
         steps = self.generate_step(state, sampler)
         for _ in range(max_new_tokens):
