@@ -43,10 +43,12 @@ from .state_io import StateHeader, build_header, load_state, read_header
 # row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
 _RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
 LOOP_SPAN = 60  # a reply whose last LOOP_SPAN characters already appeared in it is looping
-# Where a sentence (or a line) ends: a reply is released up to there, so that a reply the
+# Where a sentence (or a paragraph) ends: a reply is released up to there, so that a reply the
 # loop guard stops, or the user cancels, ends at its last complete sentence.  Whitespace must
 # follow the punctuation ("3.14" does not end one), and closing quotes or brackets go with it.
-_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n")
+# A single line break is no boundary: the model copies a document's hard-wrapped lines, which
+# break mid-sentence (measured on the GPL and Python's docs).
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n[ \t]*\n")
 
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
@@ -168,7 +170,7 @@ def tokenize(engine: Engine, text: str) -> list[int]:
 
 
 def _last_sentence_end(text: str, start: int) -> int:
-    """End of the last complete sentence (or line) in text[start:], as an index of text; start if none."""
+    """End of the last complete sentence (or paragraph) in text[start:], as an index of text; start if none."""
     end = start
     for m in _SENTENCE_END.finditer(text, start):
         end = m.end()
@@ -180,7 +182,7 @@ def _reply_stream(engine: Engine, state: State, prompt_ids: Sequence[int], max_n
                   control: ReplyControl | None = None) -> Iterator[GenerationResponse]:
     """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`).
 
-    Text is released a sentence (or line) at a time: when the loop guard stops a runaway
+    Text is released a sentence (or paragraph) at a time: when the loop guard stops a runaway
     reply ("loop") or the reply is cancelled ("cancelled"), it then ends at its last
     complete sentence, never mid-word.  A reply that ends by itself ("stop") or at
     max_new_tokens ("length") is released whole.

@@ -369,8 +369,13 @@ def test_replies_that_end_by_themselves_or_at_the_budget_are_released_whole():
     assert r.text() == "An answer. Without a final stop" and r.finish_reason == "stop"
     r, _ = _scripted_reply("An answer that is cut. At the budget", n=27)
     assert r.text() == "An answer that is cut. At t" and r.finish_reason == "length"
-    pieces = list(_scripted_reply("3.14 is pi. Next line\nand more")[0])
-    assert pieces[0] == "3.14 is pi." and "".join(pieces) == "3.14 is pi. Next line\nand more"
+    pieces = list(_scripted_reply("3.14 is pi. A wrapped\nline. A paragraph\n\nand more")[0])
+    assert pieces[:3] == ["3.14 is pi.", " A wrapped\nline.", " A paragraph\n\n"]
+    assert "".join(pieces) == "3.14 is pi. A wrapped\nline. A paragraph\n\nand more"
+    # Hard-wrapped lines break mid-sentence: a loop guard stop goes back to the sentence's start.
+    loop = "the text wraps here and\ncontinues on the next line without end, "
+    r, _ = _scripted_reply("First sentence. A wrapped\nsentence that " + loop * 4)
+    assert r.text() == "First sentence." and r.finish_reason == "loop"
 
 
 def test_cancel_ends_at_the_last_sentence_and_restores_the_state(engine):
