@@ -79,7 +79,18 @@ ASK_CONFIGS = {
 }
 
 
-def _configs(table: dict, chosen: str | None) -> dict:
+def _defaults(task: str) -> dict:
+    """lminf's defaults for the embedded model (which ships no sampling settings of its own)."""
+    import dataclasses
+
+    from lminf_cli.sampling import ANSWER_DEFAULTS, CONTINUE_DEFAULTS
+
+    d = CONTINUE_DEFAULTS if task == "continue" else ANSWER_DEFAULTS
+    return {k: v for k, v in dataclasses.asdict(d).items() if k not in ("seed", "stop")}
+
+
+def _configs(table: dict, chosen: str | None, task: str) -> dict:
+    table = {**table, "defaults (after)": _defaults(task)}
     if not chosen:
         return table
     return {k: v for k, v in table.items() if k in chosen.split(";")}
@@ -100,7 +111,7 @@ def run_continue(args) -> None:
     snap = state.snapshot(args.tokens + 1)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for name, kw in _configs(CONTINUE_CONFIGS, args.configs).items():
+    for name, kw in _configs(CONTINUE_CONFIGS, args.configs, "continue").items():
         runs = []
         for seed in seeds if kw.get("temperature") else seeds[:1]:
             state.restore(snap)
@@ -121,7 +132,7 @@ def run_ask(args) -> None:
     lm = load_model(args.model)
     engine, encoded = open_source(read_document(args.file), lm)
     rows = []
-    for name, kw in _configs(ASK_CONFIGS, args.configs).items():
+    for name, kw in _configs(ASK_CONFIGS, args.configs, "answer").items():
         runs = []
         for q in args.questions:
             r = ask(engine, encoded, q, args.tokens, SamplingParams(**kw))

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lminf_cli.cli.app import app
 from lminf_cli.documents import Document
 from lminf_cli.models import load_model
-from lminf_cli.sampling import CONTINUE_DEFAULTS, SamplingParams
+from lminf_cli.sampling import ANSWER_DEFAULTS, CONTINUE_DEFAULTS, SamplingParams
 from lminf_cli.tasks import ask, encode_document, engine_for
 
 runner = CliRunner()
@@ -163,10 +163,12 @@ def test_system_prompt_reaches_the_document_prefix(tiny_model_dir, doc, lm, tmp_
     r = invoke(["ask", doc, q, "-s", "Answer like a pirate.", *base])
     assert r.exit_code == 0, r.stderr
     engine = engine_for(lm, REQUESTED)
-    want = ask(engine, encode_document(engine, Document("doc.txt", TEXT), "tiny", system="Answer like a pirate."),
-               q, 10)
+    encoded = encode_document(engine, Document("doc.txt", TEXT), "tiny", system="Answer like a pirate.")
     got = json.loads(r.stdout)
-    assert got["answer"] == want.text() and got["stats"]["prompt_tokens"] > got["document_tokens"]
+    assert got["answer"] == ask(engine, encoded, q, 10, ANSWER_DEFAULTS).text()  # greedy, with the mild penalty
+    assert got["stats"]["prompt_tokens"] > got["document_tokens"]
+    greedy = invoke(["ask", doc, q, "-s", "Answer like a pirate.", "--temperature", "0", *base])
+    assert json.loads(greedy.stdout)["answer"] == ask(engine, encoded, q, 10, SamplingParams()).text()  # exact
     state = tmp_path / "s.lminf"
     assert invoke(["encode", doc, "-o", state, "--system", "Answer like a pirate.", "--model", tiny_model_dir,
                    *WINDOW]).exit_code == 0
