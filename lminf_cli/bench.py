@@ -96,7 +96,9 @@ class BenchSpec:
     arch: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    device_map: str | None = None
+    device_map: str | None = None  # --device-map, --max-memory, --load-in as given (see models.load_model)
+    max_memory: str | None = None
+    load_in: str | None = None
     text: str | None = None
     # The settings asked for (LambdaSettings.for_model's keywords; None = the default).
     requested: dict[str, Any] = field(default_factory=dict)
@@ -146,7 +148,8 @@ def _load(spec: BenchSpec):
             with torch.device(dev):
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
         return from_hf(model, None, f"{spec.arch} (random weights)", None if spec.device_map else dev, dt)
-    return load_model(spec.model, spec.device, spec.dtype, device_map=spec.device_map)
+    return load_model(spec.model, spec.device, spec.dtype, device_map=spec.device_map, max_memory=spec.max_memory,
+                      load_in=spec.load_in)
 
 
 def bench_tokens(spec: BenchSpec, tokenizer, vocab_size: int) -> torch.Tensor:

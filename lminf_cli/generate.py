@@ -17,8 +17,10 @@ prints; progress is reported through an optional callback.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +33,7 @@ from .graphs import graphable, graphed
 from .memory import check_fits, peak_bytes
 from .models import LoadedModel
 from .progress import Progress
-from .sampling import Sampler, SamplingParams, make_sampler
+from .sampling import MAX_REPEAT_LAST_N, Sampler, SamplingParams, make_sampler
 from .settings import LambdaSettings
 
 LAST_ROW = slice(-1, None)
@@ -59,6 +61,20 @@ class GenerationMetrics:
         """Decode throughput in tokens per second."""
         return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
+    def copy(self) -> GenerationMetrics:
+        """These counters as they are now (to measure one reply: later.since(earlier))."""
+        return dataclasses.replace(self, step_seconds=list(self.step_seconds))
+
+    def since(self, earlier: GenerationMetrics) -> GenerationMetrics:
+        """What was encoded and generated after `earlier` was copied (peak memory: the peak so far)."""
+        return GenerationMetrics(
+            prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
+            encode_seconds=self.encode_seconds - earlier.encode_seconds,
+            generated_tokens=self.generated_tokens - earlier.generated_tokens,
+            decode_seconds=self.decode_seconds - earlier.decode_seconds,
+            step_seconds=self.step_seconds[len(earlier.step_seconds):],
+            cache_bytes=self.cache_bytes, peak_memory_bytes=self.peak_memory_bytes)
+
     @property
     def median_step_seconds(self) -> float:
         """Median latency of one decode step."""
@@ -70,19 +86,30 @@ class GenerationMetrics:
 
 @dataclass
 class StateSnapshot:
-    """A state to come back to: the cache's snapshot and the logits of that moment."""
+    """A state to come back to: the cache's snapshot, the logits and the recent ids of that moment."""
 
     cache: CacheSnapshot
     logits: Tensor | None
+    recent_ids: tuple[int, ...] = ()
+
+
+def _recent() -> deque[int]:
+    return deque(maxlen=MAX_REPEAT_LAST_N)
 
 
 @dataclass
 class State:
-    """An encoded stream: the cache plus the logits for the next token."""
+    """An encoded stream: the cache plus the logits for the next token.
+
+    `recent_ids`: the last ids of the stream (at most MAX_REPEAT_LAST_N), what a repetition
+    penalty looks back on.  A state loaded from a file starts without them: the prompt
+    that follows fills them.
+    """
 
     cache: LambdaCache
     logits: Tensor | None
     metrics: GenerationMetrics
+    recent_ids: deque[int] = field(default_factory=_recent)
 
     @property
     def n_tokens(self) -> int:
@@ -91,12 +118,15 @@ class State:
 
     def snapshot(self, budget: int) -> StateSnapshot:
         """A point to come back to after appending at most `budget` tokens (see LambdaCache.snapshot)."""
-        return StateSnapshot(self.cache.snapshot(budget), None if self.logits is None else self.logits.clone())
+        return StateSnapshot(self.cache.snapshot(budget), None if self.logits is None else self.logits.clone(),
+                             tuple(self.recent_ids))
 
     def restore(self, snap: StateSnapshot) -> None:
         """Back to `snap`, bit for bit."""
         self.cache.restore(snap.cache)
         self.logits = None if snap.logits is None else snap.logits.clone()
+        self.recent_ids.clear()
+        self.recent_ids.extend(snap.recent_ids)
 
 
 @dataclass(frozen=True)
@@ -104,7 +134,10 @@ class GenerationResponse:
     """One step of stream_generate: the text the new token completes, and where generation stands.
 
     The last response of a stream has `finish_reason` ("stop": an end token was sampled,
-    and is in the cache but not in the text; "length": max_new_tokens reached) and no token.
+    and is in the cache but not in the text, or a stop sequence was produced; "length":
+    max_new_tokens reached), no token, and any text held back for a stop sequence that
+    did not come.  (tasks adds "loop": a reply stopped because it repeated itself, and
+    "cancelled".)
     """
 
     text: str
@@ -139,6 +172,40 @@ class IncrementalDecoder:
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
+
+
+class StopText:
+    """Text deltas -> the text that may be shown, ending at the first stop sequence.
+
+    A stop sequence can arrive split over several tokens, so the end of the text that
+    could still become one is held back until the next delta decides.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """(text to show now, whether a stop sequence was reached)."""
+        if not self.stops:
+            return delta, False
+        if self.stopped:
+            return "", True
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """What was held back, once nothing follows (it never became a stop sequence)."""
+        out, self.pending = self.pending, ""
+        return out
 
 
 class Engine:
@@ -233,6 +300,8 @@ class Engine:
             if progress is not None:
                 progress(e, n)
         state.logits = logits[0, -1]
+        tail = ids[-MAX_REPEAT_LAST_N:]
+        state.recent_ids.extend(tail.reshape(-1).tolist() if isinstance(tail, Tensor) else tail)
         sync(self.lm.device)
         m = state.metrics
         m.prompt_tokens += n
@@ -265,6 +334,7 @@ class Engine:
         """Append one token (a row that will be continued); return the logits for the next one ([V])."""
         x = torch.full((1, 1), token, dtype=torch.long, device=self.lm.device)
         state.logits = self.forward(state.cache, x, rows=LAST_ROW, retrieve_last=True)[0, -1]
+        state.recent_ids.append(token)
         return state.logits
 
     def generate_step(self, state: State, sampler: Sampler) -> Iterator[int]:
@@ -290,7 +360,10 @@ class Engine:
     def _tokens(self, state: State, max_new_tokens: int, sampling: SamplingParams | None,
                 stop_ids: Sequence[int] | None) -> Iterator[tuple[int, bool]]:
         """(token, is_stop) for up to max_new_tokens sampled tokens, ending after a stop token."""
-        sampler = make_sampler(sampling or SamplingParams(), self.lm.device)
+        params = sampling or SamplingParams()
+        # The sampler works where the logits are (the head's device, when a device map splits the model).
+        device = state.logits.device if state.logits is not None else self.lm.device
+        sampler = make_sampler(params, device, state.recent_ids if params.penalized else ())
         stops = set(self.stop_ids() if stop_ids is None else stop_ids)
         steps = self.generate_step(state, sampler)
         for _ in range(max_new_tokens):
@@ -308,8 +381,14 @@ class Engine:
 
     def stream_generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,
                         stop_ids: Sequence[int] | None = None) -> Iterator[GenerationResponse]:
-        """Up to max_new_tokens responses (text deltas), then one that says why generation finished."""
+        """Up to max_new_tokens responses (text deltas), then one that says why generation finished.
+
+        An end token or one of `sampling.stop`'s texts ends the stream ("stop"); the text of
+        a stop sequence is not in the output (what might begin one is held back until it
+        cannot), though its tokens are in the cache.
+        """
         decoder = IncrementalDecoder(self.lm.tokenizer)
+        stop_text = StopText((sampling or SamplingParams()).stop)
         generated, t0, reason = 0, time.perf_counter(), "length"
         peak = state.metrics.peak_memory_bytes
         for token, stop in self._tokens(state, max_new_tokens, sampling, stop_ids):
@@ -317,11 +396,14 @@ class Engine:
                 reason = "stop"
                 break
             generated += 1
-            yield GenerationResponse(decoder.push(token), token, generated,
-                                     generated / (time.perf_counter() - t0), peak)
+            text, stopped = stop_text.push(decoder.push(token))
+            yield GenerationResponse(text, token, generated, generated / (time.perf_counter() - t0), peak)
+            if stopped:
+                reason = "stop"
+                break
         elapsed = time.perf_counter() - t0
         state.metrics.peak_memory_bytes = max(peak, peak_bytes(self.lm.device))
-        yield GenerationResponse("", None, generated, generated / elapsed if elapsed else 0.0,
+        yield GenerationResponse(stop_text.flush(), None, generated, generated / elapsed if elapsed else 0.0,
                                  state.metrics.peak_memory_bytes, reason)
 
     def generate(self, state: State, max_new_tokens: int, sampling: SamplingParams | None = None,

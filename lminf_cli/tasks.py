@@ -21,6 +21,8 @@ See docs/documents.md.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import dataclasses
 import itertools
 import re
 import time
@@ -48,6 +50,12 @@ from .state_io import StateHeader, build_header, load_state, read_header, read_s
 # row, or a verbatim repeat of a long span, end a reply (no prose answer needs either).
 _RUNAWAY_BLANKS = re.compile(r"\n[ \t]*\n[ \t]*\n[ \t]*\n[ \t]*$")
 LOOP_SPAN = 60  # a reply whose last LOOP_SPAN characters already appeared in it is looping
+# Where a sentence (or a paragraph) ends: a reply is released up to there, so that a reply the
+# loop guard stops, or the user cancels, ends at its last complete sentence.  Whitespace must
+# follow the punctuation ("3.14" does not end one), and closing quotes or brackets go with it.
+# A single line break is no boundary: the model copies a document's hard-wrapped lines, which
+# break mid-sentence (measured on the GPL and Python's docs).
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n[ \t]*\n")
 
 NoteCallback = Callable[[int, int, str], None]  # (section index, number of sections, note)
 
@@ -94,16 +102,27 @@ class EncodedDocument:
         return self.document_tokens > s.n_global + s.n_local
 
 
+class ReplyControl:
+    """Shared between a Response and its stream: a request to stop (checked once per token)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
 class Response:
     """A reply being generated: iterate it for text pieces as they come, or call text().
 
     Iterating runs the generation; the state it started from is restored when the
     stream ends, including when the consumer stops early (closed pipe, Ctrl-C):
-    the iteration's `finally` closes the underlying stream.
+    the iteration's `finally` closes the underlying stream.  `cancel()` (safe to call from
+    a signal handler) ends the reply after the token being generated, at its last complete
+    sentence, with finish_reason "cancelled".
     """
 
-    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int) -> None:
+    def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int,
+                 control: ReplyControl | None = None) -> None:
         self._stream = stream
+        self._control = control or ReplyControl()
         self._chunks: list[str] = []
         self._done = False
         self.prompt_tokens = prompt_tokens
@@ -112,7 +131,12 @@ class Response:
         self.generation_tps = 0.0
         self.peak_memory_bytes = 0
         self.seconds = 0.0
+        self.first_token_at: float | None = None  # time.perf_counter() when the first token was sampled
         self.on_complete: Callable[[Response], None] | None = None
+
+    def cancel(self) -> None:
+        """Stop after the current token; the state is restored as after any reply."""
+        self._control.cancelled = True
 
     def __iter__(self) -> Iterator[str]:
         if self._done:
@@ -122,6 +146,8 @@ class Response:
         try:
             for r in self._stream:
                 if r.token is not None:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
                     self.token_ids.append(r.token)
                 if r.finish_reason is not None:
                     self.finish_reason = r.finish_reason
@@ -152,18 +178,46 @@ def tokenize(engine: Engine, text: str) -> list[int]:
     return list(engine.lm.tokenizer.encode(text, add_special_tokens=False))
 
 
+def _last_sentence_end(text: str, start: int) -> int:
+    """End of the last complete sentence (or paragraph) in text[start:], as an index of text; start if none."""
+    end = start
+    for m in _SENTENCE_END.finditer(text, start):
+        end = m.end()
+    return end
+
+
 def _reply_stream(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_tokens: int,
-                  sampling: SamplingParams | None) -> Iterator[GenerationResponse]:
-    """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`)."""
+                  sampling: SamplingParams | None,
+                  control: ReplyControl | None = None) -> Iterator[GenerationResponse]:
+    """Append prompt_ids to the encoded state, stream the reply, then restore the state (in `finally`).
+
+    Text is released a sentence (or paragraph) at a time: when the loop guard stops a runaway
+    reply ("loop") or the reply is cancelled ("cancelled"), it then ends at its last
+    complete sentence, never mid-word.  A reply that ends by itself ("stop") or at
+    max_new_tokens ("length") is released whole.
+    """
+    control = control or ReplyControl()
     snap = state.snapshot(len(prompt_ids) + max(max_new_tokens, 1))
     try:
         engine.encode(prompt_ids, state)
-        text = ""
-        for r in engine.stream_generate(state, max_new_tokens, sampling):
-            yield r
-            text += r.text
-            if r.text and (_RUNAWAY_BLANKS.search(text[-64:]) or _looping(text)):
-                break
+        text, released = "", 0
+        with contextlib.closing(engine.stream_generate(state, max_new_tokens, sampling)) as stream:
+            for r in stream:
+                text += r.text
+                if r.finish_reason is not None:  # the reply ended by itself: release it all
+                    yield dataclasses.replace(r, text=text[released:])
+                    return
+                end = _last_sentence_end(text, released)
+                yield dataclasses.replace(r, text=text[released:end])
+                released = end
+                reason = None
+                if control.cancelled:
+                    reason = "cancelled"
+                elif r.text and (_RUNAWAY_BLANKS.search(text[-64:]) or _looping(text)):
+                    reason = "loop"
+                if reason is not None:
+                    yield GenerationResponse("", None, r.generated, r.generation_tps, r.peak_memory_bytes, reason)
+                    return
     finally:
         state.restore(snap)
 
@@ -173,7 +227,9 @@ def reply(engine: Engine, state: State, prompt_ids: Sequence[int], max_new_token
     """The reply to prompt_ids appended to the encoded state; the state is left as it was."""
     if not prompt_ids:
         raise ValueError("a reply needs a prompt")
-    return Response(_reply_stream(engine, state, prompt_ids, max_new_tokens, sampling), len(prompt_ids))
+    control = ReplyControl()
+    return Response(_reply_stream(engine, state, prompt_ids, max_new_tokens, sampling, control), len(prompt_ids),
+                    control)
 
 
 def generate_text(engine: Engine, state: State, prompt: str, max_new_tokens: int,
@@ -190,20 +246,22 @@ def engine_for(lm: LoadedModel, requested: Mapping[str, Any] | None = None) -> E
 
 
 def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
-                auto_retrieval: bool = False, **encode_options: Any) -> tuple[Engine, EncodedDocument]:
+                auto_retrieval: bool = False, system: str | None = None,
+                **encode_options: Any) -> tuple[Engine, EncodedDocument]:
     """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state.
 
     `auto_retrieval`: when `requested` leaves retrieval unset (None), turn it on for a document
     longer than the window (the first tokens and the window of the paper's defaults), and
-    leave a document that fits exactly as it is without it.
+    leave a document that fits exactly as it is without it.  `system`: the system prompt,
+    part of the document's prefix (so a state must be opened with the one it was encoded with).
     """
     if isinstance(source, Document):
         wanted = dict(requested or {})
         if wanted.get("retrieval") is None:
             wanted["retrieval"] = auto_retrieval and outgrows(lm, source, wanted)
         engine = engine_for(lm, wanted)
-        return engine, encode_document(engine, source, lm.spec, **encode_options)
-    return open_state(source, lm, requested)
+        return engine, encode_document(engine, source, lm.spec, system=system, **encode_options)
+    return open_state(source, lm, requested, system)
 
 
 def outgrows(lm: LoadedModel, doc: Document, requested: Mapping[str, Any]) -> bool:
@@ -219,15 +277,16 @@ def outgrows(lm: LoadedModel, doc: Document, requested: Mapping[str, Any]) -> bo
         chars *= 2
 
 
-def open_state(path: str | Path, lm: LoadedModel,
-               requested: Mapping[str, Any] | None = None) -> tuple[Engine, EncodedDocument]:
+def open_state(path: str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
+               system: str | None = None) -> tuple[Engine, EncodedDocument]:
     """Load a saved state into an engine built for it.
 
     The state fixes its cache layout (window, first tokens, cap, chunk, stores); options
     given for those must agree, and a mismatch is refused with both values named.  The
     model is the one the caller loaded: a state never chooses one (its fingerprint must
     match).  Retrieval runs with the state's settings unless asked for otherwise, and
-    only where its stores allow.
+    only where its stores allow.  The system prompt is encoded with the document: it must
+    be the one the state was encoded with.
     """
     given = {k: v for k, v in dict(requested or {}).items() if v is not None}
     header = read_header(path)
@@ -240,7 +299,9 @@ def open_state(path: str | Path, lm: LoadedModel,
         raise UsageError(f"{header.document_name}: this state was encoded without retrieval; "
                          "encode it again with retrieval on")
     engine = Engine(lm, settings)
-    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer, system)
+    if header.model_fingerprint == lm.fingerprint:  # another model: load_state says so first
+        _check_system_prompt(header, fmt, PromptFormat.for_tokenizer(lm.tokenizer), system)
     state = load_state(path, engine, header, fmt.fingerprint)
     if wants_retrieval:  # another k, distance or first layer, on the stores the state has
         state.cache.set_retrieval(given.get("middle_top_k") or RETRIEVAL_TOP_K, given.get("middle_from_layer"),
@@ -249,6 +310,20 @@ def open_state(path: str | Path, lm: LoadedModel,
         state.cache.set_retrieval(0)
     ids = read_stream_ids(path, header, lm.model.get_input_embeddings().num_embeddings)
     return engine, EncodedDocument(state, fmt, header, ids)
+
+
+def _check_system_prompt(header: StateHeader, fmt: PromptFormat, plain: PromptFormat, system: str | None) -> None:
+    """Say which system prompt a state needs when that is why its prompt prefix differs."""
+    if header.prompt_fingerprint == fmt.fingerprint:
+        return
+    if system and header.prompt_fingerprint == plain.fingerprint:
+        raise UsageError(f"{header.document_name}: this state was encoded without a system prompt, and the system "
+                         "prompt is encoded with the document; encode it again with --system to use one")
+    if not system:
+        raise UsageError(f"{header.document_name}: this state was encoded with another prompt prefix: a system "
+                         "prompt (give the same --system as at encode), another chat template or lminf version")
+    raise UsageError(f"{header.document_name}: this state was encoded with another system prompt (or another chat "
+                     "template or lminf version); give the same --system as at encode")
 
 
 def section_size(engine: Engine, requested: int | None = None) -> int:
@@ -288,7 +363,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
                     notes: bool | None = False, reserve: int = 0, section_tokens: int | None = None,
                     note_tokens: int = NOTE_TOKENS,
                     sampling: SamplingParams | None = None, progress: Progress | None = None,
-                    on_note: NoteCallback | None = None) -> EncodedDocument:
+                    on_note: NoteCallback | None = None, system: str | None = None) -> EncodedDocument:
     """Encode  head + document  once; with `notes`, write a note after each section on the way.
 
     notes: True always, False never, None when the document does not fit in one window
@@ -304,7 +379,7 @@ def encode_document(engine: Engine, doc: Document, model_spec: str, *, question_
     """
     if note_tokens <= 0:
         raise SettingsError("note_tokens", f"must be positive, got {note_tokens}")
-    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer)
+    fmt = PromptFormat.for_tokenizer(engine.lm.tokenizer, system)
     head_text = fmt.document_head(question_first)
     n_head = len(tokenize(engine, head_text))
     ids = tokenize_long(engine.lm.tokenizer, head_text + doc.text.strip())  # pieces: same ids, bounded memory
@@ -531,8 +606,9 @@ class Summary(Response):
     """
 
     def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int, notes: list[str],
-                 source_notes: list[str], covers_whole_document: bool, timings: dict[str, float]) -> None:
-        super().__init__(stream, prompt_tokens)
+                 source_notes: list[str], covers_whole_document: bool, timings: dict[str, float],
+                 control: ReplyControl | None = None) -> None:
+        super().__init__(stream, prompt_tokens, control)
         self.notes = notes                    # the notes it was written from (condensed), if any
         self.source_notes = source_notes      # the section notes as written while reading
         self.covers_whole_document = covers_whole_document  # False: no notes, longer than the window
@@ -585,22 +661,25 @@ def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", 
     notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens, progress)
     condense = round(time.perf_counter() - t0, 2)
     prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes))
-    return Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling), len(prompt), notes,
-                   list(encoded.notes), plan.covers_whole_document, {**encoded.timings, "condense": condense})
+    control = ReplyControl()
+    return Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling, control), len(prompt), notes,
+                   list(encoded.notes), plan.covers_whole_document, {**encoded.timings, "condense": condense},
+                   control)
 
 
 def summarize_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
                      length: str = "medium", max_new_tokens: int | None = None,
                      sampling: SamplingParams | None = None, section_tokens: int | None = None,
                      note_tokens: int = NOTE_TOKENS, progress: Progress | None = None,
-                     on_note: NoteCallback | None = None) -> tuple[Engine, EncodedDocument, Summary]:
+                     on_note: NoteCallback | None = None,
+                     system: str | None = None) -> tuple[Engine, EncodedDocument, Summary]:
     """`lminf summarize` in one call: open the document (section notes are written while it is read,
     when it and a summary overflow one window) or its saved state, then summarize it."""
     budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
     options = {} if not isinstance(source, Document) else {
         "notes": None, "reserve": budget + SUMMARY_PROMPT_RESERVE, "section_tokens": section_tokens,
         "note_tokens": note_tokens, "sampling": sampling, "progress": progress, "on_note": on_note}
-    engine, encoded = open_source(source, lm, requested, auto_retrieval=True, **options)
+    engine, encoded = open_source(source, lm, requested, auto_retrieval=True, system=system, **options)
     return engine, encoded, summarize(engine, encoded, length, budget, sampling, note_tokens)
 
 
@@ -648,7 +727,7 @@ class ChatSession:
         return self.encoded.prompt_ids(self.engine, fmt.question(question, excerpt))
 
     def ask(self, question: str) -> Response:
-        """The answer; the exchange joins the history once the answer is complete."""
+        """The answer; the exchange joins the history once the answer is complete (not when cancelled)."""
         question = check_question(question)
         excerpt = excerpt_for(self.engine, self.encoded, question, self.reread, self.reread_by)
         response = reply(self.engine, self.encoded.state, self.prompt_ids(question, excerpt), self.max_new_tokens,
@@ -656,7 +735,8 @@ class ChatSession:
 
         def keep(done: Response) -> None:
             turn = Turn(question, done.text(), list(done.token_ids))
-            self.turns.append(turn)
+            if done.finish_reason != "cancelled":  # an interrupted answer is not replayed to the model
+                self.turns.append(turn)
             self.transcript.append(turn)
 
         response.on_complete = keep

@@ -37,7 +37,7 @@ def test_continue_file_puts_only_text_on_stdout(tiny_model_dir, doc):
 
 
 def test_continue_stdin_matches_file(tiny_model_dir, doc):
-    args = ["--model", tiny_model_dir, "-n", "10", "--n-local", "32", "--chunk-size", "16"]
+    args = ["--model", tiny_model_dir, "-n", "10", "--n-local", "32", "--chunk-size", "16", "--temperature", "0"]
     from_file = invoke(["continue", doc, *args])
     from_stdin = invoke(["continue", "-", *args], input=TEXT)
     assert from_stdin.exit_code == 0 and from_stdin.stderr == ""

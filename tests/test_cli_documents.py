@@ -140,9 +140,14 @@ def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     assert text.stdout.endswith("\n") and text.stdout.strip()
     js = invoke(["ask", *args, "--json", "--no-retrieval"])
     obj = json.loads(js.stdout)
-    assert set(obj) == {"answer", "document_tokens", "prompt_tokens", "answer_tokens", "seconds"}
+    assert set(obj) == {"answer", "document_tokens", "prompt_tokens", "answer_tokens", "seconds", "finish_reason",
+                        "stats"}
     assert obj["answer"] == text.stdout.strip()
     assert 0 < obj["answer_tokens"] <= 12 and obj["document_tokens"] > 100 and obj["seconds"] > 0
+    stats = obj["stats"]
+    assert stats["generated_tokens"] == obj["answer_tokens"] + (obj["finish_reason"] == "stop")
+    assert stats["prompt_tokens"] > obj["document_tokens"]  # the document, then the question
+    assert 0 < stats["ttft_seconds"] < obj["seconds"] and stats["peak_memory_bytes"] > 0
 
 
 def test_state_round_trip_through_the_cli(files, state, tiny_model_dir):

@@ -131,7 +131,7 @@ def test_length_reaches_the_prompt_and_the_budget(engine, monkeypatch):
     encoded = encode_document(engine, Document("doc.txt", CORPUS), "tiny", notes=True, section_tokens=60,
                               note_tokens=4)
     asked = []
-    def capture(e, st, prompt, budget, sampling):
+    def capture(e, st, prompt, budget, sampling, control=None):
         asked.append((engine.lm.tokenizer.decode(prompt), budget))
         yield from ()
 

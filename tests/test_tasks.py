@@ -394,3 +394,120 @@ def test_locate_words_finds_the_planted_sentence(lm):
     a, b = locate_words(engine, encoded, "What is the combination of the iron vault?", 80)
     assert fact in engine.lm.tokenizer.decode(encoded.ids[a:b].tolist())
     assert locate_words(engine, encoded, "Zebra quagga?", 80) is None
+
+
+# -- how replies end -------------------------------------------------------------
+
+class _ScriptedEngine:
+    """An engine whose replies are a fixed text, one character per token (for the reply logic alone)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def encode(self, ids, state):
+        return state
+
+    def stream_generate(self, state, max_new_tokens, sampling):
+        from lminf_cli.generate import GenerationResponse
+
+        n = min(len(self.text), max_new_tokens)
+        for i, ch in enumerate(self.text[:n]):
+            yield GenerationResponse(ch, i, i + 1, 1.0, 0)
+        yield GenerationResponse("", None, n, 1.0, 0, "stop" if n == len(self.text) else "length")
+
+
+class _FakeState:
+    restored = 0
+
+    def snapshot(self, budget):
+        return None
+
+    def restore(self, snap):
+        self.restored += 1
+
+
+def _scripted_reply(text: str, n: int = 10_000):
+    from lminf_cli.tasks import reply
+
+    state = _FakeState()
+    return reply(_ScriptedEngine(text), state, [1], n), state
+
+
+def test_a_looping_reply_ends_at_its_last_complete_sentence():
+    # What `ask` printed before: "...to allow multiple" (cut mid-sentence by the loop guard).
+    loop = "The keeper lit the lamp at dusk to allow multiple ships to find the harbour "
+    r, state = _scripted_reply("Orla kept the light. She counted the ships. " + loop * 4)
+    assert r.text() == "Orla kept the light. She counted the ships."
+    assert r.finish_reason == "loop" and state.restored == 1
+
+
+def test_replies_that_end_by_themselves_or_at_the_budget_are_released_whole():
+    r, _ = _scripted_reply("An answer. Without a final stop")
+    assert r.text() == "An answer. Without a final stop" and r.finish_reason == "stop"
+    r, _ = _scripted_reply("An answer that is cut. At the budget", n=27)
+    assert r.text() == "An answer that is cut. At t" and r.finish_reason == "length"
+    pieces = list(_scripted_reply("3.14 is pi. A wrapped\nline. A paragraph\n\nand more")[0])
+    assert pieces[:3] == ["3.14 is pi.", " A wrapped\nline.", " A paragraph\n\n"]
+    assert "".join(pieces) == "3.14 is pi. A wrapped\nline. A paragraph\n\nand more"
+    # Hard-wrapped lines break mid-sentence: a loop guard stop goes back to the sentence's start.
+    loop = "the text wraps here and\ncontinues on the next line without end, "
+    r, _ = _scripted_reply("First sentence. A wrapped\nsentence that " + loop * 4)
+    assert r.text() == "First sentence." and r.finish_reason == "loop"
+
+
+def test_cancel_ends_at_the_last_sentence_and_restores_the_state(engine):
+    encoded = encode_document(engine, doc(), "tiny")
+    before = buffers(encoded.state)
+    r, state = _scripted_reply("First sentence. Second sentence. Third one that never ends " * 3)
+    pieces = []
+    for piece in r:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            r.cancel()
+    assert "".join(pieces) == "First sentence. Second sentence." and r.finish_reason == "cancelled"
+    assert state.restored == 1
+    # On the real engine: a cancelled answer leaves the document state as it was, bit for bit.
+    session = ChatSession(engine, encoded, history=2, max_new_tokens=40)
+    response = session.ask("Who is Ishmael?")
+    response.cancel()  # before the first token: the reply stops after it
+    assert response.text() == "" and response.finish_reason == "cancelled" and len(response.token_ids) == 1
+    assert_same(buffers(encoded.state), before)
+    assert session.turns == [] and len(session.transcript) == 1  # not replayed to the model
+
+
+def test_system_prompt_goes_through_the_chat_template(lm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm.tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    plain, system = PromptFormat.for_tokenizer(tok), PromptFormat.for_tokenizer(tok, "Answer in French.")
+    want = tok.apply_chat_template([{"role": "system", "content": "Answer in French."},
+                                    {"role": "user", "content": "DOC"}], tokenize=False, add_generation_prompt=True)
+    assert system.head + "DOC" + system.user_end == want
+    assert plain.head == "<|user|>" and system.fingerprint != plain.fingerprint
+    # A template that refuses a system role gets it at the start of the user's turn.
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    folded = PromptFormat.for_tokenizer(tok, "Answer in French.")
+    assert folded.templated and folded.head == "<|user|>Answer in French.\n\n"
+
+
+def test_a_state_needs_the_system_prompt_it_was_encoded_with(engine, lm, tmp_path):
+    from lminf_cli.tasks import open_state
+
+    encoded = encode_document(engine, doc(), "tiny", system="Be brief.")
+    path = tmp_path / "s.lminf"
+    save_state(path, encoded.state, encoded.header)
+    requested = SETTINGS.replace(chunk_size=16).to_dict()
+    requested = {k: requested[k] for k in ("n_global", "n_local", "limit_distance", "chunk_size")}
+    _, again = open_state(path, lm, requested, system="Be brief.")
+    assert again.fmt == encoded.fmt
+    for system, match in ((None, "give the same --system"), ("Be long.", "another system prompt")):
+        with pytest.raises(UsageError, match=match):
+            open_state(path, lm, requested, system=system)
+    plain = encode_document(engine, doc(), "tiny")
+    save_state(path, plain.state, plain.header)
+    with pytest.raises(UsageError, match="encoded without a system prompt"):
+        open_state(path, lm, requested, system="Be brief.")

@@ -58,21 +58,33 @@ class Adapter:
         return None
 
     def new_cache(self, settings: LambdaSettings, fused: bool = True) -> LambdaCache:
-        """An empty cache shaped for this model."""
-        p = next(self.model.parameters())
+        """An empty cache shaped for this model (its layers on the devices their model layers run on)."""
         return LambdaCache(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.rope, settings,
-                           device=p.device, dtype=p.dtype, scale=self.scale, fused=fused, softcap=self.softcap,
-                           layer_windows=self.layer_windows(), layer_devices=self.layer_devices())
+                           device=main_device(self.model), dtype=self.cache_dtype(), scale=self.scale, fused=fused,
+                           softcap=self.softcap, layer_windows=self.layer_windows(),
+                           layer_devices=self.layer_devices())
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype keys and values are computed in: the embeddings' (quantized layers keep packed
+        integer weights, but compute in the dtype of the activations they are given)."""
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        p = next((emb if emb is not None else self.model).parameters())
+        return p.dtype if p.is_floating_point() else torch.float32
 
     def cache_bytes(self, settings: LambdaSettings) -> int:
         """Bytes the ring and global buffers of a cache with these settings take (before making one)."""
         return kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, settings.ring_size + settings.n_global,
-                              next(self.model.parameters()).dtype)
+                              self.cache_dtype())
 
     def layer_devices(self) -> list[torch.device]:
-        """Device of each decoder layer (they differ when a device map splits the model)."""
-        p = next(self.model.parameters())
-        return [p.device] * self.n_layers
+        """Device each decoder layer runs on (they differ when a device map splits the model).
+
+        Families whose layers are in `self.layers` get each layer's own; others run on one device.
+        """
+        layers = getattr(self, "layers", None)
+        if layers is not None and len(layers) == self.n_layers:
+            return [execution_device(layer) for layer in layers]
+        return [main_device(self.model)] * self.n_layers
 
     def forward(self, ids: Tensor, cache: LambdaCache, plan: StepPlan, rows: Rows = None) -> Tensor | None:
         """Run ids [1, C] through the model under `plan`, storing their K/V in the cache's
@@ -140,3 +152,22 @@ def no_grad_forward(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module runs on: where its weights are, or, when accelerate offloads them
+    (to the CPU or disk: they are on the meta device between forwards), its hook's device."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def main_device(model: nn.Module) -> torch.device:
+    """Where a model's input goes: its embeddings' execution device (see execution_device)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return execution_device(embeddings if embeddings is not None else model)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..cache import LayerCache, StepPlan
-from .base import config_layer_windows, register, rope_from_hf
+from .base import config_layer_windows, execution_device, register, rope_from_hf
 from .decoder import DecoderAdapter
 
 
@@ -38,9 +37,6 @@ class LlamaAdapter(DecoderAdapter):
     def layer_windows(self) -> list[int | None]:
         return config_layer_windows(self.config, self.n_layers)
 
-    def layer_devices(self) -> list[torch.device]:
-        return [layer.input_layernorm.weight.device for layer in self.layers]
-
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)
 
@@ -54,4 +50,4 @@ class LlamaAdapter(DecoderAdapter):
 
     def head(self, x: Tensor) -> Tensor:
         # Each .to is a no-op unless a device map put the norm and the head elsewhere.
-        return self.lm_head(self.norm(x.to(self.norm.weight.device)).to(self.lm_head.weight.device))
+        return self.lm_head(self.norm(x.to(execution_device(self.norm))).to(execution_device(self.lm_head)))

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from .. import __version__
 from . import bench, documents, evaluate, generate
+from .options import HELP_OPTIONS, HelpGroup
 from .output import one_line
 
 
@@ -43,9 +43,23 @@ def _exception_types(name: str) -> tuple[type[BaseException], ...]:
 _USAGE_ERRORS = _exception_types("UsageError")
 _CLICK_ERRORS = _exception_types("ClickException")
 _ABORTS = _exception_types("Abort")
+_NO_SUCH_OPTION = _exception_types("NoSuchOption")
+
+# Commands whose last argument is free text: a question that starts with a dash reads as an option.
+_TEXT_LAST = {"ask": 'lminf ask FILE -- "-QUESTION"'}
 
 
-class LminfGroup(TyperGroup):
+def _usage_error_line(exc: Any) -> str:
+    """The one stderr line of a usage error, with a hint when a question was taken for an option."""
+    line = f"lminf: error: {one_line(exc.format_message())}"
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(getattr(ctx, "command", None), "name", None)
+    if isinstance(exc, _NO_SUCH_OPTION) and command in _TEXT_LAST:
+        line += f" (a question that starts with a dash goes after --: {_TEXT_LAST[command]})"
+    return line
+
+
+class LminfGroup(HelpGroup):
     """Formats every failure as a single `lminf: error: ...` line on stderr."""
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
@@ -54,7 +68,7 @@ class LminfGroup(TyperGroup):
             rv = super().main(args=args, prog_name=prog_name or "lminf", complete_var=complete_var,
                               standalone_mode=False, **extra)
         except _USAGE_ERRORS as exc:
-            typer.echo(f"lminf: error: {one_line(exc.format_message())}", err=True)
+            typer.echo(_usage_error_line(exc), err=True)
             code = 2
         except _ABORTS:
             code = 130
@@ -68,8 +82,8 @@ class LminfGroup(TyperGroup):
         return code
 
 
-app = typer.Typer(cls=LminfGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False,
+app = typer.Typer(cls=LminfGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": HELP_OPTIONS},
                   help="Read documents far longer than a model's trained length (LM-Infinite).")
 
 

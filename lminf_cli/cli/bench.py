@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..units import format_length, human_bytes, parse_lengths
-from .options import SETTINGS_FIELDS, EngineOptions, with_options
+from .options import SETTINGS_FIELDS, EngineOptions, LminfCommand, with_options
 from .output import cli_errors, note, status, write_stdout
 
 
@@ -30,8 +30,6 @@ def bench(
                                                 "mistral-7b, smollm2-135m); needs --random-weights.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build --arch from its config "
                                                  "with random weights (no download).")] = False,
-    device_map: Annotated[Optional[str], typer.Option(help="e.g. auto: spread a large model over "
-                                                      "the GPUs and CPU with accelerate.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of time and memory against length.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the --plot file if it exists (never --text).")]
@@ -66,7 +64,8 @@ def bench(
             check_plotting()
             check_destination(plot, overwrite=force, inputs=[text] if text else [])  # before the runs
         spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=opts.model,
-                         arch=arch, device=opts.device, dtype=opts.dtype, device_map=device_map, text=text,
+                         arch=arch, device=opts.device, dtype=opts.dtype, device_map=opts.device_map,
+                         max_memory=opts.max_memory, load_in=opts.load_in, text=text,
                          requested={k: requested[k] for k in SETTINGS_FIELDS})
         console = Console(stderr=True)
 
@@ -143,4 +142,4 @@ def render_table(results, summary) -> Table:
 
 def register(app: typer.Typer) -> None:
     """Attach `lminf bench`."""
-    app.command("bench")(bench)
+    app.command("bench", cls=LminfCommand)(bench)

@@ -10,12 +10,12 @@ import typer
 
 from ..errors import UsageError
 from ..outputs import check_destination
-from .options import RETRIEVAL, EngineOptions, check_positive, with_options
+from .options import RETRIEVAL, EngineOptions, HelpGroup, LminfCommand, check_positive, with_options
 from .output import cli_errors, note, printable, stdout_console, task_progress, write_stdout
 
-eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+eval_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, rich_markup_mode="rich",
                        help="Measure length generalisation: perplexity by position, passkey retrieval, needles "
-                       "in your own text.")
+                       "in your own text, summary coverage.")
 
 BaselineMaxOpt = Annotated[Optional[str], typer.Option(
     "--baseline-max-length", help="Stop the unmodified model after this many tokens (e.g. 32k).")]
@@ -57,7 +57,7 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-@eval_app.command("ppl")
+@eval_app.command("ppl", cls=LminfCommand)
 @with_options(EngineOptions, "opts", exclude=RETRIEVAL)  # scoring never retrieves
 def ppl(
     file: Annotated[str, typer.Argument(help="Text or PDF file, or - for stdin.")],
@@ -221,7 +221,7 @@ def _print_ppl(report: dict[str, Any], sparkline: bool) -> None:
         console.print(line, highlight=False, markup=False)
 
 
-@eval_app.command("passkey")
+@eval_app.command("passkey", cls=LminfCommand)
 @with_options(EngineOptions, "opts")
 def passkey(
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "4k,8k,16k,32k",
@@ -335,7 +335,7 @@ def _cell(c) -> str:
     return f"{c.correct}/{c.total}"
 
 
-@eval_app.command("needle")
+@eval_app.command("needle", cls=LminfCommand)
 @with_options(EngineOptions, "opts")
 def needle(
     file: Annotated[str, typer.Argument(help="Real text to hide the facts in (text or PDF; - for stdin).")],
@@ -427,7 +427,7 @@ def needle(
         _print_grid(grid, lens, columns, tokens, lambda label: f"Needles found, {label} ({_shown(lm.name)}, {what})")
 
 
-@eval_app.command("summary")
+@eval_app.command("summary", cls=LminfCommand)
 @with_options(EngineOptions, "opts")
 def summary(
     files: Annotated[list[str], typer.Argument(help="The parts, one file each (two or more), joined in order.")],

@@ -293,3 +293,73 @@ class EncodeNotice:
             sys.stderr.write(f"lminf: encoding {total:,} tokens: about {format_duration(remaining)} at "
                              f"{speed:,.0f} tokens/s ({how})\n")
             sys.stderr.flush()
+
+
+def until_first(pieces: Iterator[str], message: str, quiet: bool) -> Iterator[str]:
+    """The pieces, with a spinner on stderr until the first one arrives (encoding a prompt and
+    the first token can take a while, and silence reads as a hang)."""
+    spinner = stderr_console().status(message) if interactive(quiet) else None
+    if spinner is not None:
+        spinner.start()
+    try:
+        for piece in pieces:
+            if spinner is not None:
+                spinner.stop()
+                spinner = None
+            yield piece
+    finally:
+        if spinner is not None:
+            spinner.stop()
+        close = getattr(pieces, "close", None)
+        if close is not None:  # left early: let the source clean up now (a reply restores its state)
+            close()
+
+
+def stats_fields(metrics: Any, first_token_seconds: float | None, load_seconds: float | None = None) -> dict[str, Any]:
+    """The numbers of `--verbose` and of `--json`'s "stats": what was encoded and generated, how fast,
+    the time to the first token, peak memory (GenerationMetrics of the reply; times in seconds)."""
+    def rate(n: int, s: float) -> float | None:
+        return round(n / s, 2) if s > 0 else None
+
+    out: dict[str, Any] = {}
+    if load_seconds is not None:
+        out["load_seconds"] = round(load_seconds, 3)
+    out.update({
+        "prompt_tokens": metrics.prompt_tokens, "prompt_seconds": round(metrics.encode_seconds, 3),
+        "prompt_tps": rate(metrics.prompt_tokens, metrics.encode_seconds),
+        "ttft_seconds": None if first_token_seconds is None else round(first_token_seconds, 3),
+        "generated_tokens": metrics.generated_tokens, "generation_seconds": round(metrics.decode_seconds, 3),
+        "generation_tps": rate(metrics.generated_tokens, metrics.decode_seconds),
+        "peak_memory_bytes": metrics.peak_memory_bytes,
+    })
+    return out
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    """`--verbose`: the stats on stderr, one figure a line (as ollama --verbose and mlx_lm print them)."""
+    from ..units import human_bytes
+
+    def rate(v: float | None) -> str:
+        return f" ({v:,.1f} tok/s)" if v else ""
+
+    lines = []
+    if "load_seconds" in stats:
+        lines.append(f"model load:    {stats['load_seconds']:.2f} s")
+    lines.append(f"prompt:        {stats['prompt_tokens']:,} tokens in {stats['prompt_seconds']:.2f} s"
+                 + rate(stats["prompt_tps"]))
+    if stats["ttft_seconds"] is not None:
+        lines.append(f"first token:   after {stats['ttft_seconds']:.2f} s")
+    lines.append(f"generated:     {stats['generated_tokens']:,} tokens in {stats['generation_seconds']:.2f} s"
+                 + rate(stats["generation_tps"]))
+    lines.append(f"peak memory:   {human_bytes(stats['peak_memory_bytes'])}")
+    for line in lines:
+        typer.echo(f"lminf: {line}", err=True)
+
+
+def finish_note(reason: str | None, max_new_tokens: int | None, quiet: bool) -> None:
+    """Say on stderr why a reply ended when it did not end by itself: it looped, or the default
+    token budget cut it (`max_new_tokens`: that budget; None when the user chose it with -n)."""
+    if reason == "loop":
+        note("the reply began repeating itself: it ends at its last complete sentence", quiet)
+    elif reason == "length" and max_new_tokens is not None:
+        note(f"the reply was cut at {max_new_tokens} tokens (-n/--max-new-tokens allows more)", quiet)
