@@ -10,6 +10,7 @@ import typer
 
 from ..errors import UsageError
 from ..outputs import check_destination
+from ..passages import DEFAULT_REREAD, REREAD_BY
 from .options import RETRIEVAL, EngineOptions, HelpGroup, LminfCommand, check_positive, with_options
 from .output import cli_errors, note, printable, stdout_console, task_progress, write_stdout
 
@@ -358,6 +359,11 @@ def needle(
     baseline_max_length: BaselineMaxOpt = None,
     baseline_time: BaselineTimeOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest answer.")] = 48,
+    reread: Annotated[int, typer.Option(
+        "--reread", help="As in ask: tokens of the passage a question is about, re-read before it (0 = off).")]
+    = DEFAULT_REREAD,
+    reread_by: Annotated[str, typer.Option("--reread-by", metavar="words|attention",
+                                           help="As in ask: how that passage is found.")] = "words",
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
     force: ForceOpt = False,
@@ -381,6 +387,8 @@ def needle(
             raise UsageError(f"--needles must be at least 1, got {needles}")
         if max_new_tokens <= 0:
             raise UsageError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        if reread < 0 or reread_by not in REREAD_BY:
+            raise UsageError(f"--reread must be 0 or more and --reread-by {' or '.join(REREAD_BY)}")
         plan = nd.trials(lens, deps, facts, needles)
         budget = _budget(baseline_max_length, baseline_time)
         requested = opts.requested()
@@ -388,18 +396,20 @@ def needle(
             pl.check_plotting()
             check_destination(plot, overwrite=force, inputs=[file])  # before the run, never the document
         text = read_document(file).text
+        from ..sampling import model_defaults
         from ..tasks import engine_for
 
         lm = opts.load()
         engine = engine_for(lm, requested)
+        params = model_defaults(getattr(lm.model, "generation_config", None), "answer")  # as lminf ask answers
         report = nd.NeedleReport(
-            meta={"model": lm.name, "file": file, "settings": engine.settings.to_dict(),
-                  "trained_length": engine.adapter.trained_length},
+            meta={"model": lm.name, "file": file, "settings": engine.settings.to_dict(), "reread": reread,
+                  "reread_by": reread_by, "trained_length": engine.adapter.trained_length},
             lengths=lens, depths=deps if needles == 1 else ["all"], per_trial=needles)
-        methods = [(bl.LMINF, nd.lminf_answers(engine, max_new_tokens))]
+        methods = [(bl.LMINF, nd.lminf_answers(lm, requested, max_new_tokens, reread, reread_by, params))]
         if lambda_alone:
-            alone = engine_for(lm, {k: v for k, v in requested.items() if k not in RETRIEVAL})
-            methods.append((bl.LAMBDA, nd.lminf_answers(alone, max_new_tokens)))
+            alone = {**{k: v for k, v in requested.items() if k not in RETRIEVAL}, "retrieval": False}
+            methods.append((bl.LAMBDA, nd.lminf_answers(lm, alone, max_new_tokens, 0, reread_by, params)))
         if baseline:
             dense = bl.DenseModel(lm, budget=budget)
             dense.start_clock()

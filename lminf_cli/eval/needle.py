@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..documents import Document
 from ..errors import InputError, UsageError
-from ..generate import Engine
-from ..progress import Progress
+from ..models import LoadedModel
 from ..prompts import PromptFormat
-from ..tasks import ask, encode_document
+from ..sampling import SamplingParams
+from ..tasks import ask, open_source
 from .baseline import BudgetStop, DenseModel
 from .passkey import Cell
 from .ppl import tokenize_prefix
@@ -149,12 +149,15 @@ class NeedleResult:
 Answerer = Callable[[Haystack], list[str]]
 
 
-def lminf_answers(engine: Engine, max_new_tokens: int, reread: int = 0,
-                  progress: Progress | None = None) -> Answerer:
-    """Answers through `lminf ask`'s own path: encode the document once, ask each needle's question."""
+def lminf_answers(lm: LoadedModel, requested: Mapping[str, Any], max_new_tokens: int, reread: int = 0,
+                  reread_by: str = "words", sampling: SamplingParams | None = None) -> Answerer:
+    """Answers through `lminf ask`'s own path: the document opened as ask opens it (retrieval on by
+    default when it is longer than the window, unless `requested` says otherwise), encoded once,
+    then each needle's question asked (re-reading its passage when `reread`)."""
     def answer(h: Haystack) -> list[str]:
-        encoded = encode_document(engine, Document("haystack", h.text), engine.lm.spec, progress=progress)
-        return [ask(engine, encoded, n.question, max_new_tokens, reread=reread).text() for n in h.needles]
+        engine, encoded = open_source(Document("haystack", h.text), lm, requested, auto_retrieval=True)
+        return [ask(engine, encoded, n.question, max_new_tokens, sampling, reread, reread_by).text()
+                for n in h.needles]
     return answer
 
 
