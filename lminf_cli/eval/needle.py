@@ -25,7 +25,7 @@ from ..prompts import PromptFormat
 from ..sampling import SamplingParams
 from ..tasks import ask, open_source
 from .baseline import BudgetStop, DenseModel
-from .passkey import Cell
+from .passkey import Cell, tally
 from .ppl import tokenize_prefix
 
 
@@ -217,16 +217,7 @@ def run_needles(method: str, tokenizer: Any, text: str, plan: Sequence[tuple[int
 
 def needle_grid(results: Iterable[NeedleResult], by_depth: bool) -> dict[str, dict[int, dict[Any, Cell]]]:
     """method -> length -> depth (or "all") -> Cell of hits."""
-    grid: dict[str, dict[int, dict[Any, Cell]]] = {}
-    for r in results:
-        cell = grid.setdefault(r.method, {}).setdefault(r.length, {}).setdefault(r.depth if by_depth else "all",
-                                                                                 Cell())
-        if r.skipped:
-            cell.skipped += 1
-        else:
-            cell.total += 1
-            cell.correct += int(r.hit)
-    return grid
+    return tally(results, (lambda r: r.depth) if by_depth else (lambda r: "all"), lambda r: r.hit)
 
 
 @dataclass

@@ -235,17 +235,23 @@ class Cell:
         return self.correct / self.total if self.total else None
 
 
-def passkey_grid(results: Iterable[PasskeyResult]) -> dict[str, dict[int, dict[float, Cell]]]:
-    """method -> length -> depth -> Cell."""
-    grid: dict[str, dict[int, dict[float, Cell]]] = {}
+def tally(results: Iterable[Any], column: Callable[[Any], Any], hit: Callable[[Any], bool]
+          ) -> dict[str, dict[int, dict[Any, Cell]]]:
+    """method -> length -> column -> Cell, from results with .method, .length and .skipped."""
+    grid: dict[str, dict[int, dict[Any, Cell]]] = {}
     for r in results:
-        cell = grid.setdefault(r.method, {}).setdefault(r.length, {}).setdefault(r.depth, Cell())
+        cell = grid.setdefault(r.method, {}).setdefault(r.length, {}).setdefault(column(r), Cell())
         if r.skipped:
             cell.skipped += 1
         else:
             cell.total += 1
-            cell.correct += int(r.correct)
+            cell.correct += int(hit(r))
     return grid
+
+
+def passkey_grid(results: Iterable[PasskeyResult]) -> dict[str, dict[int, dict[float, Cell]]]:
+    """method -> length -> depth -> Cell."""
+    return tally(results, lambda r: r.depth, lambda r: r.correct)
 
 
 @dataclass
