@@ -39,7 +39,7 @@ from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
 from .long_text import tokenize_long
 from .models import LoadedModel
-from .passages import DEFAULT_REREAD, REREAD_BY, bm25_scores, terms  # noqa: F401 - DEFAULT_REREAD: the API's
+from .passages import DEFAULT_REREAD, REREAD_BY, bm25_scores, terms
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
@@ -246,35 +246,28 @@ def engine_for(lm: LoadedModel, requested: Mapping[str, Any] | None = None) -> E
 
 
 def open_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
-                auto_retrieval: bool = False, system: str | None = None,
-                **encode_options: Any) -> tuple[Engine, EncodedDocument]:
+                system: str | None = None, **encode_options: Any) -> tuple[Engine, EncodedDocument]:
     """(engine, encoded document): a Document is encoded (encode_document's options), a path is a saved state.
 
-    `auto_retrieval`: when `requested` leaves retrieval unset (None), turn it on for a document
-    longer than the window (the first tokens and the window of the paper's defaults), and
-    leave a document that fits exactly as it is without it.  `system`: the system prompt,
-    part of the document's prefix (so a state must be opened with the one it was encoded with).
+    Retrieval of middle tokens (the KV stores) is on only when `requested` turns it on: the
+    default way to answer from anywhere in a long document is the re-read passage (`ask`'s
+    `reread`), which costs no decode time and leaves the window whole (docs/results.md).
+    `system`: the system prompt, part of the document's prefix (so a state must be opened
+    with the one it was encoded with).
     """
     if isinstance(source, Document):
-        wanted = dict(requested or {})
-        if wanted.get("retrieval") is None:
-            wanted["retrieval"] = auto_retrieval and outgrows(lm, source, wanted)
-        engine = engine_for(lm, wanted)
+        engine = engine_for(lm, {**dict(requested or {}), "retrieval": bool((requested or {}).get("retrieval"))})
         return engine, encode_document(engine, source, lm.spec, system=system, **encode_options)
     return open_state(source, lm, requested, system)
 
 
-def outgrows(lm: LoadedModel, doc: Document, requested: Mapping[str, Any]) -> bool:
-    """Whether the document is longer than what the model sees directly without retrieval."""
-    plain = LambdaSettings.for_model(lm.adapter.trained_length, **{**requested, "retrieval": False})
-    window = plain.n_global + plain.n_local
-    chars = 8 * (window + 1)
-    while True:  # a prefix long enough to decide: a whole book need not be tokenized for this
-        if len(tokenize_long(lm.tokenizer, doc.text[:chars])) > window:
-            return True
-        if chars >= len(doc.text):
-            return False
-        chars *= 2
+def reread_for(retrieval: bool | None, reread: int | None) -> int:
+    """Tokens of the passage re-read before a question: as given; else the default
+    (DEFAULT_REREAD, used only for documents longer than the window) unless retrieval
+    was turned off (--no-retrieval: Λ-attention alone, the paper's method as it is)."""
+    if reread is not None:
+        return reread
+    return 0 if retrieval is False else DEFAULT_REREAD
 
 
 def open_state(path: str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,
@@ -448,7 +441,8 @@ def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
 # -- Tasks ------------------------------------------------------------------
 
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
-        sampling: SamplingParams | None = None, reread: int = 0, reread_by: str = "words") -> Response:
+        sampling: SamplingParams | None = None, reread: int = DEFAULT_REREAD,
+        reread_by: str = "words") -> Response:
     """The answer to one question about the encoded document (re-reading a passage first: see `excerpt_for`)."""
     question = check_question(question)
     excerpt = excerpt_for(engine, encoded, question, reread, reread_by)
@@ -679,7 +673,7 @@ def summarize_source(source: Document | str | Path, lm: LoadedModel, requested: 
     options = {} if not isinstance(source, Document) else {
         "notes": None, "reserve": budget + SUMMARY_PROMPT_RESERVE, "section_tokens": section_tokens,
         "note_tokens": note_tokens, "sampling": sampling, "progress": progress, "on_note": on_note}
-    engine, encoded = open_source(source, lm, requested, auto_retrieval=True, system=system, **options)
+    engine, encoded = open_source(source, lm, requested, system=system, **options)
     return engine, encoded, summarize(engine, encoded, length, budget, sampling, note_tokens)
 
 
@@ -703,7 +697,7 @@ class ChatSession:
 
     def __init__(self, engine: Engine, encoded: EncodedDocument, history: int = 3,
                  max_new_tokens: int = DEFAULT_ANSWER_TOKENS, sampling: SamplingParams | None = None,
-                 reread: int = 0, reread_by: str = "words") -> None:
+                 reread: int = DEFAULT_REREAD, reread_by: str = "words") -> None:
         if history < 0:
             raise SettingsError("history", f"must be >= 0, got {history}")
         self.engine, self.encoded = engine, encoded

@@ -127,8 +127,8 @@ def test_state_from_another_model_is_refused(state, other_model_dir):
 
 def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     args = [files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir, *WINDOW, *SHORT]
-    # The document outgrows the window: retrieval is on by default and nothing is said.
-    found = invoke(["ask", *args, "--middle-from-layer", "0"])
+    # The document outgrows the window: the question's passage is re-read by default and nothing is said.
+    found = invoke(["ask", *args])
     assert found.exit_code == 0 and found.stderr == ""
     # Without retrieval, stderr has one hint that facts may be missed (--quiet drops it).
     text = invoke(["ask", *args, "--no-retrieval"])
@@ -136,7 +136,7 @@ def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     assert "longer than the 32-token window" in text.stderr and "retrieves" in text.stderr
     quiet = invoke(["ask", *args, "--quiet", "--no-retrieval"])
     assert quiet.stderr == "" and quiet.stdout == text.stdout
-    assert found.stdout != text.stdout  # retrieval changed what the answer read
+    reread = json.loads(invoke(["ask", *args, "--json"]).stdout)
     assert text.stdout.endswith("\n") and text.stdout.strip()
     js = invoke(["ask", *args, "--json", "--no-retrieval"])
     obj = json.loads(js.stdout)
@@ -147,6 +147,10 @@ def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     stats = obj["stats"]
     assert stats["generated_tokens"] == obj["answer_tokens"] + (obj["finish_reason"] == "stop")
     assert stats["prompt_tokens"] > obj["document_tokens"]  # the document, then the question
+    # The default re-read writes the passage out again before the question.
+    assert reread["prompt_tokens"] > obj["prompt_tokens"] + 16 and reread["answer"] == found.stdout.strip()
+    again = json.loads(invoke(["ask", *args, "--json", "--reread", "0"]).stdout)
+    assert again["prompt_tokens"] == obj["prompt_tokens"]
     assert 0 < stats["ttft_seconds"] < obj["seconds"] and stats["peak_memory_bytes"] > 0
 
 
@@ -339,3 +343,14 @@ def test_reread_reaches_ask_and_chat(files, tiny_model_dir):
     assert chat.stdout == same.stdout
     for bad, words in ((["--reread", "-1"], "--reread"), (["--reread-by", "magic"], "--reread-by")):
         assert_one_error_line(invoke(["ask", args[0], q, *args[1:], *bad]), words)
+
+
+def test_reread_by_attention_needs_retrieval(files, tiny_model_dir):
+    # Refused before anything is encoded: nothing would attend to the middle to follow.
+    args = [files / "doc.txt", "Who keeps the lighthouse?", "--model", tiny_model_dir, *WINDOW, *SHORT]
+    r = invoke(["ask", *args, "--reread-by", "attention"])
+    assert_one_error_line(r, "--retrieval")
+    ok = invoke(["ask", *args, "--reread-by", "attention", "--retrieval", "--middle-from-layer", "0"])
+    assert ok.exit_code == 0 and ok.stdout.strip()
+    # --reread 0 asks for no passage: nothing to follow, nothing refused.
+    assert invoke(["ask", *args, "--reread-by", "attention", "--reread", "0"]).exit_code == 0

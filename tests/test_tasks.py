@@ -349,7 +349,7 @@ def test_ask_with_reread_puts_the_passage_before_the_question(lm, monkeypatch):
     seen = []
     real = tasks.reply
     monkeypatch.setattr(tasks, "reply", lambda e, st, ids, *rest: seen.append(ids) or real(e, st, ids, *rest))
-    plain = ask(engine, encoded, "Who is Ishmael?", 6).text()
+    plain = ask(engine, encoded, "Who is Ishmael?", 6, reread=0).text()
     again = ask(engine, encoded, "Who is Ishmael?", 6, reread=40, reread_by="attention").text()
     span = tasks.locate(engine, encoded, seen[0], 40)
     passage = tasks.passage_text(engine, encoded.ids[span[0]:span[1]])

@@ -20,6 +20,7 @@ import typer
 from ..errors import InputError, LminfError, UsageError
 from ..passages import DEFAULT_REREAD, REREAD_BY
 from .options import (
+    ATTENTION_NEEDS_KV,
     EngineOptions,
     LminfCommand,
     QuietOpt,
@@ -54,9 +55,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 SectionOpt = Annotated[Optional[int], typer.Option(
     "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
 NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
-RereadOpt = Annotated[int, typer.Option(
-    "--reread", help="For a document longer than the window: the passage of this many tokens that the question "
-    "is about is written out again right before it, so the model reads it from close by; 0 = off.")]
+RereadOpt = Annotated[Optional[int], typer.Option(
+    "--reread", show_default=False, help="For a document longer than the window: the passage of this many tokens "
+    "that the question is about is written out again right before it, so the model reads it from close by; "
+    f"0 = off [default: {DEFAULT_REREAD}; 0 with --no-retrieval].")]
 RereadByOpt = Annotated[str, typer.Option(
     "--reread-by", metavar="words|attention", help="How that passage is found: words (the question's rarer words, "
     "BM25) or attention (where the model's retrieval looks; needs retrieval).")]
@@ -95,8 +97,7 @@ def load_model(opts: EngineOptions) -> tuple[Any, float]:
 def open_document(source: Any, lm: Any, opts: EngineOptions, requested: dict[str, Any], system: str | None = None,
                   **encode_options: Any):
     """(engine, encoded document) from read_source's result, with progress on stderr: documents are
-    encoded (notes counted on the bar; one line first when the encode will be long; retrieval on
-    by default when the document is longer than the window), a state is loaded."""
+    encoded (notes counted on the bar; one line first when the encode will be long), a state is loaded."""
     from ..speed import record_speed, recorded_speed, speed_key
     from ..tasks import open_source
 
@@ -110,7 +111,7 @@ def open_document(source: Any, lm: Any, opts: EngineOptions, requested: dict[str
                 bar.describe(f"Encoding (notes {k}/{n})")
 
         notice = EncodeNotice(bar, opts.quiet, lm.adapter.trained_length, recorded_speed(key))
-        engine, encoded = open_source(source, lm, requested, auto_retrieval=True, system=system, progress=notice,
+        engine, encoded = open_source(source, lm, requested, system=system, progress=notice,
                                       on_note=on_note, **encode_options)
     metrics = encoded.state.metrics
     record_speed(key, metrics.prompt_tokens, metrics.encode_seconds)
@@ -154,17 +155,23 @@ class Reply:
             print_stats(self.stats())
 
 
-def _check_reread(reread: int, reread_by: str) -> None:
-    if reread < 0:
+def _check_reread(reread: int | None, reread_by: str, opts: EngineOptions, files: list[str]) -> None:
+    if reread is not None and reread < 0:
         raise UsageError(f"--reread must be 0 (off) or a number of tokens, got {reread}")
     if reread_by not in REREAD_BY:
         raise UsageError(f"--reread-by must be {' or '.join(REREAD_BY)}, got '{reread_by}'")
+    kv = opts.retrieval or opts.middle_top_k or _state_source(files)  # a state says for itself (checked on load)
+    if reread_by == "attention" and reread != 0 and not kv:
+        raise UsageError(ATTENTION_NEEDS_KV)
 
 
-def _hint_retrieval(encoded: Any, quiet: bool) -> None:
-    """Say when a question may miss facts: the document outgrew the window and nothing retrieves."""
+def _hint_retrieval(encoded: Any, reread: int, reread_by: str, quiet: bool) -> None:
+    """Say when a question may miss facts: the document outgrew the window and nothing retrieves.
+    Refuse a re-read by attention where nothing attends to the middle."""
     s = encoded.state.cache.settings
-    if not s.retrieves and encoded.outgrows_window:
+    if reread and reread_by == "attention" and not s.retrieves:
+        raise UsageError(ATTENTION_NEEDS_KV)
+    if not s.retrieves and not (reread and encoded.ids is not None) and encoded.outgrows_window:
         note(f"{encoded.header.document_name} ({encoded.document_tokens:,} tokens) is longer than the "
              f"{s.n_local:,}-token window and nothing retrieves from its middle: facts there may be missed", quiet)
 
@@ -281,7 +288,7 @@ def ask(
              "then the question, in quotes (after -- if it starts with a dash).")],
     json_out: JsonOpt = False,
     max_new_tokens: MaxNewOpt = None,
-    reread: RereadOpt = DEFAULT_REREAD,
+    reread: RereadOpt = None,
     reread_by: RereadByOpt = "words",
     system: SystemOpt = None,
     verbose: VerboseOpt = False,
@@ -297,18 +304,19 @@ def ask(
             raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
         files, question = args[:-1], check_question(args[-1])
         check_positive("--max-new-tokens", max_new_tokens)
-        _check_reread(reread, reread_by)
+        _check_reread(reread, reread_by, opts, files)
         requested = opts.requested()
         sampling.given()
         source = read_source(files, opts.quiet)
-        from ..tasks import DEFAULT_ANSWER_TOKENS
+        from ..tasks import DEFAULT_ANSWER_TOKENS, reread_for
         from ..tasks import ask as ask_task
 
         lm, load_seconds = load_model(opts)
         params = sampling.params(lm, "answer")
         started = time.perf_counter()
         engine, encoded = open_document(source, lm, opts, requested, system)
-        _hint_retrieval(encoded, opts.quiet)
+        reread = reread_for(opts.retrieval, reread)
+        _hint_retrieval(encoded, reread, reread_by, opts.quiet)
         budget = max_new_tokens or DEFAULT_ANSWER_TOKENS
         response = ask_task(engine, encoded, question, budget, params, reread, reread_by)
         Reply(response, encoded.state.metrics, started, load_seconds).deliver(
@@ -394,7 +402,7 @@ def chat(
                                               "(0: every answer depends on the document alone).")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per answer (JSON lines).")] = False,
     max_new_tokens: MaxNewOpt = None,
-    reread: RereadOpt = DEFAULT_REREAD,
+    reread: RereadOpt = None,
     reread_by: RereadByOpt = "words",
     system: SystemOpt = None,
     verbose: VerboseOpt = False,
@@ -413,16 +421,17 @@ def chat(
         if history < 0:
             raise UsageError(f"--history must be >= 0, got {history}")
         check_positive("--max-new-tokens", max_new_tokens)
-        _check_reread(reread, reread_by)
+        _check_reread(reread, reread_by, opts, list(files))
         requested = opts.requested()
         sampling.given()
         source = read_source(files, opts.quiet)
-        from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession
+        from ..tasks import DEFAULT_ANSWER_TOKENS, ChatSession, reread_for
 
         lm, _ = load_model(opts)
         params = sampling.params(lm, "answer")
         engine, encoded = open_document(source, lm, opts, requested, system)
-        _hint_retrieval(encoded, opts.quiet)
+        reread = reread_for(opts.retrieval, reread)
+        _hint_retrieval(encoded, reread, reread_by, opts.quiet)
         budget = max_new_tokens or DEFAULT_ANSWER_TOKENS
         session = ChatSession(engine, encoded, history, budget, params, reread, reread_by)
         tty = sys.stdin.isatty()

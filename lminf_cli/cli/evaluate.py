@@ -11,7 +11,7 @@ import typer
 from ..errors import UsageError
 from ..outputs import check_destination
 from ..passages import DEFAULT_REREAD, REREAD_BY
-from .options import RETRIEVAL, EngineOptions, HelpGroup, LminfCommand, check_positive, with_options
+from .options import ATTENTION_NEEDS_KV, RETRIEVAL, EngineOptions, HelpGroup, LminfCommand, check_positive, with_options
 from .output import cli_errors, note, printable, stdout_console, task_progress, write_stdout
 
 eval_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, rich_markup_mode="rich",
@@ -359,9 +359,9 @@ def needle(
     baseline_max_length: BaselineMaxOpt = None,
     baseline_time: BaselineTimeOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest answer.")] = 48,
-    reread: Annotated[int, typer.Option(
-        "--reread", help="As in ask: tokens of the passage a question is about, re-read before it (0 = off).")]
-    = DEFAULT_REREAD,
+    reread: Annotated[Optional[int], typer.Option(
+        "--reread", show_default=False, help="As in ask: tokens of the passage a question is about, re-read before "
+        f"it (0 = off) [default: {DEFAULT_REREAD}; 0 with --no-retrieval].")] = None,
     reread_by: Annotated[str, typer.Option("--reread-by", metavar="words|attention",
                                            help="As in ask: how that passage is found.")] = "words",
     json_out: JsonOpt = False,
@@ -387,8 +387,13 @@ def needle(
             raise UsageError(f"--needles must be at least 1, got {needles}")
         if max_new_tokens <= 0:
             raise UsageError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-        if reread < 0 or reread_by not in REREAD_BY:
+        if (reread is not None and reread < 0) or reread_by not in REREAD_BY:
             raise UsageError(f"--reread must be 0 or more and --reread-by {' or '.join(REREAD_BY)}")
+        from ..tasks import engine_for, reread_for
+
+        reread = reread_for(opts.retrieval, reread)
+        if reread and reread_by == "attention" and not (opts.retrieval or opts.middle_top_k):
+            raise UsageError(ATTENTION_NEEDS_KV)
         plan = nd.trials(lens, deps, facts, needles)
         budget = _budget(baseline_max_length, baseline_time)
         requested = opts.requested()
@@ -397,7 +402,6 @@ def needle(
             check_destination(plot, overwrite=force, inputs=[file])  # before the run, never the document
         text = read_document(file).text
         from ..sampling import model_defaults
-        from ..tasks import engine_for
 
         lm = opts.load()
         engine = engine_for(lm, requested)

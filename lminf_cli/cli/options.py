@@ -69,10 +69,10 @@ SystemOpt = Annotated[Optional[str], typer.Option(
     "with the document: a saved state needs the one it was encoded with.")]
 RetrievalOpt = Annotated[Optional[bool], typer.Option(
     "--retrieval/--no-retrieval", rich_help_panel=RETRIEVAL_PANEL, show_default=False,
-    help="Find facts anywhere in a long document: retrieval of middle tokens with the measured recipe (see "
-    "docs/usage.md); the --middle-* and window options still override it. Keeps the document's middle in host "
-    "memory. [default: on for ask, chat, summarize and encode when the document is longer than the window; off "
-    "for continue and eval]")]
+    help="--retrieval: the generated tokens also attend to the best-matching middle tokens (top-k per head, "
+    "kept in host memory; the --middle-* and window options override the recipe). --no-retrieval: Λ-attention "
+    "alone, and ask/chat re-read no passage. [default: ask and chat re-read the passage a question is about "
+    "(--reread), no middle tokens attended; see docs/usage.md]")]
 MiddleTopKOpt = Annotated[Optional[int], typer.Option(
     "--middle-top-k", rich_help_panel=RETRIEVAL_PANEL,
     help=("The token being generated also attends to the K best-matching "
@@ -135,6 +135,10 @@ SeedOpt = Annotated[Optional[int], typer.Option(
 StopOpt = Annotated[Optional[list[str]], typer.Option(
     "--stop", metavar="TEXT", rich_help_panel=SAMPLING_PANEL,
     help="End the reply where it produces this text (not printed); repeat for several.")]
+
+# ask, chat and eval needle refuse a re-read by attention where nothing attends to the middle.
+ATTENTION_NEEDS_KV = ("--reread-by attention follows the retrieval of middle tokens: add --retrieval "
+                      "(or use --reread-by words)")
 
 # The EngineOptions fields that are LambdaSettings.for_model keywords, and those that only steer retrieval.
 SETTINGS_FIELDS = ("n_local", "n_global", "limit_distance", "chunk_size", "retrieval", "middle_top_k",

@@ -151,11 +151,10 @@ Answerer = Callable[[Haystack], list[str]]
 
 def lminf_answers(lm: LoadedModel, requested: Mapping[str, Any], max_new_tokens: int, reread: int = 0,
                   reread_by: str = "words", sampling: SamplingParams | None = None) -> Answerer:
-    """Answers through `lminf ask`'s own path: the document opened as ask opens it (retrieval on by
-    default when it is longer than the window, unless `requested` says otherwise), encoded once,
+    """Answers through `lminf ask`'s own path: the document opened as ask opens it, encoded once,
     then each needle's question asked (re-reading its passage when `reread`)."""
     def answer(h: Haystack) -> list[str]:
-        engine, encoded = open_source(Document("haystack", h.text), lm, requested, auto_retrieval=True)
+        engine, encoded = open_source(Document("haystack", h.text), lm, requested)
         return [ask(engine, encoded, n.question, max_new_tokens, sampling, reread, reread_by).text()
                 for n in h.needles]
     return answer
