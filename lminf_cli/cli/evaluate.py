@@ -474,13 +474,15 @@ def summary(
         given = sm.parse_terms(terms, len(files))
         requested = opts.requested()
         parts = [read_document(f) for f in files]
+        from ..sampling import model_defaults
         from ..tasks import summarize_source
 
         lm = opts.load()
+        params = model_defaults(getattr(lm.model, "generation_config", None), "answer")  # as lminf summarize
 
         def summarize(doc):
             with task_progress(opts.quiet, f"Summarizing {doc.name}") as bar:
-                return summarize_source(doc, lm, requested, length, max_new_tokens, None, section_tokens,
+                return summarize_source(doc, lm, requested, length, max_new_tokens, params, section_tokens,
                                         note_tokens, progress=bar)[2]
 
         report = sm.evaluate_summary(parts, summarize, lambda t: len(lm.tokenizer.encode(t, add_special_tokens=False)),
