@@ -25,7 +25,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Local HF directory, .gguf file or cached hub id [default: $LMINF_MODEL, "
     "else the embedded SmolLM2-135M-Instruct].")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU and on CPUs with AMX or AVX-512 BF16, else "
+                                       "float32), float32, bfloat16, float16.")]
 NLocalOpt = Annotated[Optional[int], typer.Option(
     "--n-local", help="Local window in tokens [default: the model's trained length].")]
 NGlobalOpt = Annotated[Optional[int], typer.Option(
