@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 
-from . import kernels  # noqa: E402
+from . import kernels, quant  # noqa: E402
 from .adapters import Adapter, adapter_for  # noqa: E402
 from .errors import LminfError, ModelError, UsageError  # noqa: E402
 from .model_files import check_gguf, check_model_dir, model_path_kind  # noqa: E402
@@ -51,6 +51,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     spec: str = ""  # how the model was named (--model, $LMINF_MODEL or the embedded file's path)
+    quantize: str = "none"  # weight-only copies of the linear layers for decode steps (quant.py)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -73,13 +74,27 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of parameters (tied weights counted once)."""
+        """Bytes of parameters (tied weights counted once) and of quantized copies."""
         seen, total = set(), 0
         for p in self.model.parameters():
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total
+        return total + sum(t.numel() * t.element_size() for t in quant.quantized_tensors(self.model).values())
+
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: the quantized copies in place of their dense weights
+        (a dense weight tied to another module, the embedding, still counts)."""
+        q = {id(m.weight) for m in self.model.modules() if isinstance(m, quant.QuantizedLinear)}
+        tied = {id(p) for m in self.model.modules() if not isinstance(m, quant.QuantizedLinear)
+                for p in m.parameters(recurse=False)}
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen and (id(p) not in q or id(p) in tied):
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total + sum(t.numel() * t.element_size() for t in quant.quantized_tensors(self.model).values())
 
 
 def past_keyword(model: Any) -> str:
@@ -171,6 +186,30 @@ def _converted_dir(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
+def _source_id(kind: str, path: Path | None, spec: str) -> str | None:
+    """What identifies a model's weights on disk (paths, sizes and modification times of its files),
+    so that a cache derived from them is dropped when they change; None: unknown (no caching)."""
+    if kind == "gguf" and path is not None:
+        return f"gguf:{_converted_dir(path).name}"
+    if kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec, local_files_only=True))  # .../snapshots/<commit>
+        except Exception:  # noqa: BLE001 - not resolvable offline: quantize every time instead
+            return None
+    if path is None or not path.is_dir():
+        return None
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".json") and f.is_file())
+    stats = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return f"dir:{path.resolve()}:" + hashlib.sha256("|".join(stats).encode()).hexdigest()[:16]
+
+
+def quantized_cache_path(source: str, mode: str) -> Path:
+    """Where the packed weights of `source` under `mode` are kept (quant.py)."""
+    return cache_dir() / "quantized" / quant.cache_key(source, mode)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load a GGUF through transformers, de-quantising once and caching the result.
 
@@ -215,21 +254,61 @@ def _save_converted(model: Any, tok: Any, converted: Path) -> None:
 
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, quantize: str | None = None) -> LoadedModel:
     """Load a model by --model spec (directory, .gguf file or cached hub id).
 
     `device_map` ("auto", ...) lets accelerate spread a model too large for one
-    device across the GPUs and the CPU.
+    device across the GPUs and the CPU.  `quantize` ('int8', 'int4') gives the linear
+    layers weight-only copies for decode steps (quant.py), packed from float32 weights
+    once and then read from cache_dir()/quantized.
     """
+    mode = quant.check_mode(quantize)
     spec = resolve_model_spec(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if mode != "none":
+        if dev.type != "cpu" or device_map:
+            raise UsageError(f"--quantize {mode} runs on the CPU only (PyTorch's weight-only CPU kernels): "
+                             "use --device cpu, or --quantize none")
+        if not quant.kernels_available():
+            raise UsageError(f"--quantize {mode} needs PyTorch's weight-only CPU kernels, which torch "
+                             f"{torch.__version__} lacks (use --quantize none)")
+    lm = _load(spec, dev, dt, device_map, mode)
+    lm.spec = spec
+    return lm
+
+
+def _load(spec: str, dev: torch.device, dt: torch.dtype, device_map: str | None, mode: str,
+          retry: bool = True) -> LoadedModel:
+    """load_model's work, with the quantized cache: a hit loads the weights in `dt` and installs the
+    cached packed tensors; a miss loads float32 weights (the closest int4 groups of a de-quantized
+    GGUF come from them), packs them and writes the cache."""
+    kind, path = model_path_kind(spec)
+    source = _source_id(kind, path, spec) if mode != "none" else None
+    cache_file = quantized_cache_path(source, mode) if source else None
+    packed = quant.load_cached(cache_file) if cache_file else None
+    load_dt = torch.float32 if mode != "none" and packed is None else dt
+    model, tok, name = _load_hf(spec, kind, path, load_dt, device_map)
+    try:
+        lm = from_hf(model, tok, name, None if device_map else dev, dt, quantize=mode, packed=packed)
+    except ValueError:
+        if packed is None or not retry:
+            raise
+        cache_file.unlink(missing_ok=True)  # a stale or foreign file: pack again from float32
+        return _load(spec, dev, dt, device_map, mode, retry=False)
+    if cache_file is not None and packed is None:
+        with contextlib.suppress(OSError, ValueError, RuntimeError):  # an unwritable cache only costs time later
+            quant.save_cached(cache_file, quant.quantized_tensors(lm.model), source, mode)
+    return lm
+
+
+def _load_hf(spec: str, kind: str, path: Path | None, dt: torch.dtype, device_map: str | None) -> tuple[Any, Any, str]:
+    """The HF model, tokenizer and display name of a spec, weights in `dt`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    kind, path = model_path_kind(spec)
     try:
         if kind == "gguf":
             model, tok = _load_gguf(path, dt)
@@ -257,9 +336,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
                          "local Hugging Face cache (lminf never downloads)") from exc
     except Exception as exc:  # noqa: BLE001 - model files are untrusted input: any failure to load them is bad input
         raise ModelError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
-    lm = from_hf(model, tok, name, None if device_map else dev, dt)
-    lm.spec = spec
-    return lm
+    return model, tok, name
 
 
 def _first_line(exc: BaseException) -> str:
@@ -272,10 +349,19 @@ def _map(device_map: str | None) -> dict[str, Any]:
 
 
 def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None) -> LoadedModel:
-    """Wrap an already-built HF model (e.g. random weights from a config)."""
+            dtype: torch.dtype | None = None, quantize: str = "none",
+            packed: dict[str, torch.Tensor] | None = None) -> LoadedModel:
+    """Wrap an already-built HF model (e.g. random weights from a config).
+
+    `quantize` ('int8', 'int4'): its linear layers get weight-only copies for decode steps,
+    the `packed` tensors when given (a cache), else packed here from the weights as they are
+    before the cast to `dtype` (so pass float32 weights); a ValueError if `packed` does not fit.
+    """
+    mode = quant.check_mode(quantize)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     dt = dtype or next(model.parameters()).dtype
+    if mode != "none" and packed is None:
+        packed = quant.quantize_weights(model, mode)
     if getattr(model, "hf_device_map", None):
         model = model.eval()  # already placed by accelerate; moving it would undo the map
     else:
@@ -285,4 +371,9 @@ def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.devic
     # FewRowLinear (parameters and state dict untouched).  Its batched path is active only inside
     # adapter forwards, so the unmodified model's own forward (bench and eval baselines) keeps F.linear.
     kernels.install(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt)
+    if mode != "none":
+        # Quantized layers (QuantizedLinear) replace that class: a weight format, so the model's own
+        # forward uses them too (a bench baseline "at the same precision" is quantized alike).
+        quant.install(model, mode, packed)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt,
+                       quantize=mode)

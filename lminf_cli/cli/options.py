@@ -27,6 +27,10 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU and on CPUs with AMX or AVX-512 BF16, else "
                                        "float32), float32, bfloat16, float16.")]
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", help="CPU only: decode steps multiply by weight-only int8 or int4 copies of the linear layers "
+    "(int4: the LM head in int8), in bfloat16; prefill keeps the --dtype weights. Packed once per model and "
+    "cached. none, int8 or int4.")]
 NLocalOpt = Annotated[Optional[int], typer.Option(
     "--n-local", help="Local window in tokens [default: the model's trained length].")]
 NGlobalOpt = Annotated[Optional[int], typer.Option(
@@ -83,6 +87,7 @@ class EngineOptions:
     model: ModelOpt = None
     device: DeviceOpt = "auto"
     dtype: DtypeOpt = "auto"
+    quantize: QuantizeOpt = "none"
     n_local: NLocalOpt = None
     n_global: NGlobalOpt = None
     limit_distance: LimitOpt = None
@@ -104,8 +109,10 @@ class EngineOptions:
         fail before the (slow) model load; the real settings are built again, with the
         model's trained length, by the API.
         """
+        from ..quant import check_mode
         from ..settings import MAX_TOKENS, LambdaSettings
 
+        check_mode(self.quantize)
         given = {name: getattr(self, name) for name in SETTINGS_FIELDS}
         LambdaSettings.for_model(MAX_TOKENS, **given)
         return given
@@ -116,7 +123,7 @@ class EngineOptions:
         from .output import status
 
         with status("Loading model", self.quiet):
-            return load_model(self.model, self.device, self.dtype)
+            return load_model(self.model, self.device, self.dtype, quantize=self.quantize)
 
 
 @dataclasses.dataclass(frozen=True)
