@@ -28,6 +28,10 @@ document passage text question answer tell say said
 """
 STOPWORDS = frozenset(_STOP_TEXT.split())
 K1, B = 1.2, 0.75  # the usual BM25 constants
+# Tokens of the passage re-read before a question about a document longer than the window
+# (chosen on real text with scripts/needle_sweep.py: docs/results.md), and how it is found.
+DEFAULT_REREAD = 512
+REREAD_BY = ("words", "attention")
 
 
 def terms(text: str) -> list[str]:

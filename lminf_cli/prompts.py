@@ -90,9 +90,11 @@ class PromptFormat:
         again = EXCERPT.format(passage=excerpt.strip()) if excerpt else ""
         return again + FIRST_QUESTION.format(q=check_question(question)) + self.user_end
 
-    def follow_up(self, question: str) -> str:
-        """Appended after a previous answer: closes it and asks the next question."""
-        return self.assistant_end + NEXT_QUESTION.format(q=check_question(question)) + self.user_end
+    def follow_up(self, question: str, excerpt: str | None = None) -> str:
+        """Appended after a previous answer: closes it and asks the next question (after a re-read
+        passage, when given)."""
+        again = EXCERPT.format(passage=excerpt.strip()).removeprefix("\n\n") + "\n\n" if excerpt else ""
+        return self.assistant_end + again + NEXT_QUESTION.format(q=check_question(question)) + self.user_end
 
     def section_note(self) -> str:
         """Appended after a section of the document: asks for notes on it and opens the reply with NOTE_START."""

@@ -37,7 +37,7 @@ from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
 from .long_text import tokenize_long
 from .models import LoadedModel
-from .passages import bm25_scores, terms
+from .passages import DEFAULT_REREAD, REREAD_BY, bm25_scores, terms  # noqa: F401 - DEFAULT_REREAD: the API's
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
@@ -372,32 +372,37 @@ def _hold_back(engine: Engine, ids: Sequence[int], start: int) -> int:
 
 # -- Tasks ------------------------------------------------------------------
 
-REREAD_BY = ("words", "attention")
-
-
 def ask(engine: Engine, encoded: EncodedDocument, question: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         sampling: SamplingParams | None = None, reread: int = 0, reread_by: str = "words") -> Response:
-    """The answer to one question about the encoded document.
-
-    `reread` > 0 (for a document longer than the window): the passage of that many tokens
-    the question is about is written out again right before the question, so the model
-    reads it from a short distance, where a small model reads facts reliably.  The
-    passage is found by the question's words (`reread_by="words"`, BM25) or by where the
-    model's own retrieval looks ("attention", with retrieval on; see `locate`).
-    """
+    """The answer to one question about the encoded document (re-reading a passage first: see `excerpt_for`)."""
     question = check_question(question)
-    excerpt = None
-    if reread > 0 and encoded.outgrows_window and encoded.ids is not None:
-        if reread_by == "words":
-            span = locate_words(engine, encoded, question, reread)
-        elif reread_by == "attention":
-            span = locate(engine, encoded, encoded.prompt_ids(engine, encoded.fmt.question(question)), reread)
-        else:
-            raise SettingsError("reread_by", f"must be {' or '.join(REREAD_BY)}, got {reread_by!r}")
-        if span is not None:
-            excerpt = passage_text(engine, encoded.ids[span[0]:span[1]])
+    excerpt = excerpt_for(engine, encoded, question, reread, reread_by)
     prompt = encoded.prompt_ids(engine, encoded.fmt.question(question, excerpt))
     return reply(engine, encoded.state, prompt, max_new_tokens, sampling)
+
+
+def excerpt_for(engine: Engine, encoded: EncodedDocument, question: str, reread: int,
+                reread_by: str = "words") -> str | None:
+    """The passage of `reread` tokens the question is about, to write out again right before it.
+
+    A small model reads a fact reliably only from a short distance (docs/results.md): for
+    a document longer than the window, the passage is found by the question's words
+    (`reread_by="words"`, BM25) or by where the model's own retrieval looks ("attention",
+    with retrieval on; see `locate`), and re-read close to the question.  None when
+    `reread` is 0, the document fits the window (then everything is read directly, as
+    before), or no passage is found.
+    """
+    if reread_by not in REREAD_BY:
+        raise SettingsError("reread_by", f"must be {' or '.join(REREAD_BY)}, got {reread_by!r}")
+    if reread < 0:
+        raise SettingsError("reread", f"must be 0 (off) or a number of tokens, got {reread}")
+    if not reread or not encoded.outgrows_window or encoded.ids is None:
+        return None
+    if reread_by == "words":
+        span = locate_words(engine, encoded, question, reread)
+    else:
+        span = locate(engine, encoded, encoded.prompt_ids(engine, encoded.fmt.question(question)), reread)
+    return None if span is None else passage_text(engine, encoded.ids[span[0]:span[1]])
 
 
 def locate_words(engine: Engine, encoded: EncodedDocument, question: str, span: int) -> tuple[int, int] | None:
@@ -618,16 +623,18 @@ class ChatSession:
     """
 
     def __init__(self, engine: Engine, encoded: EncodedDocument, history: int = 3,
-                 max_new_tokens: int = DEFAULT_ANSWER_TOKENS, sampling: SamplingParams | None = None) -> None:
+                 max_new_tokens: int = DEFAULT_ANSWER_TOKENS, sampling: SamplingParams | None = None,
+                 reread: int = 0, reread_by: str = "words") -> None:
         if history < 0:
             raise SettingsError("history", f"must be >= 0, got {history}")
         self.engine, self.encoded = engine, encoded
         self.history, self.max_new_tokens, self.sampling = history, max_new_tokens, sampling
+        self.reread, self.reread_by = reread, reread_by
         self.turns: list[Turn] = []
         self.transcript: list[Turn] = []  # everything said, /reset or not
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """History turns (question + answer tokens) followed by the new question."""
+    def prompt_ids(self, question: str, excerpt: str | None = None) -> list[int]:
+        """History turns (question + answer tokens) followed by the new question (after a re-read passage)."""
         fmt, kept = self.encoded.fmt, self.turns[-self.history:] if self.history else []
         ids: list[int] = []
         for i, turn in enumerate(kept):
@@ -637,13 +644,14 @@ class ChatSession:
                 ids += tokenize(self.engine, fmt.follow_up(turn.question))
             ids += turn.answer_ids
         if kept:
-            return ids + tokenize(self.engine, fmt.follow_up(question))
-        return self.encoded.prompt_ids(self.engine, fmt.question(question))
+            return ids + tokenize(self.engine, fmt.follow_up(question, excerpt))
+        return self.encoded.prompt_ids(self.engine, fmt.question(question, excerpt))
 
     def ask(self, question: str) -> Response:
         """The answer; the exchange joins the history once the answer is complete."""
         question = check_question(question)
-        response = reply(self.engine, self.encoded.state, self.prompt_ids(question), self.max_new_tokens,
+        excerpt = excerpt_for(self.engine, self.encoded, question, self.reread, self.reread_by)
+        response = reply(self.engine, self.encoded.state, self.prompt_ids(question, excerpt), self.max_new_tokens,
                          self.sampling)
 
         def keep(done: Response) -> None:

@@ -140,7 +140,7 @@ def test_ask_streams_the_answer_and_json(files, tiny_model_dir):
     assert text.stdout.endswith("\n") and text.stdout.strip()
     js = invoke(["ask", *args, "--json", "--no-retrieval"])
     obj = json.loads(js.stdout)
-    assert set(obj) == {"answer", "document_tokens", "answer_tokens", "seconds"}
+    assert set(obj) == {"answer", "document_tokens", "prompt_tokens", "answer_tokens", "seconds"}
     assert obj["answer"] == text.stdout.strip()
     assert 0 < obj["answer_tokens"] <= 12 and obj["document_tokens"] > 100 and obj["seconds"] > 0
 
@@ -321,3 +321,18 @@ def test_encode_with_notes_then_summarize_the_state(files, tiny_model_dir, tmp_p
     s = invoke(["summarize", path, "-n", "6", "--json", "--model", tiny_model_dir])
     assert s.exit_code == 0 and s.stderr == ""  # no "covers mainly its end" warning: the notes cover it all
     assert json.loads(s.stdout)["notes"] == notes
+
+
+def test_reread_reaches_ask_and_chat(files, tiny_model_dir):
+    args = [files / "doc.txt", "--model", tiny_model_dir, *WINDOW, *SHORT, "--no-retrieval"]
+    q = "Which ship did not come back?"
+    plain = invoke(["ask", args[0], q, *args[1:], "--reread", "0", "--json"])
+    again = invoke(["ask", args[0], q, *args[1:], "--reread", "24", "--json"])
+    assert plain.exit_code == again.exit_code == 0
+    # The passage about the Heron is read again before the question: a longer prompt.
+    assert json.loads(again.stdout)["prompt_tokens"] > json.loads(plain.stdout)["prompt_tokens"] + 15
+    chat = invoke(["chat", *args, "--reread", "24", "--quiet", "--history", "0"], input=q + "\n")
+    same = invoke(["ask", args[0], q, *args[1:], "--reread", "24", "--quiet"])
+    assert chat.stdout == same.stdout
+    for bad, words in ((["--reread", "-1"], "--reread"), (["--reread-by", "magic"], "--reread-by")):
+        assert_one_error_line(invoke(["ask", args[0], q, *args[1:], *bad]), words)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import InputError, LminfError, UsageError
+from ..passages import DEFAULT_REREAD, REREAD_BY
 from .options import EngineOptions, QuietOpt, SamplingOptions, check_positive, with_options
 from .output import (
     EncodeNotice,
@@ -38,6 +39,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 SectionOpt = Annotated[Optional[int], typer.Option(
     "--section-tokens", help="Tokens per section note [default: min(2048, n_local / 2)].")]
 NoteTokensOpt = Annotated[int, typer.Option("--note-tokens", help="Longest section note, in tokens.")]
+RereadOpt = Annotated[int, typer.Option(
+    "--reread", help="For a document longer than the window: the passage of this many tokens that the question "
+    "is about is written out again right before it, so the model reads it from close by; 0 = off.")]
+RereadByOpt = Annotated[str, typer.Option(
+    "--reread-by", help="How that passage is found: words (the question's rarer words, BM25) or attention "
+    "(where the model's retrieval looks; needs retrieval).")]
 
 
 def _state_source(sources: list[str]) -> str | None:
@@ -95,6 +102,13 @@ def _deliver(response: Any, json_out: bool, fields: Callable[[], dict[str, Any]]
         return
     response.text()
     emit_json(fields())
+
+
+def _check_reread(reread: int, reread_by: str) -> None:
+    if reread < 0:
+        raise UsageError(f"--reread must be 0 (off) or a number of tokens, got {reread}")
+    if reread_by not in REREAD_BY:
+        raise UsageError(f"--reread-by must be {' or '.join(REREAD_BY)}, got '{reread_by}'")
 
 
 def _hint_retrieval(encoded: Any, quiet: bool) -> None:
@@ -214,6 +228,8 @@ def ask(
              "then the question, in quotes.")],
     json_out: JsonOpt = False,
     max_new_tokens: MaxNewOpt = None,
+    reread: RereadOpt = DEFAULT_REREAD,
+    reread_by: RereadByOpt = "words",
     sampling: SamplingOptions = SamplingOptions(),
     opts: EngineOptions = EngineOptions(),
 ) -> None:
@@ -226,6 +242,7 @@ def ask(
             raise UsageError('give a document and a question: lminf ask FILE "QUESTION"')
         files, question = args[:-1], check_question(args[-1])
         check_positive("--max-new-tokens", max_new_tokens)
+        _check_reread(reread, reread_by)
         requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
         from ..tasks import DEFAULT_ANSWER_TOKENS
@@ -233,10 +250,12 @@ def ask(
 
         engine, encoded = open_document(source, opts, requested)
         _hint_retrieval(encoded, opts.quiet)
-        response = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
+        response = ask_task(engine, encoded, question, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reread,
+                            reread_by)
         _deliver(response, json_out, lambda: {
             "answer": response.text(), "document_tokens": encoded.document_tokens,
-            "answer_tokens": len(response.token_ids), "seconds": round(time.perf_counter() - t0, 3)})
+            "prompt_tokens": response.prompt_tokens, "answer_tokens": len(response.token_ids),
+            "seconds": round(time.perf_counter() - t0, 3)})
 
 
 @with_options(SamplingOptions, "sampling")
@@ -301,6 +320,8 @@ def chat(
                                               "(0: every answer depends on the document alone).")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per answer (JSON lines).")] = False,
     max_new_tokens: MaxNewOpt = None,
+    reread: RereadOpt = DEFAULT_REREAD,
+    reread_by: RereadByOpt = "words",
     sampling: SamplingOptions = SamplingOptions(),
     opts: EngineOptions = EngineOptions(),
 ) -> None:
@@ -311,6 +332,7 @@ def chat(
                              "give a file (or use lminf ask - QUESTION)")
         if history < 0:
             raise UsageError(f"--history must be >= 0, got {history}")
+        _check_reread(reread, reread_by)
         check_positive("--max-new-tokens", max_new_tokens)
         requested, params = opts.requested(), sampling.params()
         source = read_source(files, opts.quiet)
@@ -318,7 +340,8 @@ def chat(
 
         engine, encoded = open_document(source, opts, requested)
         _hint_retrieval(encoded, opts.quiet)
-        session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params)
+        session = ChatSession(engine, encoded, history, max_new_tokens or DEFAULT_ANSWER_TOKENS, params, reread,
+                              reread_by)
         tty = sys.stdin.isatty()
         if tty and not opts.quiet:
             typer.echo(printable(f"{encoded.header.document_name}: {encoded.document_tokens:,} tokens encoded. "
