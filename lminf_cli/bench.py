@@ -52,7 +52,12 @@ PUBLISHED_PARAMS = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "m
 GPU_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
                  ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 864e9), ("L4", 300e9),
                  ("A10G", 600e9), ("RTX 4090", 1008e9), ("RTX 3090", 936e9), ("V100", 900e9), ("T4", 320e9)]
-VARIANTS = ("baseline", "lminf")
+VARIANTS = ("baseline", "baseline-same", "lminf")
+# --baseline-dtype: "auto" runs the baseline at the reference precision (float32 on the CPU, so that
+# lminf's bfloat16 or quantized speed is not hidden in the ratio; bfloat16 on GPU, as the unmodified
+# model usually runs there) and, when lminf's precision differs, once more at lminf's ("baseline-same");
+# "same" runs only the latter; a dtype runs only a baseline in that dtype.
+BASELINE_DTYPES = ("auto", "same", "float32", "bfloat16", "float16")
 
 
 def arch_config(arch: str):
@@ -96,6 +101,7 @@ class BenchSpec:
     arch: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"
     device_map: str | None = None  # --device-map, --max-memory, --load-in as given (see models.load_model)
     max_memory: str | None = None
     load_in: str | None = None
@@ -115,6 +121,7 @@ class RunResult:
     message: str = ""
     device: str = ""
     model: str = ""
+    precision: str = ""            # dtype, with "+int4"/"+int8" when quantized
     encode_seconds: float | None = None
     encode_tps: float | None = None
     decode_tps: float | None = None
@@ -147,9 +154,16 @@ def _load(spec: BenchSpec):
         else:
             with torch.device(dev):
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
-        return from_hf(model, None, f"{spec.arch} (random weights)", None if spec.device_map else dev, dt)
+        return from_hf(model, None, f"{spec.arch} (random weights)", None if spec.device_map else dev, dt,
+                       quantize=spec.quantize)
     return load_model(spec.model, spec.device, spec.dtype, device_map=spec.device_map, max_memory=spec.max_memory,
-                      load_in=spec.load_in)
+                      load_in=spec.load_in, quantize=spec.quantize)
+
+
+def precision_label(dtype: torch.dtype | str, quantize: str = "none") -> str:
+    """'float32', 'bfloat16+int4' ...: the precision a run computed in."""
+    name = str(dtype).removeprefix("torch.")
+    return name if quantize in ("none", "", None) else f"{name}+{quantize}"
 
 
 def bench_tokens(spec: BenchSpec, tokenizer, vocab_size: int) -> torch.Tensor:
@@ -186,7 +200,8 @@ def run_one(spec: BenchSpec) -> RunResult:
 
     lm = _load(spec)
     dev = lm.device
-    result = RunResult(spec.variant, spec.length, device=str(dev), model=lm.name)
+    result = RunResult(spec.variant, spec.length, device=str(dev), model=lm.name,
+                       precision=precision_label(lm.dtype, lm.quantize))
     vocab = lm.model.config.vocab_size
     ids = bench_tokens(spec, lm.tokenizer, vocab).to(dev)
     weights = lm.weight_bytes
@@ -243,7 +258,7 @@ def run_one(spec: BenchSpec) -> RunResult:
     # CUDA counts allocations only; RSS also holds the runtime itself. Either way the
     # weights are the part both variants share.
     result.peak_beyond_weights_bytes = result.peak_memory_bytes - weights
-    _bandwidth(result, dev, weights + (result.kv_cache_bytes or 0))
+    _bandwidth(result, dev, lm.decode_weight_bytes + (result.kv_cache_bytes or 0))
     return result
 
 
@@ -286,27 +301,55 @@ def run_in_child(spec: BenchSpec, timeout: float | None) -> RunResult:
     return RunResult(spec.variant, spec.length, status=status, message=message)
 
 
+def variant_specs(base: BenchSpec, baseline: bool = True, baseline_dtype: str = "auto") -> list[BenchSpec]:
+    """The child specs of one length: the baseline(s) (see BASELINE_DTYPES), then lminf.
+
+    Every precision is resolved here, in the parent ("auto" -> this machine's choice), so that
+    all children of a run compute in the precisions reported, whatever each would pick alone.
+    """
+    if baseline_dtype not in BASELINE_DTYPES:
+        raise UsageError(f"unknown --baseline-dtype '{baseline_dtype}' (use {', '.join(BASELINE_DTYPES)})")
+    dev = pick_device(base.device)
+    lminf_dt = str(pick_dtype(base.dtype, dev)).removeprefix("torch.")
+    if base.quantize not in ("none", "") and (dev.type != "cpu" or base.device_map):
+        raise UsageError(f"--quantize {base.quantize} runs on the CPU only (PyTorch's weight-only CPU kernels): "
+                         "use --device cpu, or --quantize none")
+    lminf = dataclasses.replace(base, variant="lminf", dtype=lminf_dt)
+    same = dataclasses.replace(lminf, variant="baseline-same")
+    specs = []
+    if baseline:
+        if baseline_dtype == "same":
+            specs.append(dataclasses.replace(same, variant="baseline"))
+        else:
+            ref = baseline_dtype if baseline_dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+            specs.append(dataclasses.replace(lminf, variant="baseline", dtype=ref, quantize="none"))
+            if baseline_dtype == "auto" and (lminf_dt, base.quantize) != (ref, "none"):
+                specs.append(same)
+    return [*specs, lminf]
+
+
 def run_bench(base: BenchSpec, lengths: list[int], baseline: bool = True, baseline_timeout: float | None = None,
-              runner: Runner = run_in_child, on_start: Callable[[str, int], None] | None = None) -> list[RunResult]:
-    """Every length, the unmodified model first (unless skipped), then lminf."""
+              runner: Runner = run_in_child, on_start: Callable[[str, int], None] | None = None,
+              baseline_dtype: str = "auto") -> list[RunResult]:
+    """Every length, the unmodified model first (unless skipped; at one or two precisions), then lminf."""
     results = []
+    specs = variant_specs(base, baseline, baseline_dtype)
     for length in lengths:
-        for variant in VARIANTS:
-            if variant == "baseline" and not baseline:
-                continue
-            spec = dataclasses.replace(base, variant=variant, length=length)
+        for s in specs:
+            spec = dataclasses.replace(s, length=length)
             if on_start is not None:
-                on_start(variant, length)
-            results.append(runner(spec, baseline_timeout if variant == "baseline" else None))
+                on_start(spec.variant, length)
+            results.append(runner(spec, None if spec.variant == "lminf" else baseline_timeout))
     return results
 
 
-def ratios(results: list[RunResult]) -> dict[int, dict[str, float | None]]:
-    """Per length: encode speedup, decode speedup and memory saving of lminf over the baseline."""
+def ratios(results: list[RunResult], against: str = "baseline") -> dict[int, dict[str, float | None]]:
+    """Per length: encode speedup, decode speedup and memory saving of lminf over the baseline
+    (`against`: "baseline-same" for the one at lminf's precision)."""
     out: dict[int, dict[str, float | None]] = {}
     by_key = {(r.variant, r.length): r for r in results}
     for length in dict.fromkeys(r.length for r in results):
-        b, m = by_key.get(("baseline", length)), by_key.get(("lminf", length))
+        b, m = by_key.get((against, length)), by_key.get(("lminf", length))
         if not b or not m or b.status != "ok" or m.status != "ok":
             continue
 

@@ -22,8 +22,10 @@ MAX_ENTRIES = 64    # oldest records go first
 
 
 def speed_key(lm: Any) -> str:
-    """What the speed depends on most: the model, the device type and the dtype."""
-    return f"{lm.name}|{lm.device.type}|{str(lm.dtype).removeprefix('torch.')}"
+    """What the speed depends on most: the model, the device type, the dtype and any quantization."""
+    mode = getattr(lm, "quantize", "none")
+    quantized = "" if mode == "none" else f"+{mode}"
+    return f"{lm.name}|{lm.device.type}|{str(lm.dtype).removeprefix('torch.')}{quantized}"
 
 
 def _read() -> dict[str, float]:

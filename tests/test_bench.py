@@ -16,6 +16,7 @@ from lminf_cli.bench import (
     count_parameters,
     ratios,
     run_bench,
+    variant_specs,
 )
 from lminf_cli.cli.app import app
 from lminf_cli.cli.bench import render_table
@@ -119,9 +120,62 @@ def test_classify_failure():
 @pytest.mark.parametrize("args", [["--length", "lots"], ["--length", "0"], ["--decode-tokens", "-1"],
                                   ["--arch", "llama-2-7b"], ["--random-weights"],
                                   ["--arch", "gpt-5", "--random-weights"], ["--n-local", "0"],
-                                  ["--baseline-timeout", "0"], ["--text", "/no/such/file"]])
+                                  ["--baseline-timeout", "0"], ["--text", "/no/such/file"],
+                                  ["--baseline-dtype", "int4"], ["--quantize", "int3"],
+                                  ["--quantize", "int8", "--device", "cuda"]])
 def test_bad_options_one_line_exit_2(args):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2, r.stdout
     assert r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("lminf: error: ")
+
+
+def _precisions(specs):
+    return [(s.variant, s.dtype, s.quantize) for s in specs]
+
+
+def test_baseline_keeps_float32_and_is_also_run_at_lminfs_precision(monkeypatch):
+    from lminf_cli import bench, kernels
+
+    monkeypatch.setattr(kernels, "cpu_bf16_feature", lambda: "amx_bf16")  # auto -> bfloat16 here
+    base = BenchSpec("lminf", 0, device="cpu")
+    assert _precisions(variant_specs(base)) == [("baseline", "float32", "none"),
+                                                ("baseline-same", "bfloat16", "none"), ("lminf", "bfloat16", "none")]
+    q = BenchSpec("lminf", 0, device="cpu", quantize="int4")
+    assert _precisions(variant_specs(q)) == [("baseline", "float32", "none"),
+                                             ("baseline-same", "bfloat16", "int4"), ("lminf", "bfloat16", "int4")]
+    assert _precisions(variant_specs(q, baseline_dtype="same")) == [("baseline", "bfloat16", "int4"),
+                                                                    ("lminf", "bfloat16", "int4")]
+    assert _precisions(variant_specs(q, baseline_dtype="float16"))[0] == ("baseline", "float16", "none")
+    assert _precisions(variant_specs(q, baseline=False)) == [("lminf", "bfloat16", "int4")]
+    # Where lminf computes in float32 too, one baseline is enough.
+    f32 = BenchSpec("lminf", 0, device="cpu", dtype="float32")
+    assert _precisions(variant_specs(f32)) == [("baseline", "float32", "none"), ("lminf", "float32", "none")]
+    with pytest.raises(UsageError, match="--baseline-dtype"):
+        variant_specs(base, baseline_dtype="int4")
+    # On a GPU the reference stays bfloat16, as the unmodified model runs there.
+    monkeypatch.setattr(bench, "pick_device", lambda device: __import__("torch").device("cuda"))
+    assert _precisions(variant_specs(BenchSpec("lminf", 0))) == [("baseline", "bfloat16", "none"),
+                                                                 ("lminf", "bfloat16", "none")]
+
+
+def test_bench_reports_both_baselines_when_quantized(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMINF_CACHE", str(tmp_path))
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--length", "96", "--decode-tokens", "3",
+                            "--n-local", "32", "--n-global", "4", "--chunk-size", "32", "--dtype", "bfloat16",
+                            "--quantize", "int8", "--json", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    rows = data["results"]
+    assert [(x["variant"], x["precision"], x["status"]) for x in rows] == [
+        ("baseline", "float32", "ok"), ("baseline-same", "bfloat16+int8", "ok"), ("lminf", "bfloat16+int8", "ok")]
+    assert set(data["ratios"]) == set(data["ratios_same_precision"]) == {"96"}
+    # The quantized runs hold the packed copies beside the dense bfloat16 weights: more than half of float32's.
+    assert rows[0]["weight_bytes"] / 2 < rows[2]["weight_bytes"] < rows[0]["weight_bytes"]
+    text = render_table([RunResult(**x) for x in rows], ratios([RunResult(**x) for x in rows]),
+                        ratios([RunResult(**x) for x in rows], against="baseline-same"))
+    from rich.console import Console
+    console = Console(width=250, record=True)
+    console.print(text)
+    out = console.export_text()
+    assert "speedup, same precision" in out and "bfloat16+int8" in out

@@ -77,6 +77,8 @@ def _bad(tmp_path: Path) -> dict[str, list]:
         "no store directory": [ok, "--retrieval", "--middle-dir", tmp_path / "no-such-dir"],
         "bad store precision": [ok, "--retrieval", "--middle-dtype", "int3"],
         "negative blocks": [ok, "--retrieval", "--middle-blocks", "-2"],
+        "bad quantization": [ok, "--quantize", "int3"],
+        "bad dtype": [ok, "--dtype", "float8"],
     }
 
 

@@ -283,8 +283,10 @@ def _lminf(*args, **kw) -> subprocess.Popen:
 
 
 def test_ask_on_stdin_in_a_shell_pipeline(files, tiny_model_dir):
+    # --dtype float32: the child process picks its own precision (bfloat16 on a CPU with AMX), while
+    # the in-process run below computes in float32 as every test does (conftest).
     cmd = (f"cat {files / 'doc.txt'} | {sys.executable} -m lminf_cli ask - 'Who keeps the lighthouse?' "
-           f"--model {tiny_model_dir} {' '.join(WINDOW + SHORT)} --json --quiet | cat")
+           f"--model {tiny_model_dir} {' '.join(WINDOW + SHORT)} --dtype float32 --json --quiet | cat")
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""

@@ -40,8 +40,11 @@ def test_passkey_prompts_on_the_real_tokenizer(tok, template, length):
 def test_eval_ppl_inside_the_window_equals_unmodified(tmp_path):
     doc = tmp_path / "macbeth.txt"
     doc.write_text(play_text("macbeth"))
+    # float32: the check is that the method equals the unmodified model inside L.  In bfloat16 (auto on
+    # a CPU with AMX) the two differ by bfloat16 rounding in different kernels: measured on these 512
+    # tokens, lminf +0.0009 and the unmodified model -0.005 nats from float32, 0.013 apart per bucket.
     r = CliRunner().invoke(app, ["eval", "ppl", str(doc), "--max-length", "512", "--bucket", "128",
-                                 "--baseline", "vanilla", "--json", "--quiet"])
+                                 "--baseline", "vanilla", "--dtype", "float32", "--json", "--quiet"])
     assert r.exit_code == 0, r.stderr
     m = json.loads(r.stdout)["methods"]
     for a, b in zip(m["lminf"]["buckets"], m["vanilla"]["buckets"], strict=True):

@@ -123,10 +123,38 @@ def rope_from_hf(rotary_emb: nn.Module, head_dim: int, interleaved: bool = False
     `original_inv_freq` is preferred: dynamic and LongRoPE modules overwrite
     `inv_freq` in place once they have seen a long input.
     """
-    inv_freq = getattr(rotary_emb, "original_inv_freq", rotary_emb.inv_freq).detach().float().cpu()
+    inv_freq = getattr(rotary_emb, "original_inv_freq", rotary_emb.inv_freq).detach()
+    if inv_freq.dtype != torch.float32:
+        # model.to(bfloat16) casts these buffers too: a bf16 frequency is off by up to 2^-9 relative,
+        # i.e. radians at distances in the thousands, and a state saved in one precision would not
+        # match the other.  The module still knows how it made them: build them again in float32.
+        inv_freq = _float32_inv_freq(rotary_emb, inv_freq)
+    inv_freq = inv_freq.float().cpu()
     scaling = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
     return Rope(inv_freq=inv_freq, head_dim=head_dim, rotary_dim=2 * inv_freq.numel(),
                 interleaved=interleaved, scaling=scaling)
+
+
+def _float32_inv_freq(rotary_emb: nn.Module, cast: Tensor) -> Tensor:
+    """The inverse frequencies an HF rotary module computed at construction, in float32, when its
+    buffers have since been cast to a lower precision (`cast`).
+
+    A fresh module of the same class, built from the same config, computes them again (any
+    rope_type).  The result is used only if it rounds to the cast values: if the module cannot be
+    rebuilt, or was built otherwise, the cast buffer is kept rather than trusting a guess.
+    """
+    config = getattr(rotary_emb, "config", None)
+    if config is None:
+        return cast
+    try:
+        with torch.device("cpu"):
+            fresh = type(rotary_emb)(config)
+        inv_freq = getattr(fresh, "original_inv_freq", fresh.inv_freq).detach().float().cpu()
+    except Exception:  # noqa: BLE001 - any failure to rebuild means: keep what the model holds
+        return cast
+    if inv_freq.shape != cast.shape or not torch.equal(inv_freq.to(cast.dtype), cast.cpu()):
+        return cast
+    return inv_freq
 
 
 def config_layer_windows(config, n_layers: int) -> list[int | None]:

@@ -26,6 +26,10 @@ def bench(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",
                                            help="Also run the unmodified model.")] = True,
     baseline_timeout: Annotated[float, typer.Option(help="Seconds before a baseline run is stopped.")] = 3600,
+    baseline_dtype: Annotated[str, typer.Option(
+        help="Precision of the unmodified baseline: auto (float32 on the CPU, bfloat16 on GPU, plus a second "
+        "baseline at lminf's --dtype/--quantize when that differs, so both ratios are shown), same (only at "
+        "lminf's), or float32, bfloat16, float16.")] = "auto",
     arch: Annotated[Optional[str], typer.Option(help="Known architecture shape (llama-2-7b, llama-3-8b, "
                                                 "mistral-7b, smollm2-135m); needs --random-weights.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build --arch from its config "
@@ -37,7 +41,7 @@ def bench(
     opts: EngineOptions = EngineOptions(),
 ) -> None:
     """Measure encode/decode speed and memory: unmodified model vs LM-Infinite."""
-    from ..bench import BenchSpec, ratios, run_bench
+    from ..bench import BASELINE_DTYPES, BenchSpec, ratios, run_bench
 
     with cli_errors():
         lengths = parse_lengths(length)
@@ -46,6 +50,8 @@ def bench(
             raise UsageError(f"--decode-tokens must be >= 0, got {decode_tokens}")
         if baseline_timeout <= 0:
             raise UsageError(f"--baseline-timeout must be positive, got {baseline_timeout}")
+        if baseline_dtype not in BASELINE_DTYPES:
+            raise UsageError(f"unknown --baseline-dtype '{baseline_dtype}' (use {', '.join(BASELINE_DTYPES)})")
         if (arch is None) != (not random_weights):
             raise UsageError("--arch and --random-weights go together (shapes without weights)")
         if arch and opts.model:
@@ -64,8 +70,8 @@ def bench(
             check_plotting()
             check_destination(plot, overwrite=force, inputs=[text] if text else [])  # before the runs
         spec = BenchSpec(variant="lminf", length=lengths[0], decode_tokens=decode_tokens, model=opts.model,
-                         arch=arch, device=opts.device, dtype=opts.dtype, device_map=opts.device_map,
-                         max_memory=opts.max_memory, load_in=opts.load_in, text=text,
+                         arch=arch, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+                         device_map=opts.device_map, max_memory=opts.max_memory, load_in=opts.load_in, text=text,
                          requested={k: requested[k] for k in SETTINGS_FIELDS})
         console = Console(stderr=True)
 
@@ -75,17 +81,19 @@ def bench(
 
         with status("Benchmarking", opts.quiet):
             results = run_bench(spec, lengths, baseline=baseline, baseline_timeout=baseline_timeout,
-                                on_start=started)
-        summary = ratios(results)
+                                on_start=started, baseline_dtype=baseline_dtype)
+        summary, same = ratios(results), ratios(results, against="baseline-same")
         if as_json:
             payload = {"results": [dataclasses.asdict(r) for r in results],
                        "ratios": {str(k): v for k, v in summary.items()}}
+            if same:
+                payload["ratios_same_precision"] = {str(k): v for k, v in same.items()}
             write_stdout(json.dumps(payload, indent=2) + "\n")
         else:
             out = Console()
             if not out.is_terminal:
                 out = Console(width=200)  # files and pipes get the whole table, unwrapped
-            out.print(render_table(results, summary))
+            out.print(render_table(results, summary, same))
         if plot:
             from ..eval.plots import plot_bench
 
@@ -113,30 +121,35 @@ def _fmt(value, kind: str) -> str:
     return str(value)
 
 
-def render_table(results, summary) -> Table:
-    """The side-by-side table; OOM/timeout cells say so instead of numbers."""
+def render_table(results, summary, same=None) -> Table:
+    """The side-by-side table; OOM/timeout cells say so instead of numbers.  `same`: ratios
+    against the baseline at lminf's precision, a second speedup row per length."""
     table = Table(title="lminf bench", title_justify="left")
-    for col in ("length", "variant", "encode s", "encode tok/s", "decode tok/s", "step ms (median)",
+    for col in ("length", "variant", "precision", "encode s", "encode tok/s", "decode tok/s", "step ms (median)",
                 "peak mem", "beyond weights", "KV cache", "middle store", "decode GB/s"):
-        table.add_column(col, justify="left" if col in ("length", "variant") else "right")
+        table.add_column(col, justify="left" if col in ("length", "variant", "precision") else "right")
     for r in results:
         if r.status != "ok":
             label = {"oom": "OOM", "timeout": "timeout"}.get(r.status, "error")
-            table.add_row(format_length(r.length), r.variant, label, label, label, "-", "-", "-", "-", "-", "-")
+            table.add_row(format_length(r.length), r.variant, r.precision or "-", label, label, label,
+                          "-", "-", "-", "-", "-", "-")
             continue
         bw = _fmt(r.bandwidth_bytes_per_s, "bw")
         if r.bandwidth_fraction is not None:
             bw += f" ({r.bandwidth_fraction:.0%})"
-        table.add_row(format_length(r.length), r.variant, _fmt(r.encode_seconds, "s"), _fmt(r.encode_tps, "tps"),
-                      _fmt(r.decode_tps, "tps"), _fmt(r.median_step_ms, "ms"), _fmt(r.peak_memory_bytes, "bytes"),
-                      _fmt(r.peak_beyond_weights_bytes, "bytes"), _fmt(r.kv_cache_bytes, "bytes"),
-                      _fmt(r.extra.get("middle_store_bytes") or None, "bytes"), bw)
-    for length, s in summary.items():
-        def x(v):
-            return f"{v:.2f}x" if v else "-"
-        table.add_row(format_length(length), "[bold]speedup[/bold]", x(s["encode_speedup"]), "",
-                      x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
-                      "", "", "")
+        table.add_row(format_length(r.length), r.variant, r.precision or "-", _fmt(r.encode_seconds, "s"),
+                      _fmt(r.encode_tps, "tps"), _fmt(r.decode_tps, "tps"), _fmt(r.median_step_ms, "ms"),
+                      _fmt(r.peak_memory_bytes, "bytes"), _fmt(r.peak_beyond_weights_bytes, "bytes"),
+                      _fmt(r.kv_cache_bytes, "bytes"), _fmt(r.extra.get("middle_store_bytes") or None, "bytes"), bw)
+
+    def x(v):
+        return f"{v:.2f}x" if v else "-"
+
+    for label, rows in (("speedup", summary), ("speedup, same precision", same or {})):
+        for length, s in rows.items():
+            table.add_row(format_length(length), f"[bold]{label}[/bold]", "", x(s["encode_speedup"]), "",
+                          x(s["decode_speedup"]), "", x(s["memory_saving"]), x(s["memory_saving_beyond_weights"]),
+                          "", "", "")
     return table
 
 

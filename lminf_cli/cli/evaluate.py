@@ -145,7 +145,8 @@ def ppl(
 
         meta = {"model": lm.name, "file": doc.name, "streams": streams, "offset": skip,
                 "window_stride": stride if bl.WINDOW in baselines else None, "device": str(lm.device),
-                "dtype": str(lm.dtype).replace("torch.", ""), "settings": engine.settings.to_dict()}
+                "dtype": str(lm.dtype).replace("torch.", ""), "quantize": lm.quantize,
+                "settings": engine.settings.to_dict()}
         report = pp.ppl_report(runs, size, L, meta)
         if plot:
             pl.plot_nll(report, plot)

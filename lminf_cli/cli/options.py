@@ -34,8 +34,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", metavar="PATH|ID", help=("Local HF directory, .gguf file or cached hub id [default: "
                                                    "$LMINF_MODEL, else the embedded SmolLM2-135M-Instruct]."))]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
-                                       rich_help_panel=MODEL_PANEL)]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU and on CPUs with AMX or AVX-512 BF16, else "
+                                       "float32), float32, bfloat16, float16.", rich_help_panel=MODEL_PANEL)]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", metavar="MAP", rich_help_panel=MODEL_PANEL, help=(
         "Spread a model too large for one device with accelerate: auto (balanced, sequential), or an explicit "
@@ -49,6 +49,10 @@ MaxMemoryOpt = Annotated[Optional[str], typer.Option(
 LoadInOpt = Annotated[Optional[str], typer.Option(
     "--load-in", metavar="4bit|8bit", rich_help_panel=MODEL_PANEL, help=(
         "Quantize the weights when loading (bitsandbytes, CUDA only: pip install 'lminf[quant]')."))]
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", rich_help_panel=MODEL_PANEL, help="CPU only: decode steps multiply by weight-only int8 or "
+    "int4 copies of the linear layers (int4: the LM head in int8), in bfloat16; prefill keeps the --dtype "
+    "weights. Packed once per model and cached. none, int8 or int4.")]
 NLocalOpt = Annotated[Optional[int], typer.Option(
     "--n-local", rich_help_panel=ATTENTION_PANEL,
     help=("Local window in tokens [default: the model's trained length]."))]
@@ -157,6 +161,7 @@ class EngineOptions:
     device_map: DeviceMapOpt = None
     max_memory: MaxMemoryOpt = None
     load_in: LoadInOpt = None
+    quantize: QuantizeOpt = "none"
     n_local: NLocalOpt = None
     n_global: NGlobalOpt = None
     limit_distance: LimitOpt = None
@@ -178,8 +183,10 @@ class EngineOptions:
         fail before the (slow) model load; the real settings are built again, with the
         model's trained length, by the API.  The placement options are checked here too.
         """
+        from ..quant import check_mode
         from ..settings import MAX_TOKENS, LambdaSettings
 
+        check_mode(self.quantize)
         given = {name: getattr(self, name) for name in SETTINGS_FIELDS}
         LambdaSettings.for_model(MAX_TOKENS, **given)
         self.check_placement()
@@ -205,7 +212,7 @@ class EngineOptions:
             from ..models import load_model
 
             return load_model(self.model, self.device, self.dtype, device_map=self.device_map,
-                              max_memory=self.max_memory, load_in=self.load_in)
+                              max_memory=self.max_memory, load_in=self.load_in, quantize=self.quantize)
 
 
 @dataclasses.dataclass(frozen=True)

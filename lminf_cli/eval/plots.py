@@ -89,13 +89,14 @@ def plot_bench(results: Any, path: str | Path) -> None:
     """Encode time and peak memory against length, both variants of `lminf bench`."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant, style in (("baseline", "o--"), ("lminf", "s-")):
+    for variant, style in (("baseline", "o--"), ("baseline-same", "^:"), ("lminf", "s-")):
         rows = [r for r in results if r.variant == variant and r.status == "ok"]
         if not rows:
             continue
         xs = [r.length for r in rows]
-        ax1.plot(xs, [r.encode_seconds for r in rows], style, label=variant)
-        ax2.plot(xs, [r.peak_memory_bytes / 2**30 for r in rows], style, label=variant)
+        label = f"{variant} ({rows[0].precision})" if getattr(rows[0], "precision", "") else variant
+        ax1.plot(xs, [r.encode_seconds for r in rows], style, label=label)
+        ax2.plot(xs, [r.peak_memory_bytes / 2**30 for r in rows], style, label=label)
     for ax, ylabel in ((ax1, "encode time (s)"), (ax2, "peak memory (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("input tokens")

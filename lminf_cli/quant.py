@@ -1,0 +1,245 @@
+"""Weight-only int8 / int4 linear layers for CPU decode steps (`--quantize`).
+
+A decode step multiplies one row by every weight matrix, so its time is the weights' bytes.
+PyTorch ships two weight-only CPU kernels for that, used here as they are (no extra package):
+
+* int4: `aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros)`, asymmetric groups
+  of 32 input columns, w = (q - 8) * scale + zero with q in 0..15;
+* int8: `aten._weight_int8pack_mm(x, w_int8 [N, K], scales [N])`, one scale per output row.
+
+Both want bfloat16 activations: with float32 ones they fall to a scalar path 2-25x slower than
+float32's GEMV (measured on an AMX Xeon), so the quantized product always runs in bfloat16 and
+casts back.  On that machine, at one row on SmolLM2-135M's shapes, int4 took 0.26-0.5x the time
+of float32's F.linear (LM head, MLP, q/o) and int8 0.45-0.7x; on the small k/v shapes both were
+about as fast as float32.
+
+They are GEMV kernels: at 512 rows (a prefill chunk) both ran 2x slower than float32 and 10x
+slower than bfloat16 on AMX.  So a `QuantizedLinear` keeps its dense weight too and uses the
+quantized copy only for a few rows (kernels.FEW_ROWS_MAX); prefill multiplies by the dense
+weight.  The dense weight stays the module's parameter: state dict, tied embeddings and the
+model's fingerprint do not change.
+
+`--quantize int4` puts the block projections in int4 and the LM head in int8: the embedded
+GGUF's blocks are Q4_1 (groups of 32, w = d * q + m), which int4 groups of 32 describe with the
+same d, m and q (only d and m round to bfloat16, as the kernel takes its scales in the
+activations' dtype), while its tied head/embedding is Q8_0, which 4 bits would degrade.  Measured
+over 32k tokens of text: +0.0024 nats of mean NLL against float32 (int4 blocks, int8 head), and
++0.0101 for int8 everywhere (per-row int8 re-quantizes the Q4_1 groups).
+
+Packing takes seconds for a large model; `load_model` keeps the packed tensors in a safetensors
+file under cache_dir()/quantized, keyed by the source files, the mode and the torch version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import kernels
+from .errors import UsageError
+
+MODES = ("none", "int8", "int4")
+GROUP = 32           # int4 group size (the embedded GGUF's Q4_1 blocks); int8 needs K % GROUP too
+INT4_N_MULTIPLE = 16  # the int4 packing wants out_features % 16 == 0
+INNER_K_TILES = 2
+ACT_DTYPE = torch.bfloat16
+# Bump when what is stored (names, layout, rounding) changes: old cache files are then ignored.
+FORMAT = 1
+
+
+def check_mode(mode: str | None) -> str:
+    """'none', 'int8' or 'int4' (None and '' mean none); anything else is a usage error."""
+    m = (mode or "none").strip().lower()
+    if m not in MODES:
+        raise UsageError(f"unknown --quantize '{mode}' (use none, int8 or int4)")
+    return m
+
+
+def kernels_available() -> bool:
+    """Whether this torch has both weight-only CPU kernels."""
+    ops = torch.ops.aten
+    return all(hasattr(ops, name) for name in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu",
+                                               "_weight_int8pack_mm"))
+
+
+def pack_int4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (packed uint8, scales_and_zeros [K / GROUP, N, 2] bfloat16) for the int4 kernel.
+
+    Min/max per group: scale = (max - min) / 15, zero = min + 8 * scale.  Scale and zero are
+    rounded to bfloat16 first and q is chosen against the rounded values, so the rounding of
+    the scales is not added on top of the rounding of q.
+    """
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // GROUP, GROUP)
+    lo, hi = wg.amin(-1), wg.amax(-1)                                           # [N, K / g]
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(ACT_DTYPE)
+    zero = (lo + 8 * scale.float()).to(ACT_DTYPE)
+    q = ((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), INNER_K_TILES)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()       # [K / g, N, 2]
+    return packed, sz
+
+
+def pack_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (int8 [N, K], scales [N] bfloat16): symmetric, one scale per output row."""
+    wf = w.detach().float()
+    scale = (wf.abs().amax(1) / 127).clamp(min=1e-12).to(ACT_DTYPE)           # [N]
+    q = (wf / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def plan(model: nn.Module, mode: str) -> dict[str, str]:
+    """Which linear layers get which kind ('int4' or 'int8') under `mode`.
+
+    Every nn.Linear (or its kernels.FewRowLinear form) whose in_features is a multiple of 32
+    (both kernels need it); under int4 the LM head and layers whose out_features is not a
+    multiple of 16 take int8.  Other layers keep their dense weight.
+    """
+    if mode == "none":
+        return {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kinds = {}
+    for name, m in model.named_modules():
+        if type(m) not in (nn.Linear, kernels.FewRowLinear, QuantizedLinear) or m.in_features % GROUP:
+            continue
+        kind = mode
+        if mode == "int4" and (m is head or m.out_features % INT4_N_MULTIPLE):
+            kind = "int8"
+        kinds[name] = kind
+    return kinds
+
+
+def quantize_weights(model: nn.Module, mode: str) -> dict[str, Tensor]:
+    """The packed tensors of every planned layer, from its weight as it is now (float32 weights
+    give the closest result): {'<layer>.qweight': ..., '<layer>.qscales': ...}."""
+    out = {}
+    for name, kind in plan(model, mode).items():
+        w = model.get_submodule(name).weight
+        qw, qs = pack_int4(w.cpu()) if kind == "int4" else pack_int8(w.cpu())
+        out[f"{name}.qweight"], out[f"{name}.qscales"] = qw, qs
+    return out
+
+
+Layout = tuple[tuple[int, ...], torch.dtype]
+
+
+def _expected(kind: str, n: int, k: int) -> tuple[Layout, Layout]:
+    """(shape, dtype) of a layer's qweight and qscales."""
+    if kind == "int4":
+        return ((n, k // 2), torch.uint8), ((k // GROUP, n, 2), ACT_DTYPE)
+    return ((n, k), torch.int8), ((n,), ACT_DTYPE)
+
+
+def install(model: nn.Module, mode: str, tensors: Mapping[str, Tensor]) -> int:
+    """Turn the planned linear layers of `model` into QuantizedLinear with these packed tensors;
+    returns how many.  Checks every tensor's presence, shape and dtype first (a ValueError names
+    the first mismatch), so a stale or foreign cache file changes nothing."""
+    kinds = plan(model, mode)
+    for name, kind in kinds.items():
+        m = model.get_submodule(name)
+        for suffix, (shape, dtype) in zip(("qweight", "qscales"), _expected(kind, m.out_features, m.in_features),
+                                          strict=True):
+            t = tensors.get(f"{name}.{suffix}")
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"{name}.{suffix}: expected {dtype} {shape}, got {got}")
+    for name, kind in kinds.items():
+        m = model.get_submodule(name)
+        m.__class__ = QuantizedLinear
+        m.kind = kind
+        # Plain attributes, not buffers: model.to(dtype) must not cast the scales (the kernel takes
+        # them in bfloat16), and the state dict stays the dense model's.
+        m.qweight, m.qscales = tensors[f"{name}.qweight"].cpu(), tensors[f"{name}.qscales"].cpu()
+    return len(kinds)
+
+
+def quantized_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The packed tensors installed in `model` (what the cache file holds)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            out[f"{name}.qweight"], out[f"{name}.qscales"] = m.qweight, m.qscales
+    return out
+
+
+class QuantizedLinear(nn.Linear):
+    """nn.Linear with a weight-only int4/int8 copy for products of a few rows on the CPU.
+
+    Up to kernels.FEW_ROWS_MAX rows (decode steps) it multiplies by the packed copy in bfloat16;
+    larger blocks (prefill) and other devices use the dense weight, as nn.Linear does.
+    """
+
+    kind: str
+    qweight: Tensor
+    qscales: Tensor
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == "cpu" and x.shape[-1] == self.in_features
+                and x.numel() <= kernels.FEW_ROWS_MAX * self.in_features
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)                   # [M, K]
+            if self.kind == "int4":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP, self.qscales)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscales)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)               # [..., N]
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def dequantized(self) -> Tensor:
+        """The weight the packed copy stands for, [N, K] float32 (what a decode step multiplies by)."""
+        if self.kind == "int4":
+            # One-hot rows through the kernel, in float32 so that nothing rounds the result.
+            eye = torch.eye(self.in_features, dtype=torch.float32)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, GROUP, self.qscales.float()).T
+        return self.qweight.float() * self.qscales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quantized={self.kind}"
+
+
+# --------------------------------------------------------------------------- the cache file
+
+def cache_key(source: str, mode: str) -> str:
+    """A file name for the packed tensors of `source` (a description of the source files that
+    changes when they do) under `mode` with this torch (its packing layout may change)."""
+    h = hashlib.sha256(json.dumps([source, mode, GROUP, FORMAT, torch.__version__]).encode()).hexdigest()[:20]
+    return f"{mode}-{h}.safetensors"
+
+
+def load_cached(path: Path) -> dict[str, Tensor] | None:
+    """The tensors of a cache file, or None when it is absent or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return None
+
+
+def save_cached(path: Path, tensors: Mapping[str, Tensor], source: str, mode: str) -> None:
+    """Write the packed tensors atomically (a reader never sees half a file)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"source": source, "mode": mode, "torch": torch.__version__, "format": str(FORMAT)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
