@@ -41,10 +41,13 @@ NEXT_QUESTION = "Another question about the document: {q}"
 SECTION_NOTE = ("\n\nStop reading for a moment. Summarize the passage you just read in two or three "
                 "sentences of plain prose: who is in it and what happens.")
 NOTE_START = "In this passage,"
-NOTES_SUMMARY = ("\n\nThe document has ended. Notes on its successive parts, in order:\n\n{notes}\n\n"
-                 "Using these notes and what you read, write {length} of the whole document, "
-                 "from beginning to end.")
-DIRECT_SUMMARY = "\n\nThe document has ended. Write {length} of the whole document, from beginning to end."
+# One part of a summary written from the notes of a run of consecutive sections.  A small
+# model asked for one summary of a dozen notes wrote about the first one or two
+# (docs/documents.md): asked about each stretch of the document in turn, it covers them all.
+PART_SUMMARY = ("\n\nNotes on part {k} of {n} of the document above:\n\n{notes}\n\n"
+                "In one or two sentences, say what happens in this part of the document, "
+                "naming its main people, places and subjects.")
+DIRECT_SUMMARY = "\n\nWrite {length} of the whole document above, from beginning to end."
 
 # --length -> (wording, default token budget for the answer)
 SUMMARY_LENGTHS: dict[str, tuple[str, int]] = {
@@ -114,13 +117,14 @@ class PromptFormat:
         """Appended after a section of the document: asks for notes on it and opens the reply with NOTE_START."""
         return SECTION_NOTE + self.user_end + NOTE_START
 
-    def summary(self, length: str, notes: Sequence[str] = ()) -> str:
-        """Appended after the whole document: asks for a summary (from section notes when given)."""
-        wording = summary_length(length)[0]
-        if not notes:
-            return DIRECT_SUMMARY.format(length=wording) + self.user_end
-        listed = "\n".join(f"{i}. {note}" for i, note in enumerate(notes, 1))
-        return NOTES_SUMMARY.format(notes=listed, length=wording) + self.user_end
+    def summary(self, length: str) -> str:
+        """Appended after the whole document (one that fits the window): asks for a summary of it."""
+        return DIRECT_SUMMARY.format(length=summary_length(length)[0]) + self.user_end
+
+    def part_summary(self, k: int, n: int, notes: Sequence[str]) -> str:
+        """Appended after the whole document: asks for the summary of its part k of n, from that part's notes."""
+        listed = "\n".join(f"- {note}" for note in notes)
+        return PART_SUMMARY.format(k=k, n=n, notes=listed) + self.user_end
 
     def merge_notes(self, notes: Sequence[str]) -> str:
         """Appended after the document: asks to condense consecutive notes into one."""

@@ -479,10 +479,12 @@ def locate_words(engine: Engine, encoded: EncodedDocument, question: str, span: 
     passages that overlap by three quarters, so a short fact lies whole inside one of them),
     or None when no passage shares a word with it.
 
-    The first tokens and the last window are skipped: the model reads those directly.
+    The whole document is searched, the window too: a small model misses a fact a few
+    thousand tokens back inside its own window as well (a needle at depth 0.7 of 16k tokens,
+    5k tokens before the question, was missed until re-read: docs/results.md).
     """
-    ids, s = encoded.ids, encoded.state.cache.settings
-    lo, hi = min(s.n_global, len(ids)), max(0, len(ids) - s.n_local)
+    ids = encoded.ids
+    lo, hi = 0, len(ids)
     if hi - lo <= 0:
         return None
     step = max(1, span // 4)
@@ -572,9 +574,9 @@ def plan_summary(engine: Engine, encoded: EncodedDocument, length: str, budget: 
 def condense_notes(engine: Engine, encoded: EncodedDocument, notes: list[str], budget_tokens: int,
                    sampling: SamplingParams | None = None, note_tokens: int = 2 * NOTE_TOKENS,
                    progress: Progress | None = None) -> list[str]:
-    """Merge consecutive notes, MERGE_GROUP at a time, until their prompt fits `budget_tokens`."""
+    """Merge consecutive notes, MERGE_GROUP at a time, until the request over them fits `budget_tokens`."""
     fmt = encoded.fmt
-    while len(notes) > 1 and len(encoded.prompt_ids(engine, fmt.summary("short", notes))) > budget_tokens:
+    while len(notes) > 1 and len(encoded.prompt_ids(engine, fmt.part_summary(1, 1, notes))) > budget_tokens:
         groups = [notes[i:i + MERGE_GROUP] for i in range(0, len(notes), MERGE_GROUP)]
         merged = []
         for i, g in enumerate(groups):
@@ -594,31 +596,32 @@ def notes_budget(engine: Engine) -> int:
 class Summary(Response):
     """A summary: written in full before it is handed out (it is checked first), with how it was made.
 
-    When the model's reply says nothing about the content (shorter than a sentence, or
-    about "the document" ending: what SmolLM2 answered to the first wording), the section
-    notes stand in for it (`fallback`), so a summary is never empty or meta.
+    A summary from notes is written part by part (see `summarize`); a part whose reply says
+    nothing about the content (shorter than a sentence, or about "the document" ending:
+    what SmolLM2 answered to the first wording) is replaced by that part's notes
+    (`fallback_parts`, 1-based), so a summary is never empty or meta.
     """
 
     def __init__(self, stream: Iterator[GenerationResponse], prompt_tokens: int, notes: list[str],
                  source_notes: list[str], covers_whole_document: bool, timings: dict[str, float],
-                 control: ReplyControl | None = None) -> None:
+                 control: ReplyControl | None = None, fallback_parts: list[int] | None = None) -> None:
         super().__init__(stream, prompt_tokens, control)
         self.notes = notes                    # the notes it was written from (condensed), if any
         self.source_notes = source_notes      # the section notes as written while reading
         self.covers_whole_document = covers_whole_document  # False: no notes, longer than the window
         self.timings = timings                # seconds: encode, notes, condense, summary
-        self.fallback = False                 # True: the notes stand in for a reply that said nothing
+        self.fallback_parts = fallback_parts if fallback_parts is not None else []  # filled while it is written
+
+    @property
+    def fallback(self) -> bool:
+        """Whether notes stand in for some part of the reply that said nothing."""
+        return bool(self.fallback_parts)
 
     def __iter__(self) -> Iterator[str]:
         if not self._done:
             t0 = time.perf_counter()
             for _ in super().__iter__():
                 pass
-            text = "".join(self._chunks).strip()
-            # A reply cut by the token budget is as short as it was asked to be.
-            if says_nothing(text, cut=self.finish_reason == "length") and self.notes:
-                self.fallback = True
-                self._chunks = [notes_as_text(self.notes)]
             self.timings["summary"] = round(time.perf_counter() - t0, 2)
         yield from self._chunks
 
@@ -644,21 +647,88 @@ def notes_as_text(notes: Sequence[str]) -> str:
     return "\n\n".join(out)
 
 
+# --length -> (parts a summary from notes is written in, paragraphs they are grouped into)
+SUMMARY_PARTS = {"short": (3, 1), "medium": (5, 2), "long": (8, 8)}
+PART_MIN_TOKENS = 48  # a part's budget is at least two short sentences (else fewer parts)
+
+
 def summarize(engine: Engine, encoded: EncodedDocument, length: str = "medium", max_new_tokens: int | None = None,
               sampling: SamplingParams | None = None, note_tokens: int = NOTE_TOKENS,
               progress: Progress | None = None) -> Summary:
-    """A summary of the encoded document: from its section notes (condensed to fit first, with
-    `progress` per merge) when it has any, else from what the cache holds."""
+    """A summary of the encoded document.
+
+    With section notes (a document longer than the window), it is written part by part:
+    the notes are split into runs of consecutive sections (SUMMARY_PARTS by `length`), and
+    each run is summarized in a sentence or two after the document, in order.  (One request
+    over all the notes let the embedded model write about the first one or two parts and
+    stop: docs/documents.md.)  A run too long for the notes budget is condensed first, with
+    `progress` per merge.  Without notes, one request covers what the cache holds.
+    """
     budget = max_new_tokens if max_new_tokens is not None else summary_length(length)[1]
     plan = plan_summary(engine, encoded, length, budget)
-    t0 = time.perf_counter()
-    notes = condense_notes(engine, encoded, plan.notes, notes_budget(engine), sampling, 2 * note_tokens, progress)
-    condense = round(time.perf_counter() - t0, 2)
-    prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length, notes))
     control = ReplyControl()
-    return Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling, control), len(prompt), notes,
-                   list(encoded.notes), plan.covers_whole_document, {**encoded.timings, "condense": condense},
-                   control)
+    if not plan.notes:
+        prompt = encoded.prompt_ids(engine, encoded.fmt.summary(length))
+        return Summary(_reply_stream(engine, encoded.state, prompt, budget, sampling, control), len(prompt), [],
+                       [], plan.covers_whole_document, {**encoded.timings, "condense": 0.0}, control)
+    n_parts, paragraphs = SUMMARY_PARTS.get(length, SUMMARY_PARTS["medium"])
+    n_parts = max(1, min(n_parts, budget // PART_MIN_TOKENS))  # fewer parts for a small -n: never over it
+    t0 = time.perf_counter()
+    parts = [condense_notes(engine, encoded, run, notes_budget(engine), sampling, 2 * note_tokens, progress)
+             for run in summary_parts(plan.notes, n_parts)]
+    condense = round(time.perf_counter() - t0, 2)
+    each = budget // len(parts)
+    prompts = [encoded.prompt_ids(engine, encoded.fmt.part_summary(k, len(parts), run))
+               for k, run in enumerate(parts, 1)]
+    fell_back: list[int] = []
+    stream = _parts_stream(engine, encoded.state, prompts, parts, each, paragraphs, sampling, control, fell_back)
+    return Summary(stream, sum(map(len, prompts)), [n for run in parts for n in run], list(encoded.notes), True,
+                   {**encoded.timings, "condense": condense}, control, fell_back)
+
+
+def summary_parts(notes: Sequence[str], n: int) -> list[list[str]]:
+    """The notes in `n` runs of consecutive notes, as even as can be (one run a note when fewer)."""
+    n = max(1, min(n, len(notes)))
+    cuts = [round(i * len(notes) / n) for i in range(n + 1)]
+    return [list(notes[cuts[i]:cuts[i + 1]]) for i in range(n)]
+
+
+def _parts_stream(engine: Engine, state: State, prompts: Sequence[Sequence[int]], parts: Sequence[Sequence[str]],
+                  each: int, paragraphs: int, sampling: SamplingParams | None,
+                  control: ReplyControl, fell_back: list[int]) -> Iterator[GenerationResponse]:
+    """The replies to the part prompts, one after another from the same document state, as one
+    stream: tokens pass through (counted, timed), each part's text comes whole once it is checked
+    (a reply that says nothing gives way to its part's notes, and its number goes to
+    `fell_back`), and parts are joined into
+    `paragraphs` paragraphs.  The last response carries the finish reason: "cancelled" if it
+    was, else that of the last part."""
+    per_paragraph = -(-len(prompts) // max(1, paragraphs))
+    generated, last = 0, None
+    for k, (prompt, notes) in enumerate(zip(prompts, parts, strict=True)):
+        pieces, done = [], None
+        for r in _reply_stream(engine, state, prompt, each, sampling, control):
+            pieces.append(r.text)
+            if r.token is not None:
+                yield dataclasses.replace(r, text="", generated=generated + r.generated)
+            if r.finish_reason is not None:
+                done = r
+        text = "".join(pieces).strip()
+        if done is not None and done.finish_reason == "length":  # a part cut by its budget ends at a sentence
+            text = text[:_last_sentence_end(text, 0)].strip() or text
+        if says_nothing(text, cut=done is not None and done.finish_reason == "length") and notes_as_text(notes):
+            text = notes_as_text(notes)
+            fell_back.append(k + 1)
+        if done is not None:
+            generated += done.generated
+            last = done
+        sep = "" if k == 0 else ("\n\n" if k % per_paragraph == 0 else " ")
+        yield GenerationResponse(sep + text, None, generated, last.generation_tps if last else 0.0,
+                                 last.peak_memory_bytes if last else 0)
+        if control.cancelled:
+            break
+    reason = "cancelled" if control.cancelled else (last.finish_reason if last else "stop")
+    yield GenerationResponse("", None, generated, last.generation_tps if last else 0.0,
+                             last.peak_memory_bytes if last else 0, reason)
 
 
 def summarize_source(source: Document | str | Path, lm: LoadedModel, requested: Mapping[str, Any] | None = None,

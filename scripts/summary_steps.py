@@ -21,19 +21,25 @@ from lminf_cli.documents import read_document
 from lminf_cli.eval.summary import join_parts, key_terms, mentioned
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
+from lminf_cli.state_io import save_state
 from lminf_cli.tasks import (
     condense_notes,
     encode_document,
     generate_text,
     notes_budget,
+    open_state,
     section_bounds,
     section_size,
+    summarize,
     tokenize,
 )
 
 # name -> (request text with {notes} and {length}, the start of the reply)
+# The one request over all notes that lminf made before the summary was written part by part.
+BEFORE = ("\n\nThe document has ended. Notes on its successive parts, in order:\n\n{notes}\n\n"
+          "Using these notes and what you read, write {length} of the whole document, from beginning to end.")
 VARIANTS = {
-    "v0-current": (prompts.NOTES_SUMMARY, ""),
+    "v0-before": (BEFORE, ""),
     "v1-no-ended": ("\n\nNotes on the successive parts of the document above, in order:\n\n{notes}\n\n"
                     "Write {length} of the whole document, covering every part in order.", ""),
     "v2-opener": ("\n\nNotes on the successive parts of the document above, in order:\n\n{notes}\n\n"
@@ -48,7 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+")
     ap.add_argument("--length", default="medium")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="parts," + ",".join(VARIANTS),
+                    help="'parts' is lminf summarize as it is (one request per run of notes)")
+    ap.add_argument("--save", type=Path, help="save the encoded document (with its notes) here")
+    ap.add_argument("--state", type=Path, help="start from a state saved with --save instead of encoding")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     lm = load_model()
@@ -68,8 +77,14 @@ def main() -> None:
     size = section_size(engine)
     t0 = time.perf_counter()
     notes_at = []
-    encoded = encode_document(engine, doc, "embedded", notes=True,
-                              on_note=lambda k, n, note: notes_at.append((k, n, note, time.perf_counter())))
+    if a.state:
+        engine, encoded = open_state(a.state, lm)
+        notes_at = [(k, len(encoded.notes), note, 0.0) for k, note in enumerate(encoded.notes, 1)]
+    else:
+        encoded = encode_document(engine, doc, "embedded", notes=True,
+                                  on_note=lambda k, n, note: notes_at.append((k, n, note, time.perf_counter())))
+        if a.save:
+            save_state(a.save, encoded.state, encoded.header, encoded.ids, overwrite=True)
     encode_s = time.perf_counter() - t0
     stream = tokenize(engine, encoded.fmt.document_head() + doc.text.strip())
     bounds = section_bounds(engine, stream, size)
@@ -83,6 +98,14 @@ def main() -> None:
          "encode_and_notes_seconds": round(encode_s, 1)})
     wording = prompts.summary_length(a.length)[0]
     for name in a.variants.split(","):
+        if name == "parts":
+            t1 = time.perf_counter()
+            summary = summarize(engine, encoded, a.length)
+            text = summary.text()
+            log({"step": "summary", "variant": name, "prompt_tokens": summary.prompt_tokens, "summary": text,
+                 "covered": [bool(mentioned(t, text)) for t in terms], "fallback_parts": summary.fallback_parts,
+                 "summary_tokens": len(summary.token_ids), "seconds": round(time.perf_counter() - t1, 1)})
+            continue
         request, opener = VARIANTS[name]
         listed = "\n".join(f"{i}. {note}" for i, note in enumerate(notes, 1))
         prompt = encoded.header.tail + request.format(notes=listed, length=wording) + encoded.fmt.user_end + opener

@@ -123,17 +123,17 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _cpu_without_bf16(request, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_without_bf16():
     """`--dtype auto` picks float32 on the CPU in the suite, as on a CPU without bfloat16
     instructions, so that every machine runs the same tests in the same precision;
-    tests/test_precision.py covers bfloat16 and the probe itself.  The embedded model's
-    tests keep the real probe."""
-    if not request.node.get_closest_marker("embedded"):
-        from lminf_cli import kernels
+    tests/test_precision.py covers bfloat16 and the probe itself.  Session-wide, so that a
+    model a module-scoped fixture loads is in the same precision as one a test loads."""
+    from lminf_cli import kernels
 
-        monkeypatch.setattr(kernels, "cpu_bf16_feature", lambda: None)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "cpu_bf16_feature", lambda: None)
+        yield
 
 
 @pytest.fixture(autouse=True)

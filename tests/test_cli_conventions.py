@@ -279,8 +279,9 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(endless_model_dir, doc, tmp
     encoded = tmp_path / "encoded.lminf"
     assert invoke(["encode", doc, "-o", encoded, "--model", endless_model_dir, *WINDOW]).exit_code == 0
     # A sampled answer that would run for hours: only Ctrl-C ends it.
+    # The child process runs float32 as the suite does (--dtype auto may pick bfloat16 on this CPU).
     pid, fd = _spawn_chat([doc, "--model", endless_model_dir, *WINDOW, "-n", "1000000", "--temperature", "1.5",
-                           "--seed", "1"], _env(tmp_path))
+                           "--seed", "1", "--dtype", "float32"], _env(tmp_path))
     seen = bytearray()
     _expect(fd, b"> ", seen)
     os.write(fd, b"Tell me everything about the times.\r")

@@ -20,7 +20,7 @@ from lminf_cli.models import from_hf, load_model, pick_dtype
 from lminf_cli.settings import LambdaSettings
 
 CPU = torch.device("cpu")
-REAL_PROBE = kernels.cpu_bf16_feature  # taken before conftest's fixture replaces it for each test
+REAL_PROBE = kernels.cpu_bf16_feature  # taken at import, before conftest's session fixture replaces it
 # bfloat16 keeps 8 bits of mantissa: logits of these tiny models move by about 1% of the largest
 # (measured 0.8-1.4% over several prompts).  About twice the worst seen.
 BF16_REL = 0.03

@@ -127,18 +127,47 @@ def test_a_summary_that_says_nothing_falls_back_to_the_notes(engine, monkeypatch
 
 def test_length_reaches_the_prompt_and_the_budget(engine, monkeypatch):
     import lminf_cli.tasks as tasks
+    from lminf_cli.tasks import SUMMARY_PARTS
 
-    encoded = encode_document(engine, Document("doc.txt", CORPUS), "tiny", notes=True, section_tokens=60,
+    text = "\n".join(CORPUS.split(". "))
+    encoded = encode_document(engine, Document("doc.txt", text * 3), "tiny", notes=True, section_tokens=24,
                               note_tokens=4)
+    assert len(encoded.notes) >= 8  # enough for the longest summary's parts
     asked = []
     def capture(e, st, prompt, budget, sampling, control=None):
         asked.append((engine.lm.tokenizer.decode(prompt), budget))
         yield from ()
 
     monkeypatch.setattr(tasks, "_reply_stream", capture)
-    for length, (wording, budget) in SUMMARY_LENGTHS.items():
+    for length, (_, budget) in SUMMARY_LENGTHS.items():
+        asked.clear()
         summarize(engine, encoded, length).text()
-        assert wording in asked[-1][0] and asked[-1][1] == budget  # the last request is the summary's
+        parts = SUMMARY_PARTS[length][0]
+        requests = [(p, b) for p, b in asked if "Notes on part" in p]  # not the condensing merges
+        # One request per part, in order, each with its share of the budget.
+        assert [f"part {k} of {parts} of the document" in p for k, (p, _) in enumerate(requests, 1)] == [True] * parts
+        assert all(b == budget // parts for _, b in requests) and sum(b for _, b in requests) <= budget
+    # A small -n: fewer parts, never more tokens than asked.
+    asked.clear()
+    summarize(engine, encoded, "long", 100).text()
+    requests = [b for p, b in asked if "Notes on part" in p]
+    assert requests == [50, 50]
+    # A document that fits the window: one request, with the --length wording.
+    short = encode_document(engine, Document("doc.txt", "Ruth went to Bethlehem."), "tiny")
+    for length, (wording, budget) in SUMMARY_LENGTHS.items():
+        asked.clear()
+        summarize(engine, short, length).text()
+        assert len(asked) == 1 and wording in asked[0][0] and asked[0][1] == budget
+
+
+def test_summary_parts_split_notes_evenly_in_order():
+    from lminf_cli.tasks import summary_parts
+
+    notes = [f"n{i}" for i in range(12)]
+    assert summary_parts(notes, 5) == [["n0", "n1"], ["n2", "n3", "n4"], ["n5", "n6"], ["n7", "n8", "n9"],
+                                       ["n10", "n11"]]
+    assert summary_parts(notes[:3], 5) == [["n0"], ["n1"], ["n2"]]
+    assert [n for run in summary_parts(notes, 8) for n in run] == notes
 
 
 def test_eval_summary_on_a_tiny_model(tiny_model_dir, tmp_path):

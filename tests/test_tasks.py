@@ -201,10 +201,10 @@ def test_summary_plan_and_note_condensing(engine):
     encoded = encode_document(engine, doc(), "tiny", notes=True, section_tokens=40, note_tokens=10)
     plan = plan_summary(engine, encoded, "short")
     assert plan.covers_whole_document and plan.notes == encoded.notes
-    budget = len(tokenize(engine, encoded.fmt.summary("short", encoded.notes))) // 2
+    budget = len(tokenize(engine, encoded.fmt.part_summary(1, 1, encoded.notes))) // 2
     merged = condense_notes(engine, encoded, list(encoded.notes), budget, note_tokens=10)
     assert 1 <= len(merged) < len(encoded.notes)
-    assert len(merged) == 1 or len(tokenize(engine, encoded.fmt.summary("short", merged))) <= budget
+    assert len(merged) == 1 or len(tokenize(engine, encoded.fmt.part_summary(1, 1, merged))) <= budget
     reply = summarize(engine, encoded, "short", 8, note_tokens=5)
     text = "".join(reply)
     assert len(reply.token_ids) <= 8 and text.strip() == reply.text()
@@ -394,6 +394,13 @@ def test_locate_words_finds_the_planted_sentence(lm):
     a, b = locate_words(engine, encoded, "What is the combination of the iron vault?", 80)
     assert fact in engine.lm.tokenizer.decode(encoded.ids[a:b].tolist())
     assert locate_words(engine, encoded, "Zebra quagga?", 80) is None
+    # Inside the last window too: the small model misses facts there from a distance as well.
+    engine = Engine(lm, SETTINGS.replace(chunk_size=16, n_local=64, limit_distance=64))
+    late = encode_document(engine, doc(TEXT + "\n" + TEXT + "\n" + fact + "\nThe end."), "tiny")
+    tail = engine.lm.tokenizer.decode(late.ids[-engine.settings.n_local:].tolist())
+    assert late.outgrows_window and fact in tail  # the fact lies in the window the model reads directly
+    a, b = locate_words(engine, late, "What is the combination of the iron vault?", 80)
+    assert fact in engine.lm.tokenizer.decode(late.ids[a:b].tolist())
 
 
 # -- how replies end -------------------------------------------------------------

@@ -380,10 +380,12 @@ def summarize(
         with status("Writing the summary", opts.quiet):
             summary.text()  # written in full and checked before it is shown
         if summary.fallback:
-            note("the model's summary said nothing about the content; the section notes stand in for it", opts.quiet)
+            which = ", ".join(map(str, summary.fallback_parts))
+            note(f"the model's summary said nothing about part {which} of the document: the section notes "
+                 "stand in for it", opts.quiet)
         Reply(summary, encoded.state.metrics, started, load_seconds).deliver(
             json_out, opts.quiet, verbose, None if max_new_tokens else budget, lambda: {
-                "summary": summary.text(), "notes": encoded.notes, "fallback": summary.fallback,
+                "summary": summary.text(), "notes": encoded.notes, "fallback_parts": summary.fallback_parts,
                 "document_tokens": encoded.document_tokens, "summary_tokens": len(summary.token_ids),
                 "timings": summary.timings, "seconds": round(time.perf_counter() - t0, 3)})
 
