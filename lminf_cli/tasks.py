@@ -39,7 +39,7 @@ from .errors import SettingsError, UsageError
 from .generate import Engine, GenerationResponse, State
 from .long_text import tokenize_long
 from .models import LoadedModel
-from .passages import DEFAULT_REREAD, REREAD_BY, bm25_scores, terms
+from .passages import DEFAULT_REREAD, REREAD_BY, STOPWORDS, bm25_scores, terms
 from .progress import Progress
 from .prompts import NOTE_START, PromptFormat, check_question, summary_length
 from .sampling import SamplingParams
@@ -637,6 +637,43 @@ def says_nothing(text: str, cut: bool = False) -> bool:
     return (len(text.split()) < 8 and not cut) or bool(_META.search(first))
 
 
+# Capitalised words that are titles or roles, not names ("the King of Norway", "the Ghost").
+_TITLES = frozenset({"king", "queen", "prince", "princess", "lord", "lady", "duke", "duchess", "sir", "master",
+                     "mistress", "god", "mr", "mrs", "dr", "saint", "st", "captain", "general"})
+_SENTENCES = re.compile(r"(?<=[.!?:;])\s+|\n+|\s-\s")
+
+
+def names_in(text: str) -> set[str]:
+    """Lower-cased proper names in text: capitalised words that do not open a sentence, are not
+    titles, and never appear in lower case in the same text ("Ghost" beside "ghost" is no name)."""
+    lower = set(re.findall(r"\b[a-z][\w'’]+", text))
+    out = set()
+    for sentence in _SENTENCES.split(text):
+        for word in re.findall(r"[\w'’]+", sentence.strip(" \"'(*"))[1:]:
+            w = re.sub(r"['’]s?$", "", word)
+            if re.match(r"i['’]", w, re.IGNORECASE):  # I've, I'm, I'll
+                continue
+            if w[:1].isupper() and len(w) > 1 and w.lower() not in lower | _TITLES | STOPWORDS:
+                out.add(w.lower())
+    return out
+
+
+def names_nobody(reply: str, notes: Sequence[str]) -> bool:
+    """A part's reply that names none of the people, places or subjects its notes name (when they
+    name any): the request asked for them, and without them a reader cannot tell the parts apart."""
+    named = names_in("\n".join(notes))  # "In this passage, Iago ...": Iago is not an opener
+    words = {w.lower() for w in re.findall(r"[^\W_]+", reply)}
+    return bool(named) and not named & words
+
+
+def richest_note(notes: Sequence[str]) -> str:
+    """The note of a run that names the most (the first of equals), as text, to its second sentence."""
+    best = max(notes, key=lambda n: (not says_nothing(n), len(names_in(n))))
+    text = notes_as_text([best])
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[:ends[1]] if len(ends) > 1 else text
+
+
 def notes_as_text(notes: Sequence[str]) -> str:
     """Section notes as a summary of their own: one paragraph each, in order, without their opener."""
     out = []
@@ -717,6 +754,9 @@ def _parts_stream(engine: Engine, state: State, prompts: Sequence[Sequence[int]]
             text = text[:_last_sentence_end(text, 0)].strip() or text
         if says_nothing(text, cut=done is not None and done.finish_reason == "length") and notes_as_text(notes):
             text = notes_as_text(notes)
+            fell_back.append(k + 1)
+        elif names_nobody(text, notes):  # e.g. "The Ghost tells the story of a king's ghost" for Hamlet's notes
+            text = richest_note(notes)
             fell_back.append(k + 1)
         if done is not None:
             generated += done.generated

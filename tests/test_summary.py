@@ -118,7 +118,7 @@ def test_a_summary_that_says_nothing_falls_back_to_the_notes(engine, monkeypatch
         yield gen.GenerationResponse("", None, len(ids), 1.0, 0, "stop")
 
     summary_plain = summarize(engine, encoded, "short", 8)
-    assert not summary_plain.fallback or says_nothing(summary_plain.text())
+    assert not summary_plain.fallback or summary_plain.text() != "" # a part fell back: to its notes
     monkeypatch.setattr(gen.Engine, "stream_generate", meta_reply)
     summary = summarize(engine, encoded, "short", 8)
     assert summary.text() == notes_as_text(summary.notes) and summary.fallback
@@ -184,3 +184,39 @@ def test_eval_summary_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert 0 <= data["coverage"] <= 1 and data["oracle_coverage"] is not None and data["summary"]
     bad = runner.invoke(app, ["eval", "summary", str(files[0]), "--model", str(tiny_model_dir)])
     assert bad.exit_code == 2 and "at least two parts" in bad.stderr
+
+
+def test_names_in_finds_proper_names_not_titles_or_sentence_openers():
+    from lminf_cli.tasks import names_in
+
+    text = ("In this passage, Ruth tells Naomi that Boaz's field is near Bethlehem. The Ghost speaks; "
+            "the ghost is the King of Norway. Egeus' daughter waits.\n- Macbeth sleeps.")
+    assert names_in(text) == {"ruth", "naomi", "boaz", "bethlehem", "norway"}  # not the, ghost, king, egeus, macbeth
+    assert names_in("") == set() and names_in("all lower case here.") == set()
+
+
+def test_a_part_that_names_nobody_gives_way_to_its_richest_note(monkeypatch):
+    import lminf_cli.tasks as tasks
+    from lminf_cli.generate import GenerationResponse
+    from lminf_cli.tasks import ReplyControl, names_nobody, richest_note
+
+    runs = [["In this passage, Iago tells Roderigo about the Moor. Then they leave.", "In this passage, a storm."],
+            ["In this passage, Prospero and Miranda watch the sea. Miranda weeps. The ship sinks."]]
+    replies = iter(["The story unfolds between two men, a senator and his wife, in a city at night.",
+                    "Prospero shows Miranda the storm he raised, and she pities the ship."])
+
+    def scripted(engine, state, prompt, budget, sampling, control=None):
+        text = next(replies)
+        yield GenerationResponse(text, 1, 1, 1.0, 0)
+        yield GenerationResponse("", None, 1, 1.0, 0, "stop")
+
+    monkeypatch.setattr(tasks, "_reply_stream", scripted)
+    fell_back: list[int] = []
+    out = "".join(r.text for r in tasks._parts_stream(None, None, [[1], [2]], runs, 40, 1, None, ReplyControl(),
+                                                      fell_back))
+    assert names_nobody("The story unfolds between two men.", runs[0]) and not names_nobody("Iago waits.", runs[0])
+    assert richest_note(runs[0]) == "Iago tells Roderigo about the Moor. Then they leave."
+    assert out == richest_note(runs[0]) + " Prospero shows Miranda the storm he raised, and she pities the ship."
+    assert fell_back == [1]
+    # Notes that name nobody ask nothing of the reply.
+    assert not names_nobody("A storm rages.", ["In this passage, a storm rages at sea."])

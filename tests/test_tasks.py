@@ -359,7 +359,8 @@ def test_ask_with_reread_puts_the_passage_before_the_question(lm, monkeypatch):
     # A document that fits the window is asked exactly as before.
     wide = Engine(lm, LambdaSettings(4, 64, 64, chunk_size=16, middle_top_k=3, middle_from_layer=0))
     short = encode_document(wide, doc("Call me Ishmael. The whale is white."), "tiny")
-    assert ask(wide, short, "Who?", 6, reread=40).token_ids == ask(wide, short, "Who?", 6).token_ids
+    before = ask(wide, short, "Who?", 6, reread=0).token_ids  # no re-read: what ask did before it existed
+    assert ask(wide, short, "Who?", 6, reread=40).token_ids == ask(wide, short, "Who?", 6).token_ids == before
 
 
 def test_the_stream_ids_travel_with_a_saved_state(engine, tmp_path):
