@@ -55,7 +55,7 @@ class Fake:
     """A summary as tasks.summarize returns it, with a fixed text."""
 
     def __init__(self, text):
-        self._text, self.timings, self.source_notes, self.fallback = text, {"encode": 1.0}, ["n"], False
+        self._text, self.timings, self.source_notes, self.fallback_parts = text, {"encode": 1.0}, ["n"], []
 
     def text(self):
         return self._text
@@ -118,7 +118,7 @@ def test_a_summary_that_says_nothing_falls_back_to_the_notes(engine, monkeypatch
         yield gen.GenerationResponse("", None, len(ids), 1.0, 0, "stop")
 
     summary_plain = summarize(engine, encoded, "short", 8)
-    assert not summary_plain.fallback or summary_plain.text() != "" # a part fell back: to its notes
+    assert not summary_plain.fallback or summary_plain.text() != ""  # a part fell back: to its notes
     monkeypatch.setattr(gen.Engine, "stream_generate", meta_reply)
     summary = summarize(engine, encoded, "short", 8)
     assert summary.text() == notes_as_text(summary.notes) and summary.fallback

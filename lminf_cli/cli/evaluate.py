@@ -512,7 +512,8 @@ def _print_summary(report) -> None:
              + (f" (oracle: {round(oracle * len(report.parts))}/{len(report.parts)})" if oracle is not None else ""),
              "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())]
     if report.fallback:
-        lines.append("the model's summary said nothing about the content: the section notes stood in for it")
+        lines.append(f"the model's summary said nothing about part {', '.join(map(str, report.fallback_parts))}: "
+                     "the section notes stood in for it")
     lines += ["", report.summary]
     for line in lines:
         console.print(line, highlight=False, markup=False)

@@ -97,9 +97,14 @@ class SummaryReport:
     meta: dict[str, Any]
     summary: str
     notes: list[str]
-    fallback: bool
+    fallback_parts: list[int]  # parts (1-based) whose reply gave way to the section notes
     timings: dict[str, float]
     parts: list[PartCoverage] = field(default_factory=list)
+
+    @property
+    def fallback(self) -> bool:
+        """Whether any part of the summary is the section notes standing in for the model's reply."""
+        return bool(self.fallback_parts)
 
     @property
     def coverage(self) -> float:
@@ -116,6 +121,7 @@ class SummaryReport:
     def to_json(self) -> dict[str, Any]:
         """Plain data."""
         return {**self.meta, "summary": self.summary, "notes": self.notes, "fallback": self.fallback,
+                "fallback_parts": self.fallback_parts,
                 "timings": self.timings, "coverage": self.coverage, "oracle_coverage": self.oracle_coverage,
                 "parts": [asdict(p) | {"covered": p.covered} for p in self.parts]}
 
@@ -134,7 +140,7 @@ def evaluate_summary(parts: Sequence[Document], summarize: Summarizer, count_tok
     whole = summarize(join_parts(parts))
     text = whole.text()
     timings = {**whole.timings, "total": round(time.perf_counter() - t0, 2)}
-    report = SummaryReport(meta or {}, text, list(whole.source_notes), whole.fallback, timings)
+    report = SummaryReport(meta or {}, text, list(whole.source_notes), list(whole.fallback_parts), timings)
     for part, t in zip(parts, terms, strict=True):
         report.parts.append(PartCoverage(part.name, count_tokens(part.text), t, mentioned(t, text)))
     if oracle:
