@@ -667,8 +667,12 @@ def names_nobody(reply: str, notes: Sequence[str]) -> bool:
 
 
 def richest_note(notes: Sequence[str]) -> str:
-    """The note of a run that names the most (the first of equals), as text, to its second sentence."""
-    best = max(notes, key=lambda n: (not says_nothing(n), len(names_in(n))))
+    """The note of a run that says something and names the most (the first of equals), as text, to its
+    second sentence ("" when every note is empty)."""
+    bodies = [n for n in notes if notes_as_text([n])]
+    if not bodies:
+        return ""
+    best = max(bodies, key=lambda n: (not says_nothing(notes_as_text([n])), len(names_in(n))))
     text = notes_as_text([best])
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
     return text[:ends[1]] if len(ends) > 1 else text
@@ -735,8 +739,8 @@ def _parts_stream(engine: Engine, state: State, prompts: Sequence[Sequence[int]]
                   control: ReplyControl, fell_back: list[int]) -> Iterator[GenerationResponse]:
     """The replies to the part prompts, one after another from the same document state, as one
     stream: tokens pass through (counted, timed), each part's text comes whole once it is checked
-    (a reply that says nothing gives way to its part's notes, and its number goes to
-    `fell_back`), and parts are joined into
+    (a reply that says nothing, or names nobody its notes name, gives way to its run's richest
+    note, and its number goes to `fell_back`), and parts are joined into
     `paragraphs` paragraphs.  The last response carries the finish reason: "cancelled" if it
     was, else that of the last part."""
     per_paragraph = -(-len(prompts) // max(1, paragraphs))
@@ -752,10 +756,11 @@ def _parts_stream(engine: Engine, state: State, prompts: Sequence[Sequence[int]]
         text = "".join(pieces).strip()
         if done is not None and done.finish_reason == "length":  # a part cut by its budget ends at a sentence
             text = text[:_last_sentence_end(text, 0)].strip() or text
-        if says_nothing(text, cut=done is not None and done.finish_reason == "length") and notes_as_text(notes):
-            text = notes_as_text(notes)
-            fell_back.append(k + 1)
-        elif names_nobody(text, notes):  # e.g. "The Ghost tells the story of a king's ghost" for Hamlet's notes
+        # A reply that is no summary, or names nobody its notes name ("The Ghost tells the story of a
+        # king's ghost" for Hamlet's notes), gives way to its run's most informative note: a run's
+        # notes in full would be several times the part's budget.
+        if (says_nothing(text, cut=done is not None and done.finish_reason == "length")
+                or names_nobody(text, notes)) and notes_as_text(notes):
             text = richest_note(notes)
             fell_back.append(k + 1)
         if done is not None:
