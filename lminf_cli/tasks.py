@@ -646,14 +646,14 @@ _SENTENCES = re.compile(r"(?<=[.!?:;])\s+|\n+|\s-\s")
 def names_in(text: str) -> set[str]:
     """Lower-cased proper names in text: capitalised words that do not open a sentence, are not
     titles, and never appear in lower case in the same text ("Ghost" beside "ghost" is no name)."""
-    lower = set(re.findall(r"\b[a-z][\w'’]+", text))
+    skip = set(re.findall(r"\b[a-z][\w'’]+", text)) | _TITLES | STOPWORDS  # once, not per word
     out = set()
     for sentence in _SENTENCES.split(text):
         for word in re.findall(r"[\w'’]+", sentence.strip(" \"'(*"))[1:]:
             w = re.sub(r"['’]s?$", "", word)
             if re.match(r"i['’]", w, re.IGNORECASE):  # I've, I'm, I'll
                 continue
-            if w[:1].isupper() and len(w) > 1 and w.lower() not in lower | _TITLES | STOPWORDS:
+            if w[:1].isupper() and len(w) > 1 and w.lower() not in skip:
                 out.add(w.lower())
     return out
 
@@ -662,18 +662,16 @@ def names_nobody(reply: str, notes: Sequence[str]) -> bool:
     """A part's reply that names none of the people, places or subjects its notes name (when they
     name any): the request asked for them, and without them a reader cannot tell the parts apart."""
     named = names_in("\n".join(notes))  # "In this passage, Iago ...": Iago is not an opener
-    words = {w.lower() for w in re.findall(r"[^\W_]+", reply)}
-    return bool(named) and not named & words
+    return bool(named) and not named & set(terms(reply))  # names are never stopwords or one letter
 
 
 def richest_note(notes: Sequence[str]) -> str:
     """The note of a run that says something and names the most (the first of equals), as text, to its
     second sentence ("" when every note is empty)."""
-    bodies = [n for n in notes if notes_as_text([n])]
+    bodies = [(n, t) for n in notes if (t := notes_as_text([n]))]
     if not bodies:
         return ""
-    best = max(bodies, key=lambda n: (not says_nothing(notes_as_text([n])), len(names_in(n))))
-    text = notes_as_text([best])
+    _, text = max(bodies, key=lambda nt: (not says_nothing(nt[1]), len(names_in(nt[0]))))
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
     return text[:ends[1]] if len(ends) > 1 else text
 
