@@ -251,6 +251,31 @@ def _wait(pid: int, timeout: float = 60.0) -> int:
     raise AssertionError("chat did not exit")
 
 
+def _press_ctrl_c(fd, pid: int) -> None:
+    """Ctrl-C as a person presses it: once the chat waits for the keyboard (blocked reading it).
+
+    Why wait: readline shows the prompt (or echoes a key) and only then blocks in select(); a
+    SIGINT that lands in between is noted by Python but wakes nothing, so the chat would wait
+    for the next key.  On a loaded 2-core CI machine the test, which presses ^C the instant the
+    prompt appears, hit that gap (people do not type within microseconds; a second ^C leaves).
+    """
+    import os
+    import time
+
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                where = f.read()
+        except OSError:  # no /proc here: a pause long enough for the child to reach select()
+            time.sleep(1.0)
+            break
+        if "poll" in where or "select" in where:
+            break
+        time.sleep(0.02)
+    os.write(fd, b"\x03")
+
+
 def _env(tmp_path):
     import os
 
@@ -295,7 +320,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(endless_model_dir, doc, tmp
     assert b"wrote" in _expect(fd, b"> ", seen)
     os.write(fd, b"half a question")
     _expect(fd, b"question", seen)
-    os.write(fd, b"\x03")                  # Ctrl-C with something typed: the line is dropped
+    _press_ctrl_c(fd, pid)                 # Ctrl-C with something typed: the line is dropped
     _expect(fd, b"> ", seen)
     os.write(fd, b"\x04")                  # Ctrl-D at an empty prompt: the chat ends
     assert _wait(pid) == 0
@@ -315,6 +340,6 @@ def test_ctrl_c_at_an_empty_prompt_leaves(tiny_model_dir, doc, tmp_path):
     pid, fd = _spawn_chat([doc, "--model", tiny_model_dir, *WINDOW, "-n", "4"], _env(tmp_path))
     seen = bytearray()
     _expect(fd, b"> ", seen)
-    os.write(fd, b"\x03")
+    _press_ctrl_c(fd, pid)
     assert _wait(pid) == 130
     os.close(fd)
