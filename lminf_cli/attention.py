@@ -81,6 +81,20 @@ class Rope:
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def small_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for the tiny products of a decode step (rotations, the global branch); float32 on the CPU.
+
+    Why: on the CPU a bfloat16 batched GEMM this small ([9, 1, 64] x [64, 128], [3, 3, 64] x
+    [64, 100]) costs 20-75 us, mostly the library's per-call set-up, against ~3 us in float32;
+    four per layer were ~8 ms of a 49 ms decode step at 8k (AMX Xeon, profiled).  float32
+    accumulates exactly as the bfloat16 kernel does inside, so only the final rounding moves.
+    On other devices: the product in the inputs' dtype (both must match there).
+    """
+    if a.device.type == "cpu":
+        return torch.matmul(a.float(), b.float())  # .float() is free on float32 tensors
+    return torch.matmul(a, b)
+
+
 def _flash_cpu_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
@@ -88,6 +102,13 @@ def _flash_cpu_available() -> bool:
 FLASH_CPU = _flash_cpu_available()
 # Blocks of at least this many queries split the local branch (LocalSplit) on that kernel.
 SPLIT_MIN_ROWS = 32
+# Decode (a few query rows) on that kernel: an unmasked span of keys is cut into pieces of at
+# least this many keys, run as one batched call.  Why: the kernel works head by head, and a
+# step has only Hkv heads (3 on SmolLM2) for the threads to share; pieces give every thread
+# work and the pieces merge exactly through their log-sum-exp.
+DECODE_PIECE = 1024
+DECODE_MAX_PIECES = 8
+DECODE_ROWS_MAX = 16  # folded query rows (g per KV head) that count as a decode step
 # Up to this many query rows (decode: g rows), CUDA takes the eager matmuls: two
 # batched GEMVs read K and V once at full bandwidth, while the fused kernel has
 # one query tile per head and leaves most of the GPU idle (measured 6x slower).
@@ -182,6 +203,8 @@ class LocalSplit:
     is ~15% slower with a mask than without, so the bulk runs unmasked.
     spans: ring slices [a, b) of the unmasked keys (two when the ring wraps);
     edge_slots [2C - 1] ring slots of the edge keys; edge_bias [g*C, 2C - 1] 0 / -inf.
+    A decode step (C = 1) sees every key of its window, itself included: spans only, and
+    no edges (empty edge_slots).
     """
 
     spans: tuple[tuple[int, int], ...]
@@ -219,23 +242,25 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
         return joint_few_rows(ql, qg, k_local, v_local, local_bias, k_global, v_global, global_bias,
                               scale).reshape(b, h, c, d)
     if split is not None:
-        parts = [attention_with_lse(ql, k_local[:, :, a:e], v_local[:, :, a:e], None, scale, fused, softcap)
-                 for a, e in split.spans]                                                # [B, Hkv, g*C, D] each
-        k_edge = k_local.index_select(2, split.edge_slots)                                    # [B, Hkv, 2C-1, D]
-        v_edge = v_local.index_select(2, split.edge_slots)
-        parts.append(attention_with_lse(ql, k_edge, v_edge, split.edge_bias, scale, fused, softcap))
+        parts = [part for a, e in split.spans if e > a  # (the CPU kernel dies on zero keys)
+                 for part in _span_attention(ql, k_local, v_local, a, e, scale, fused, softcap)]
+        if split.edge_slots.numel():
+            k_edge = k_local.index_select(2, split.edge_slots)                                # [B, Hkv, 2C-1, D]
+            v_edge = v_local.index_select(2, split.edge_slots)
+            parts.append(attention_with_lse(ql, k_edge, v_edge, split.edge_bias, scale, fused, softcap))
     else:
         parts = [attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)]  # [B, Hkv, g*C, D]
     has_global = not (global_bias is None or k_global is None or k_global.shape[2] == 0)
-    if len(parts) == 1 and not has_global:
+    if len(parts) == 1 and parts[0][0].shape[0] == b and not has_global:
         out, lse = parts[0]
         # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed.
         out = out.reshape(b, h, c, d)
         return (out, lse) if return_lse else out
-    lses = [lse for _, lse in parts]
+    # A part of P pieces (out [P, Hkv, g*C, D]; only with B = 1) counts once in the total.
+    lses = [lse if out.shape[0] == b else torch.logsumexp(lse, dim=0, keepdim=True) for out, lse in parts]
     if has_global:
         qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
-        g_scores = torch.matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
+        g_scores = small_matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
         if softcap is not None:
             g_scores = torch.tanh(g_scores / softcap) * softcap
         g_scores = g_scores + global_bias.float()
@@ -245,13 +270,45 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     # visible global key get exp(-inf) = 0 from that branch.
     if has_global:
         g_probs = torch.exp(g_scores - total[..., None])
-        merged = torch.matmul(g_probs.to(v_global.dtype), v_global).float()           # [B, Hkv, g*C, D]
+        if q_local.device.type == "cpu":
+            merged = small_matmul(g_probs, v_global)                                 # [B, Hkv, g*C, D]
+        else:
+            merged = torch.matmul(g_probs.to(v_global.dtype), v_global).float()
     else:
         merged = torch.zeros(b, hkv, g * c, d, device=q_local.device)
     for out, lse in parts:
-        merged.addcmul_(out.float(), torch.exp(lse - total)[..., None])
+        if out.shape[0] == b:
+            merged.addcmul_(out.float(), torch.exp(lse - total)[..., None])
+        else:  # pieces: their weighted sum
+            merged += (out.float() * torch.exp(lse - total)[..., None]).sum(dim=0, keepdim=True)
     merged = merged.to(q_local.dtype).reshape(b, h, c, d)
     return (merged, total) if return_lse else merged
+
+
+def _span_attention(ql: Tensor, k: Tensor, v: Tensor, a: int, e: int, scale: float, fused: bool,
+                    softcap: float | None) -> list[tuple[Tensor, Tensor]]:
+    """Unmasked attention of folded query rows ql [B, Hkv, R, D] to keys [a, e) of k/v [B, Hkv, N, D].
+
+    Returns (out, lse) parts for lambda_attention's merge.  A long span seen by a few rows on
+    the fused CPU kernel (a decode step) becomes one part of P equal pieces (out [P, Hkv, R, D],
+    lse [P, Hkv, R]: P calls' worth of work in one batched call, see DECODE_PIECE), plus the
+    few keys left over as a part of their own.
+    """
+    n, b, rows = e - a, ql.shape[0], ql.shape[2]
+    pieces = min(n // DECODE_PIECE, DECODE_MAX_PIECES)
+    if not (fused and FLASH_CPU and ql.device.type == "cpu" and softcap is None and b == 1
+            and rows <= DECODE_ROWS_MAX and pieces >= 2):
+        return [attention_with_lse(ql, k[:, :, a:e], v[:, :, a:e], None, scale, fused, softcap)]
+    size = n // pieces
+    hkv, d = k.shape[1], k.shape[3]
+    # Ring slots [a, a + pieces * size) as [pieces, Hkv, size, D]: a view, nothing is copied.
+    kp = k[0, :, a:a + pieces * size].view(hkv, pieces, size, d).transpose(0, 1)
+    vp = v[0, :, a:a + pieces * size].view(hkv, pieces, size, d).transpose(0, 1)
+    parts = [attention_with_lse(ql.expand(pieces, -1, -1, -1), kp, vp, None, scale, fused)]
+    if a + pieces * size < e:
+        rest = slice(a + pieces * size, e)
+        parts.append(attention_with_lse(ql, k[:, :, rest], v[:, :, rest], None, scale, fused))
+    return parts
 
 
 def joint_few_rows(q_local: Tensor, q_global: Tensor, k_local: Tensor, v_local: Tensor, local_bias: Tensor,

@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import FLASH_CPU, NEG_INF, SPLIT_MIN_ROWS, LocalSplit, Rope, lambda_attention, merge_extra_keys
+from .attention import (
+    FLASH_CPU,
+    NEG_INF,
+    SPLIT_MIN_ROWS,
+    LocalSplit,
+    Rope,
+    lambda_attention,
+    merge_extra_keys,
+    small_matmul,
+)
 from .errors import InputError, UsageError
 from .retrieval import MiddleStore
 from .settings import RETRIEVAL_KNOBS, LambdaSettings
@@ -104,11 +113,11 @@ class LayerCache:
         if plan.step_mat is not None:
             # Decode: every rotation of q, and k's, as matmuls with per-step matrices.
             d = q.shape[-1]
-            both = torch.matmul(q, plan.step_mat)                                # [1, H, 1, 2D or 3D]
+            both = small_matmul(q, plan.step_mat).to(q.dtype)                    # [1, H, 1, 2D or 3D]
             q_local, q_cap = both[..., :d], both[..., d:2 * d]
             if both.shape[-1] > 2 * d:
                 q_ins = both[0, :, -1, 2 * d:]                                   # [H, D]
-            k_rot = torch.matmul(k, plan.step_mat[:, :d])                        # [1, Hkv, 1, D]
+            k_rot = small_matmul(k, plan.step_mat[:, :d]).to(k.dtype)            # [1, Hkv, 1, D]
         else:
             q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
             k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
@@ -152,7 +161,7 @@ class LayerCache:
         else:
             leaving, values = self.k_ring[0][:, plan.evict_slots], self.v_ring[0][:, plan.evict_slots]
         if plan.evict_mat is not None:
-            unrotated = torch.matmul(leaving, plan.evict_mat)
+            unrotated = small_matmul(leaving, plan.evict_mat).to(leaving.dtype)
         else:
             unrotated = self.owner.rope.rotate(leaving, plan.evict_cos, plan.evict_sin)
         self.middle.append(unrotated, values)
@@ -332,13 +341,15 @@ class LambdaCache:
         self.rebases += 1
 
     # -- the step protocol ---------------------------------------------------
-    def plan(self, n_new: int, retrieve_last: bool = False) -> StepPlan:
+    def plan(self, n_new: int, retrieve_last: bool = False, *, static: bool = False) -> StepPlan:
         """Prepare a forward of n_new tokens: rotations, slots and masks, shared by all layers.
 
         `retrieve_last`: the block's last row is the one that will be continued (sampled
         from), so it also attends to its top-k middle tokens when retrieval is on.  No
         other row ever retrieves: the state after a stream is then the same however the
         stream was cut into forwards.
+        `static`: for a forward replayed from static buffers (graphs.py): masks only, never
+        a LocalSplit, whose host-side spans move with every block.
         """
         if not 0 < n_new <= self.max_chunk:
             raise ValueError(f"a forward adds 1..{self.max_chunk} tokens, got {n_new}")
@@ -351,7 +362,7 @@ class LambdaCache:
         idx = torch.arange(start, end, device=self.device)                # [C] stream indices
 
         ring_view = min(end, self.ring_size)
-        split = self._local_split(start, n_new)
+        split = None if static else self._local_split(start, n_new)
         local_bias, window_bias = None, {}
         if split is None or self.windows:  # a [g*C, N] mask: tens of MB at 8k keys, built only when used
             kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
@@ -393,13 +404,23 @@ class LambdaCache:
     def _local_split(self, start: int, n_new: int) -> LocalSplit | None:
         """The full window's keys as unmasked ring spans plus masked edges (see LocalSplit).
 
-        Only for blocks of queries on the fused CPU kernel, once the window is full:
-        decode steps gain nothing from it, and on CUDA a captured graph replays fixed
-        slices while these spans move with every block (and that path was not measured).
+        Only on the fused CPU kernel: for blocks of queries once the window is full, and for
+        decode steps, which see every key of their window and so need no mask at all (the
+        spans then hold the window, the new token included; attention cuts them into pieces
+        for the threads).  On CUDA a captured graph replays fixed slices while these spans
+        move with every block (and that path was not measured).
         """
         w, r = self.settings.n_local, self.ring_size
-        if not (self.splits_local and self.fused and FLASH_CPU and self.device.type == "cpu" and self.softcap is None
-                and n_new >= SPLIT_MIN_ROWS and start >= w - 1 and w > n_new):
+        if not (self.splits_local and self.fused and FLASH_CPU and self.device.type == "cpu"
+                and self.softcap is None):
+            return None
+        if n_new == 1:
+            end = start + 1
+            a, m = max(0, end - w) % r, min(end, w)  # the window: positions [end - m, end)
+            spans = ((a, a + m),) if a + m <= r else ((a, r), (0, a + m - r))
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            return LocalSplit(spans, none, torch.zeros(self.groups, 0, dtype=self.dtype, device=self.device))
+        if not (n_new >= SPLIT_MIN_ROWS and start >= w - 1 and w > n_new):
             return None
         a, m = (start + n_new - w) % r, w - n_new  # the unmasked keys: positions [start + n_new - w, start)
         spans = ((a, a + m),) if a + m <= r else ((a, r), (0, a + m - r))
@@ -617,9 +638,9 @@ class AlibiCache(LambdaCache):
                          scale, fused)
         self.slopes = slopes.detach().float().to(self.device)  # [H]
 
-    def plan(self, n_new: int, retrieve_last: bool = False) -> StepPlan:
+    def plan(self, n_new: int, retrieve_last: bool = False, *, static: bool = False) -> StepPlan:
         """The RoPE plan's slots and masks, with the linear biases added per head."""
-        plan = super().plan(n_new, retrieve_last)
+        plan = super().plan(n_new, retrieve_last, static=static)
         idx = torch.arange(plan.start, plan.start + n_new, device=self.device)      # [C]
         kpos = self._slot_positions(plan.start + n_new, plan.ring_view)              # [N]
         local = plan.local_bias.float() + self._linear_bias(idx[:, None] - kpos[None, :])

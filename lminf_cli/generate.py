@@ -260,7 +260,7 @@ class Engine:
         Returns logits [1, len(rows), V] for `rows`, or None.  `retrieve_last`: the last
         row will be continued, so it retrieves middle tokens when retrieval is on.
         """
-        plan = cache.plan(ids.shape[1], retrieve_last)
+        plan = cache.plan(ids.shape[1], retrieve_last, static=self.graphs != "off")
         if self.graphs != "off" and rows in (None, LAST_ROW) and graphable(cache, plan):
             key = (plan.n_new, rows is not None)
             # A weak reference: the cache keeps its graphs, and a strong one would make a cycle.

@@ -99,7 +99,7 @@ class StepGraph:
 
 def graphable(cache: LambdaCache, plan: StepPlan) -> bool:
     """Whether a forward under `plan` can be captured and replayed."""
-    return (plan.ring_view == cache.ring_size and plan.global_new is None
+    return (plan.ring_view == cache.ring_size and plan.global_new is None and plan.split is None
             and not plan.retrieve and plan.evict_slots is None
             and all(layer.device == cache.layers[0].device for layer in cache.layers))
 

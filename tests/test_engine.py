@@ -145,6 +145,60 @@ def test_far_positions_do_not_lose_precision(device):
     assert torch.allclose(a[:, 16:], b[:, 16:], atol=1e-5)
 
 
+def test_decode_steps_over_a_long_window_equal_dense_reference(device, monkeypatch):
+    # A decode step on the CPU reads its window unmasked, cut into pieces of >= 1024 keys run
+    # as one batched call (attention._span_attention); the ring wraps, so the window is two
+    # spans for most steps.  Same keys, same rule: the dense reference's logits.
+    from lminf_cli import attention
+
+    pieces = []
+    span = attention._span_attention
+
+    def recording(*args, **kwargs):
+        parts = span(*args, **kwargs)
+        pieces.append(max(out.shape[0] for out, _ in parts))
+        return parts
+
+    monkeypatch.setattr(attention, "_span_attention", recording)
+    model = tiny_llama(4, 2, trained=16, layers=1)
+    lm = from_hf(model, None)
+    ids = torch.randint(0, 97, (1, 2230), device=device)
+    n_global, n_local, limit, chunk = 4, 2100, 2100, 64
+    ref = dense_lambda_logits(model, ids, n_local, n_global, limit)[:, -30:]
+    engine = Engine(lm, LambdaSettings(n_global, n_local, limit, chunk_size=chunk))
+    state = engine.encode(ids[0, :-30])
+    steps = torch.stack([engine.step(state, int(t)) for t in ids[0, -30:]])[None]  # logits after each token
+    assert torch.allclose(steps, ref, atol=1e-4), (steps - ref).abs().max()
+    if device.type == "cpu":
+        assert max(pieces) == 2  # 2,100 keys: two pieces of 1,050 (or 1,032 + the wrapped rest)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_split_pieces_equal_the_masked_branch(dtype, tol):
+    # lambda_attention with the window as spans (long ones in pieces) against the same keys
+    # under a 0/-inf mask, for a decode step's 3 folded rows and for 1 row per head.
+    from lminf_cli.attention import LocalSplit
+
+    torch.manual_seed(2)
+    n, ring = 5000, 5200
+    for heads, kv in ((9, 3), (2, 2)):
+        q, qg = torch.randn(1, heads, 1, 64, dtype=dtype), torch.randn(1, heads, 1, 64, dtype=dtype)
+        k, v = torch.randn(1, kv, ring, 64, dtype=dtype), torch.randn(1, kv, ring, 64, dtype=dtype)
+        kg, vg = torch.randn(1, kv, 4, 64, dtype=dtype), torch.randn(1, kv, 4, 64, dtype=dtype)
+        g = heads // kv
+        gb = torch.zeros(g, 4, dtype=dtype)
+        spans = ((4500, ring), (0, n - (ring - 4500)))          # the window wraps around the ring end
+        visible = torch.zeros(ring, dtype=torch.bool)
+        for a, e in spans:
+            visible[a:e] = True
+        lb = torch.zeros(g, ring, dtype=dtype).masked_fill(~visible, float("-inf"))
+        none = torch.zeros(0, dtype=torch.long)
+        split = LocalSplit(spans, none, torch.zeros(g, 0, dtype=dtype))
+        a = lambda_attention(q, qg, k, v, None, kg, vg, gb, 0.125, split=split)
+        b = lambda_attention(q, qg, k, v, lb, kg, vg, gb, 0.125, fused=False)
+        assert torch.allclose(a.float(), b.float(), atol=tol), (heads, (a.float() - b.float()).abs().max())
+
+
 def test_lambda_attention_fused_equals_eager():
     torch.manual_seed(1)
     q, qg = torch.randn(1, 6, 5, 8), torch.randn(1, 6, 5, 8)
