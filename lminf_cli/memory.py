@@ -89,6 +89,25 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, d
     return 2 * n_layers * n_kv_heads * tokens * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def release_free_memory() -> None:
+    """Hand memory that Python and torch have freed back to the operating system.
+
+    Why: loading a model frees a few hundred MB of temporaries (GGUF de-quantization, float32
+    copies before packing) that glibc's allocator keeps in the process; the resident set then
+    stays that much larger for the whole session.  malloc_trim returns what it can (glibc
+    only: elsewhere this is a no-op).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        name = ctypes.util.find_library("c")
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory since `reset()` (or since the process started): CUDA max allocated, or peak RSS."""
 
@@ -96,10 +115,12 @@ class PeakMemory:
         self.device = device
 
     def reset(self) -> None:
-        """Forget earlier peaks (model loading) so only what follows counts."""
+        """Forget earlier peaks (model loading) so only what follows counts; on the CPU, memory
+        already freed is handed back first (release_free_memory), as lminf does after loading."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        release_free_memory()
         with contextlib.suppress(OSError):  # Linux: "5" resets this process's peak RSS (VmHWM)
             Path("/proc/self/clear_refs").write_text("5")
 

