@@ -253,13 +253,13 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     else:
         parts = [attention_with_lse(ql, k_local, v_local, local_bias, scale, fused, softcap)]  # [B, Hkv, g*C, D]
     has_global = not (global_bias is None or k_global is None or k_global.shape[2] == 0)
-    if len(parts) == 1 and parts[0][0].shape[0] == b and not has_global:
+    if len(parts) == 1 and not has_global:
         out, lse = parts[0]
-        # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed.
-        out = out.reshape(b, h, c, d)
+        # reshape: CUDA kernels return [B, Q, Hkv, D]-strided outputs that cannot be viewed;
+        # .to: pieces come back merged in float32.
+        out = out.reshape(b, h, c, d).to(q_local.dtype)
         return (out, lse) if return_lse else out
-    # A part of P pieces (out [P, Hkv, g*C, D]; only with B = 1) counts once in the total.
-    lses = [lse if out.shape[0] == b else torch.logsumexp(lse, dim=0, keepdim=True) for out, lse in parts]
+    lses = [lse for _, lse in parts]
     if has_global:
         qg = q_global.reshape(b, hkv, g * c, d)  # [B, Hkv, g*C, D]
         g_scores = small_matmul(qg, k_global.transpose(-1, -2)).float() * scale  # [B, Hkv, g*C, G]
@@ -267,12 +267,7 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
             g_scores = torch.tanh(g_scores / softcap) * softcap
         g_scores = g_scores + global_bias.float()
         lses.append(torch.logsumexp(g_scores, dim=-1))
-    if len(lses) == 1:  # one part of pieces, no global key
-        total = lses[0]
-    elif len(lses) == 2:
-        total = torch.logaddexp(*lses)
-    else:
-        total = torch.logsumexp(torch.stack(lses), dim=0)  # [B, Hkv, g*C]
+    total = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 2 else torch.logaddexp(*lses)  # [B, Hkv, g*C]
     # Re-weight each part by its share of the joint softmax; rows with no
     # visible global key get exp(-inf) = 0 from that branch.
     if has_global:
@@ -284,10 +279,7 @@ def lambda_attention(q_local: Tensor, q_global: Tensor,
     else:
         merged = torch.zeros(b, hkv, g * c, d, device=q_local.device)
     for out, lse in parts:
-        if out.shape[0] == b:
-            merged.addcmul_(out.float(), torch.exp(lse - total)[..., None])
-        else:  # pieces: their weighted sum
-            merged += (out.float() * torch.exp(lse - total)[..., None]).sum(dim=0, keepdim=True)
+        merged.addcmul_(out.float(), torch.exp(lse - total)[..., None])
     merged = merged.to(q_local.dtype).reshape(b, h, c, d)
     return (merged, total) if return_lse else merged
 
@@ -297,9 +289,9 @@ def _span_attention(ql: Tensor, k: Tensor, v: Tensor, a: int, e: int, scale: flo
     """Unmasked attention of folded query rows ql [B, Hkv, R, D] to keys [a, e) of k/v [B, Hkv, N, D].
 
     Returns (out, lse) parts for lambda_attention's merge.  A long span seen by a few rows on
-    the fused CPU kernel (a decode step) becomes one part of P equal pieces (out [P, Hkv, R, D],
-    lse [P, Hkv, R]: P calls' worth of work in one batched call, see DECODE_PIECE), plus the
-    few keys left over as a part of their own.
+    the fused CPU kernel (a decode step) is cut into P equal pieces run as one batched call
+    (P calls' worth of work, see DECODE_PIECE) and merged here into one part (out in float32),
+    plus the few keys left over as a part of their own.
     """
     n, b, rows = e - a, ql.shape[0], ql.shape[2]
     pieces = min(n // DECODE_PIECE, DECODE_MAX_PIECES)
@@ -311,7 +303,9 @@ def _span_attention(ql: Tensor, k: Tensor, v: Tensor, a: int, e: int, scale: flo
     # Ring slots [a, a + pieces * size) as [pieces, Hkv, size, D]: a view, nothing is copied.
     kp = k[0, :, a:a + pieces * size].view(hkv, pieces, size, d).transpose(0, 1)
     vp = v[0, :, a:a + pieces * size].view(hkv, pieces, size, d).transpose(0, 1)
-    parts = [attention_with_lse(ql.expand(pieces, -1, -1, -1), kp, vp, None, scale, fused)]
+    out, lse = attention_with_lse(ql.expand(pieces, -1, -1, -1), kp, vp, None, scale, fused)  # [P, Hkv, R, ...]
+    span_lse = torch.logsumexp(lse, dim=0, keepdim=True)                                          # [1, Hkv, R]
+    parts = [((out.float() * torch.exp(lse - span_lse)[..., None]).sum(dim=0, keepdim=True), span_lse)]
     if a + pieces * size < e:
         rest = slice(a + pieces * size, e)
         parts.append(attention_with_lse(ql, k[:, :, rest], v[:, :, rest], None, scale, fused))
