@@ -1,0 +1,78 @@
+"""Mean NLL through decode steps, teacher-forced, for several precisions on the same tokens.
+
+`lminf eval ppl` scores prefill chunks, which multiply by the dense weights; `--quantize` only
+changes decode steps (a few rows multiply by the packed copies).  This script measures the
+decode path itself: it encodes `--context` tokens of a text, then feeds the next `--steps`
+tokens one decode step at a time and scores each step's prediction of the token that follows.
+Every precision gets the same tokens; the first one listed is the reference for the argmax
+agreement.  One model is loaded at a time.
+
+    python scripts/decode_nll.py --text plays.txt --context 32k --steps 256 \
+        --configs float32:none,bfloat16:none,bfloat16:int8,bfloat16:int4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+
+import torch
+
+from lminf_cli.generate import Engine
+from lminf_cli.models import load_model
+from lminf_cli.units import parse_length
+
+
+def decode_scores(dtype: str, quantize: str, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL [steps] of ids[context + 1:] from decode steps after encoding ids[:context], and each step's argmax."""
+    engine = Engine(load_model(None, "cpu", dtype, quantize=quantize))
+    state = engine.encode(ids[:context])
+    nll, top = [], []
+    with torch.inference_mode():
+        for t in range(context, len(ids) - 1):
+            logits = engine.step(state, int(ids[t])).float().reshape(-1)  # [V]: the prediction of ids[t + 1]
+            nll.append(float(torch.logsumexp(logits, 0) - logits[int(ids[t + 1])]))
+            top.append(int(logits.argmax()))
+    del engine, state
+    gc.collect()
+    return torch.tensor(nll, dtype=torch.float64), torch.tensor(top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--context", default="32k", help="tokens encoded before the scored decode steps")
+    ap.add_argument("--steps", type=int, default=256, help="decode steps scored")
+    ap.add_argument("--configs", default="float32:none,bfloat16:none,bfloat16:int8,bfloat16:int4",
+                    help="dtype:quantize pairs, the first is the reference")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    context = parse_length(a.context)
+    configs = [tuple(c.split(":")) for c in a.configs.split(",")]
+    tokenizer = load_model(None, "cpu", "float32").tokenizer  # the same ids for every precision
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read((context + a.steps + 1) * 8)
+    ids = torch.tensor(tokenizer.encode(text)[:context + a.steps + 1])
+    if len(ids) < context + a.steps + 1:
+        raise SystemExit(f"{a.text}: only {len(ids)} tokens, need {context + a.steps + 1}")
+    rows, ref_nll, ref_top = [], None, None
+    for dtype, quantize in configs:
+        nll, top = decode_scores(dtype, quantize, ids, context)
+        if ref_nll is None:
+            ref_nll, ref_top = nll, top
+        row = {"dtype": dtype, "quantize": quantize, "context": context, "steps": len(nll),
+               "mean_nll": round(float(nll.mean()), 5), "delta_nats": round(float((nll - ref_nll).mean()), 5),
+               "argmax_equal": int((top == ref_top).sum()), "ppl": round(math.exp(float(nll.mean())), 3)}
+        rows.append(row)
+        if not a.json:
+            print(f"{dtype}+{quantize}: mean NLL {row['mean_nll']:.5f} ({row['delta_nats']:+.5f} nats against "
+                  f"{configs[0][0]}+{configs[0][1]}), argmax equal in {row['argmax_equal']}/{row['steps']} steps",
+                  flush=True)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
