@@ -365,11 +365,13 @@ class LambdaCache:
         split = None if static else self._local_split(start, n_new)
         local_bias, window_bias = None, {}
         if split is None or self.windows:  # a [g*C, N] mask: tens of MB at 8k keys, built only when used
-            kpos = self._slot_positions(end, ring_view)                      # [N] index in each slot
-            dist = idx[:, None] - kpos[None, :]                               # [C, N]
-            local_ok = (dist >= 0) & (dist < s.n_local) & (kpos[None, :] >= 0)
+            kpos = self._slot_positions(end, ring_view)[None, :]             # [1, N] index in each slot
+            q = idx[:, None]                                                  # [C, 1]
+            # Comparisons broadcast straight to [C, N] bools: an int64 [C, N] of distances was the
+            # largest temporary of a prefill chunk while the window fills (35 MB at 8k keys).
+            local_ok = (kpos <= q) & (kpos > q - s.n_local) & (kpos >= 0)     # [C, N]
             local_bias = self._bias(local_ok)
-            window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (dist < w))
+            window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (kpos > q - w))
                            for w in self.windows}
 
         global_new = None
@@ -471,9 +473,14 @@ class LambdaCache:
         return self._cap_mat
 
     def _bias(self, visible: Tensor) -> Tensor:
-        """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N] (on visible's device)."""
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(~visible, NEG_INF)
-        return bias.repeat(self.groups, 1)
+        """0 / -inf additive mask over folded query rows: [C, N] -> [g*C, N] (on visible's device).
+
+        Filled in place through a broadcast view: the [g*C, N] result is the only mask-sized
+        tensor made (a [C, N] mask repeated g times was two).
+        """
+        c, n = visible.shape
+        bias = torch.full((self.groups, c, n), NEG_INF, dtype=self.dtype, device=visible.device)
+        return bias.masked_fill_(visible, 0.0).view(self.groups * c, n)
 
     # -- detours: snapshot and restore -----------------------------------------
     def snapshot(self, budget: int) -> CacheSnapshot:
