@@ -366,12 +366,12 @@ class LambdaCache:
         local_bias, window_bias = None, {}
         if split is None or self.windows:  # a [g*C, N] mask: tens of MB at 8k keys, built only when used
             kpos = self._slot_positions(end, ring_view)[None, :]             # [1, N] index in each slot
-            q = idx[:, None]                                                  # [C, 1]
+            qpos = idx[:, None]                                               # [C, 1] stream index of each new row
             # Comparisons broadcast straight to [C, N] bools: an int64 [C, N] of distances was the
             # largest temporary of a prefill chunk while the window fills (35 MB at 8k keys).
-            local_ok = (kpos <= q) & (kpos > q - s.n_local) & (kpos >= 0)     # [C, N]
+            local_ok = (kpos <= qpos) & (kpos > qpos - s.n_local) & (kpos >= 0)  # [C, N]
             local_bias = self._bias(local_ok)
-            window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (kpos > q - w))
+            window_bias = {w: local_bias if w == s.n_local else self._bias(local_ok & (kpos > qpos - w))
                            for w in self.windows}
 
         global_new = None

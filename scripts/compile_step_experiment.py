@@ -45,11 +45,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     a = ap.parse_args()
     n = parse_length(a.length)
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read(n * 8)
+    ids = None
     for mode in ("off", "static", "compile"):
         lm = load_model(None, "cpu", a.dtype, quantize=a.quantize)
         engine = Engine(lm, graphs="off" if mode == "off" else "static")
-        with open(a.text, encoding="utf-8") as f:
-            ids = torch.tensor(engine.lm.tokenizer.encode(f.read(n * 8))[:n])
+        if ids is None:  # the same ids for every mode
+            ids = torch.tensor(lm.tokenizer.encode(text)[:n])
         state = engine.encode(ids)
         if mode == "compile":
             engine.step(state, 5)  # makes the static step (key: one new token, last row's logits)

@@ -25,9 +25,8 @@ from lminf_cli.models import load_model
 from lminf_cli.units import parse_length
 
 
-def decode_scores(dtype: str, quantize: str, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_scores(engine: Engine, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL [steps] of ids[context + 1:] from decode steps after encoding ids[:context], and each step's argmax."""
-    engine = Engine(load_model(None, "cpu", dtype, quantize=quantize))
     state = engine.encode(ids[:context])
     nll, top = [], []
     with torch.inference_mode():
@@ -35,8 +34,6 @@ def decode_scores(dtype: str, quantize: str, ids: torch.Tensor, context: int) ->
             logits = engine.step(state, int(ids[t])).float().reshape(-1)  # [V]: the prediction of ids[t + 1]
             nll.append(float(torch.logsumexp(logits, 0) - logits[int(ids[t + 1])]))
             top.append(int(logits.argmax()))
-    del engine, state
-    gc.collect()
     return torch.tensor(nll, dtype=torch.float64), torch.tensor(top)
 
 
@@ -51,15 +48,18 @@ def main() -> None:
     a = ap.parse_args()
     context = parse_length(a.context)
     configs = [tuple(c.split(":")) for c in a.configs.split(",")]
-    tokenizer = load_model(None, "cpu", "float32").tokenizer  # the same ids for every precision
     with open(a.text, encoding="utf-8") as f:
         text = f.read((context + a.steps + 1) * 8)
-    ids = torch.tensor(tokenizer.encode(text)[:context + a.steps + 1])
-    if len(ids) < context + a.steps + 1:
-        raise SystemExit(f"{a.text}: only {len(ids)} tokens, need {context + a.steps + 1}")
-    rows, ref_nll, ref_top = [], None, None
+    rows, ids, ref_nll, ref_top = [], None, None, None
     for dtype, quantize in configs:
-        nll, top = decode_scores(dtype, quantize, ids, context)
+        lm = load_model(None, "cpu", dtype, quantize=quantize)
+        if ids is None:  # the first model's tokenizer: the same ids for every precision
+            ids = torch.tensor(lm.tokenizer.encode(text)[:context + a.steps + 1])
+            if len(ids) < context + a.steps + 1:
+                raise SystemExit(f"{a.text}: only {len(ids)} tokens, need {context + a.steps + 1}")
+        nll, top = decode_scores(Engine(lm), ids, context)
+        del lm
+        gc.collect()  # one model in memory at a time
         if ref_nll is None:
             ref_nll, ref_top = nll, top
         row = {"dtype": dtype, "quantize": quantize, "context": context, "steps": len(nll),
