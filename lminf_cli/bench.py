@@ -213,6 +213,8 @@ def run_one(spec: BenchSpec) -> RunResult:
         if spec.variant == "lminf":
             settings = LambdaSettings.for_model(lm.adapter.trained_length, **spec.requested)
             engine = Engine(lm, settings)
+            if settings.kv_quantize != "none":
+                result.precision += f" kv:{settings.kv_quantize}"
             warm = engine.encode(ids[: min(len(ids), 2 * engine.chunk_size)])
             for _ in range(3):
                 engine.step(warm, 1)

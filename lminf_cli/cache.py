@@ -34,9 +34,8 @@ from .attention import (
 )
 from .errors import InputError, UsageError
 from .retrieval import MiddleStore
+from .ring import FloatRing, Int8Ring, checked_tensor, make_ring
 from .settings import RETRIEVAL_KNOBS, LambdaSettings
-
-_BUFFERS = ("k_ring", "v_ring", "k_global", "v_global")
 
 
 @dataclass
@@ -97,15 +96,30 @@ class LayerCache:
         # its (GPU) buffers until the garbage collector happened to run.
         self.owner = weakref.proxy(owner)
         self.middle = middle
-        ring, glob = owner.ring_size, owner.settings.n_global
-        self.k_ring = torch.zeros(1, n_kv_heads, ring, head_dim, device=device, dtype=dtype)
-        self.v_ring = torch.zeros_like(self.k_ring)
+        glob = owner.settings.n_global
+        # The window's keys and values (ring.py: in the cache's dtype, or int8 with kv_quantize="int8").
+        self.ring: FloatRing | Int8Ring = make_ring(owner.settings.kv_quantize, n_kv_heads, owner.ring_size,
+                                                    head_dim, self.device, dtype)
         self.k_global = torch.zeros(1, n_kv_heads, glob, head_dim, device=device, dtype=dtype)
         self.v_global = torch.zeros_like(self.k_global)
 
+    @property
+    def k_ring(self) -> Tensor:
+        """The ring's key buffer [1, Hkv, ring, D] (int8 in an int8 ring)."""
+        return self.ring.k
+
+    @property
+    def v_ring(self) -> Tensor:
+        """The ring's value buffer ([1, Hkv, D, ring] int8 in an int8 ring)."""
+        return self.ring.v if isinstance(self.ring, FloatRing) else self.ring.vt
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        """Every tensor this layer keeps (a captured graph bakes their addresses in)."""
+        return (*self.ring.buffers(), self.k_global, self.v_global)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: StepPlan) -> Tensor:
         """q [1, H, C, D], k/v [1, Hkv, C, D], all unrotated; returns [1, H, C, D]."""
-        plan = plan.on(self.k_ring.device)
+        plan = plan.on(self.device)
         rope, scale = self.owner.rope, self.owner.scale
         if rope.scaling != 1.0:
             q, k = q * rope.scaling, k * rope.scaling
@@ -121,13 +135,7 @@ class LayerCache:
         else:
             q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
             k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
-        if plan.ring_span is not None:
-            a, b = plan.ring_span
-            self.k_ring[:, :, a:b] = k_rot
-            self.v_ring[:, :, a:b] = v
-        else:
-            self.k_ring[:, :, plan.ring_slots] = k_rot
-            self.v_ring[:, :, plan.ring_slots] = v
+        self.ring.write(k_rot, v, plan.ring_span if plan.ring_span is not None else plan.ring_slots)
         if plan.global_new is not None:
             a, b = plan.global_new
             # Global keys are kept unrotated: the query is rotated to L instead.
@@ -143,23 +151,30 @@ class LayerCache:
         gv = plan.global_view
         retrieve = (plan.retrieve and self.middle is not None and self.middle.length > 0
                     and self.index >= self.owner.settings.middle_from_layer)
-        out = lambda_attention(
-            q_local, q_cap,
-            self.k_ring[:, :, :n], self.v_ring[:, :, :n], plan.local_bias,
-            self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
-            scale, fused=self.owner.fused, return_lse=retrieve, softcap=self.owner.softcap, split=plan.split,
-        )
+        if isinstance(self.ring, Int8Ring) and self.ring.direct and plan.n_new == 1:
+            # Decode: both products straight from the int8 ring (plan built a slot mask for it).
+            b, h, c, d = q.shape
+            hkv = self.k_global.shape[1]
+            o, lse = self.ring.attend_one(q_local.reshape(hkv, -1, d), q_cap.reshape(hkv, -1, d), n, plan.local_bias,
+                                          self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
+                                          scale, self.owner.softcap, return_lse=retrieve)
+            out = o.to(q.dtype).reshape(b, h, c, d)
+            out = (out, lse[None]) if retrieve else out
+        else:
+            k_local, v_local = self.ring.view(n)  # views, or the int8 ring de-quantized for a prefill block
+            out = lambda_attention(
+                q_local, q_cap, k_local, v_local, plan.local_bias,
+                self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
+                scale, fused=self.owner.fused, return_lse=retrieve, softcap=self.owner.softcap, split=plan.split,
+            )
         if not retrieve:
             return out
         return self._retrieve(*out, q, q_ins, plan)
 
     def _evict(self, plan: StepPlan) -> None:
         """Tokens leaving the window: un-rotate their keys and keep them for retrieval."""
-        if plan.evict_span is not None:
-            a, b = plan.evict_span
-            leaving, values = self.k_ring[0, :, a:b], self.v_ring[0, :, a:b]       # [Hkv, n, D]
-        else:
-            leaving, values = self.k_ring[0][:, plan.evict_slots], self.v_ring[0][:, plan.evict_slots]
+        leaving, values = self.ring.rows(plan.evict_span if plan.evict_span is not None
+                                         else plan.evict_slots)                     # [Hkv, n, D]
         if plan.evict_mat is not None:
             unrotated = small_matmul(leaving, plan.evict_mat).to(leaving.dtype)
         else:
@@ -189,12 +204,13 @@ class LayerCache:
 
     def rotate_ring(self, cos: Tensor, sin: Tensor) -> None:
         """Rotate every ring key by one angle (re-basing relative positions)."""
-        self.k_ring.copy_(self.owner.rope.rotate(self.k_ring, cos, sin))
+        rope = self.owner.rope
+        self.ring.rotate(lambda k: rope.rotate(k, cos.to(k.dtype), sin.to(k.dtype)))
 
     @property
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.k_ring, self.v_ring, self.k_global, self.v_global))
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     @property
     def middle_nbytes(self) -> int:
@@ -212,7 +228,7 @@ class CacheSnapshot:
     rebases: int
     middle_lengths: list[int]
     slots: Tensor | None                 # ring slots saved, or None: the whole ring
-    saved: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]]  # per layer: ring, globals
+    saved: list[tuple[tuple[Tensor, ...], tuple[Tensor, Tensor] | None]]  # per layer: ring (ring.save), globals
 
 
 class LambdaCache:
@@ -254,6 +270,7 @@ class LambdaCache:
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.fused = fused
         self.softcap = softcap
+        self.kv_int8 = settings.kv_quantize == "int8"
         # Relative positions stay below about 2 * ring_size + max_chunk.
         self.rebase_every = rebase_every or self.ring_size
         self.length = 0          # tokens seen so far
@@ -268,6 +285,13 @@ class LambdaCache:
         windows = list(layer_windows or [None] * n_layers)
         self.windows = sorted({w for w in windows if w is not None and w <= settings.n_local})
         devices = [torch.device(d) for d in (layer_devices or [self.device] * n_layers)]
+        if self.kv_int8:
+            if any(d.type != "cpu" for d in devices):
+                raise UsageError("--kv-quantize int8 runs on the CPU only (PyTorch's int8 CPU kernel): use --device "
+                                 "cpu, or --kv-quantize none")
+            if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+                raise UsageError(f"--kv-quantize int8 needs PyTorch's int8 CPU kernel, which torch {torch.__version__} "
+                                 "lacks (use --kv-quantize none)")
         self.layers = []
         for i, (dev, w) in enumerate(zip(devices, windows, strict=True)):
             if w in self.windows:
@@ -336,7 +360,7 @@ class LambdaCache:
             return
         cos, sin = self.rope.cos_sin(torch.tensor([-delta]), self.device, self.dtype)
         for layer in self.layers:
-            layer.rotate_ring(cos.to(layer.k_ring.device), sin.to(layer.k_ring.device))
+            layer.rotate_ring(cos.to(layer.device), sin.to(layer.device))
         self.base = new_base
         self.rebases += 1
 
@@ -413,6 +437,8 @@ class LambdaCache:
         move with every block (and that path was not measured).
         """
         w, r = self.settings.n_local, self.ring_size
+        if n_new == 1 and self.kv_int8:
+            return None  # an int8 ring's decode step reads every slot under a mask (ring.Int8Ring.attend_one)
         if not (self.splits_local and self.fused and FLASH_CPU and self.device.type == "cpu"
                 and self.softcap is None):
             return None
@@ -500,8 +526,7 @@ class LambdaCache:
         keep_global = self.length < self.settings.n_global
         saved = []
         for layer in self.layers:
-            idx = None if slots is None else slots.to(layer.k_ring.device)
-            ring = tuple((t if idx is None else t[:, :, idx]).clone() for t in (layer.k_ring, layer.v_ring))
+            ring = layer.ring.save(None if slots is None else slots.to(layer.device))
             glob = (layer.k_global.clone(), layer.v_global.clone()) if keep_global else None
             saved.append((ring, glob))
         middle = [layer.middle.length if layer.middle is not None else 0 for layer in self.layers]
@@ -516,13 +541,7 @@ class LambdaCache:
             # Cannot happen when the budget was respected (see snapshot); a full copy undoes re-bases.
             raise RuntimeError("the cache was re-based inside a partial snapshot")
         for layer, (ring, glob), n_middle in zip(self.layers, snap.saved, snap.middle_lengths, strict=True):
-            if snap.slots is None:
-                layer.k_ring.copy_(ring[0])
-                layer.v_ring.copy_(ring[1])
-            else:
-                idx = snap.slots.to(layer.k_ring.device)
-                layer.k_ring[:, :, idx] = ring[0]
-                layer.v_ring[:, :, idx] = ring[1]
+            layer.ring.load(None if snap.slots is None else snap.slots.to(layer.device), ring)
             if glob is not None:
                 layer.k_global.copy_(glob[0])
                 layer.v_global.copy_(glob[1])
@@ -537,13 +556,14 @@ class LambdaCache:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Buffers in use, on the CPU: per layer the ring and global K/V (slots written so far)
-        [1, Hkv, n, D], and the middle store's keys and values (see MiddleStore.state_dict)."""
+        [1, Hkv, n, D] (an int8 ring adds its scales, see ring.py), and the middle store's keys and
+        values (see MiddleStore.state_dict)."""
         ring_view, global_view = min(self.length, self.ring_size), min(self.length, self.settings.n_global)
         out: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
-            for name in _BUFFERS:
-                view = ring_view if "ring" in name else global_view
-                out[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :view].cpu().contiguous()
+            out.update({f"layers.{i}.{k}": t for k, t in layer.ring.state_dict(ring_view).items()})
+            for name in ("k_global", "v_global"):
+                out[f"layers.{i}.{name}"] = getattr(layer, name)[:, :, :global_view].cpu().contiguous()
             if layer.middle is not None:
                 for name, t in layer.middle.state_dict().items():
                     out[f"layers.{i}.middle_{name}"] = t
@@ -577,14 +597,14 @@ class LambdaCache:
         n_mid = max(0, length - s.n_local - s.n_global)
         expected = set()
         for i, layer in enumerate(self.layers):
-            for name in _BUFFERS:
+            expected.update(layer.ring.load_state_dict(tensors, f"layers.{i}.", ring_view))
+            for name in ("k_global", "v_global"):
                 key = f"layers.{i}.{name}"
                 expected.add(key)
-                view = ring_view if "ring" in name else global_view
-                t = _checked(tensors, key, (1, self.n_kv_heads, view, self.head_dim))
+                t = checked_tensor(tensors, key, (1, self.n_kv_heads, global_view, self.head_dim))
                 if not t.is_floating_point():
                     raise InputError(f"tensor '{key}' is {t.dtype}, not floating point")
-                getattr(layer, name)[:, :, :view] = t.to(device=layer.k_ring.device, dtype=self.dtype)
+                getattr(layer, name)[:, :, :global_view] = t.to(device=layer.device, dtype=self.dtype)
             if layer.middle is not None:
                 prefix = f"layers.{i}.middle_"
                 names = layer.middle.load_state_dict(
@@ -594,16 +614,6 @@ class LambdaCache:
         if extra:
             raise InputError(f"unexpected tensor '{extra[0]}' (a state for another cache layout)")
         self.length, self.base, self.rebases = length, counters["base"], counters["rebases"]
-
-
-def _checked(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...]) -> Tensor:
-    """tensors[key], which must exist with this shape."""
-    if key not in tensors:
-        raise InputError(f"tensor '{key}' is missing (truncated or damaged)")
-    t = tensors[key]
-    if tuple(t.shape) != shape:
-        raise InputError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {shape}")
-    return t
 
 
 class SlidingLayerCache(LayerCache):

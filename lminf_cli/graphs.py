@@ -34,8 +34,7 @@ def _tensor_fields(plan: StepPlan) -> dict[str, Tensor]:
 
 def buffer_addresses(cache: LambdaCache) -> tuple[int, ...]:
     """Addresses a graph bakes in: it is stale if any buffer was replaced."""
-    return tuple(t.data_ptr() for layer in cache.layers for t in (layer.k_ring, layer.v_ring, layer.k_global,
-                                                                   layer.v_global))
+    return tuple(t.data_ptr() for layer in cache.layers for t in layer.buffers())
 
 
 class StepGraph:

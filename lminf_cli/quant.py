@@ -86,12 +86,24 @@ def pack_int4(w: Tensor) -> tuple[Tensor, Tensor]:
     return packed, sz
 
 
+def int8_rows(x: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of every row (last dim) of x: x [..., K] -> (q int8 [..., K], scale [...]) with
+    x ~ q * scale, scale = max|row| / 127 in `scale_dtype`.
+
+    The one int8 rounding of the project: weights (one row per output feature), the window's keys and
+    values (one row per token and head, ring.Int8Ring) and the middle store's.  The scale is rounded to
+    its dtype first and q chosen against the rounded scale, so the two roundings do not add up; q is
+    clamped because a scale rounded down would put the largest element at 127.5.
+    """
+    xf = x.detach().float()
+    scale = (xf.abs().amax(-1, keepdim=True) * (1 / 127)).clamp_(min=1e-12).to(scale_dtype)  # [..., 1]
+    q = torch.div(xf, scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
 def pack_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [N, K] -> (int8 [N, K], scales [N] bfloat16): symmetric, one scale per output row."""
-    wf = w.detach().float()
-    scale = (wf.abs().amax(1) / 127).clamp(min=1e-12).to(ACT_DTYPE)           # [N]
-    q = (wf / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return int8_rows(w, ACT_DTYPE)
 
 
 def plan(model: nn.Module, mode: str) -> dict[str, str]:

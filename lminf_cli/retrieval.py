@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .quant import int8_rows
 
 
 def mapped_zeros(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -119,10 +120,8 @@ class MiddleStore:
         for name, x in (("k", k), ("v", v)):
             x = x.to(self.store_device)
             if self.quantized:
-                x = x.float()
-                scale = x.abs().amax(dim=-1) / 127                                      # [Hkv, n]
+                x, scale = int8_rows(x, torch.float32)                                  # [Hkv, n, D], [Hkv, n]
                 getattr(self, f"{name}_scale")[:, self.length:need] = scale
-                x = torch.round(x / scale.clamp(min=1e-30)[..., None])
             getattr(self, name)[:, self.length:need] = x.to(self.dtype)
         first, filled = divmod(self.length, self.block)  # the first block whose summary changes
         self.length = need

@@ -36,6 +36,7 @@ MAX_TOKENS = 1 << 40
 # The settings that only steer retrieval; everything else decides what a cache holds.
 RETRIEVAL_KNOBS = ("middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_unit")
 MIDDLE_UNITS = ("token", "block")
+KV_QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,12 @@ class LambdaSettings:
     middle_dtype: str = "auto"      # store precision; auto = float16 for a float32 model, else the model's
     middle_dir: str | None = None   # keep the store in memory-mapped files here instead of RAM
     middle_unit: str = "token"      # what top-k counts: tokens, or whole blocks of middle_block tokens
+    kv_quantize: str = "none"       # the window's keys and values: in the model's dtype, or int8 (CPU; ring.py)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("middle_dtype", "middle_dir", "middle_unit"):
+            if f.name in ("middle_dtype", "middle_dir", "middle_unit", "kv_quantize"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SettingsError(f.name, f"must be a whole number, got {value!r}")
@@ -77,6 +79,8 @@ class LambdaSettings:
         if not isinstance(self.middle_dtype, str) or (self.middle_dtype != "auto"
                                                       and self.middle_dtype not in STORE_DTYPES):
             raise SettingsError("middle_dtype", f"must be auto, {', '.join(STORE_DTYPES)}; got {self.middle_dtype!r}")
+        if self.kv_quantize not in KV_QUANTIZE:
+            raise SettingsError("kv_quantize", f"must be {' or '.join(KV_QUANTIZE)}, got {self.kv_quantize!r}")
         if self.middle_unit not in MIDDLE_UNITS:
             raise SettingsError("middle_unit", f"must be {' or '.join(MIDDLE_UNITS)}, got {self.middle_unit!r}")
         per_block = 1 if self.middle_unit == "block" else self.middle_block
@@ -137,7 +141,7 @@ class LambdaSettings:
         """The settings that decide what a cache holds (the rest only steer retrieval and can change)."""
         keep = self.middle_top_k > 0
         return {"n_global": self.n_global, "n_local": self.n_local, "limit_distance": self.limit_distance,
-                "chunk_size": self.chunk_size, "middle stores": keep,
+                "chunk_size": self.chunk_size, "kv_quantize": self.kv_quantize, "middle stores": keep,
                 "middle_from_layer": self.middle_from_layer if keep else None,
                 "middle_block": self.middle_block if keep else None}
 

@@ -260,8 +260,10 @@ class _Tensors(Mapping):
         if key not in self.names:
             raise KeyError(key)
         t = self.f.get_tensor(key)
-        # Ring, global and logits tensors are in the state's dtype; middle stores keep their own precision.
-        if "middle_" not in key and t.dtype != self.dtype:
+        # Ring, global and logits tensors are in the state's dtype; middle stores keep their own precision,
+        # and an int8 ring its own (the cache checks those: ring.Int8Ring.load_state_dict).
+        own = "middle_" in key or key.endswith("_ring_scale") or (t.dtype == torch.int8 and key.endswith("_ring"))
+        if not own and t.dtype != self.dtype:
             raise InputError(f"tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, expected "
                              f"{str(self.dtype).removeprefix('torch.')}")
         return t

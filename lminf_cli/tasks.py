@@ -284,7 +284,7 @@ def open_state(path: str | Path, lm: LoadedModel, requested: Mapping[str, Any] |
     given = {k: v for k, v in dict(requested or {}).items() if v is not None}
     header = read_header(path)
     settings = header.settings
-    layout = {k: given[k] for k in ("n_global", "n_local", "limit_distance", "chunk_size") if k in given}
+    layout = {k: given[k] for k in ("n_global", "n_local", "limit_distance", "chunk_size", "kv_quantize") if k in given}
     settings = settings.replace(**layout, middle_dir=given.get("middle_dir"),
                                 middle_dtype=given.get("middle_dtype", settings.middle_dtype))
     wants_retrieval = bool(given.get("middle_top_k") or given.get("retrieval"))

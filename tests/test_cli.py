@@ -78,6 +78,7 @@ def _bad(tmp_path: Path) -> dict[str, list]:
         "bad store precision": [ok, "--retrieval", "--middle-dtype", "int3"],
         "negative blocks": [ok, "--retrieval", "--middle-blocks", "-2"],
         "bad quantization": [ok, "--quantize", "int3"],
+        "bad KV quantization": [ok, "--kv-quantize", "int3"],
         "bad dtype": [ok, "--dtype", "float8"],
     }
 

@@ -13,6 +13,7 @@ from ..attention import Rope
 from ..cache import LambdaCache, StepPlan
 from ..errors import ModelError
 from ..memory import kv_cache_bytes
+from ..ring import ring_nbytes
 from ..settings import LambdaSettings
 
 Rows = slice | None
@@ -73,8 +74,10 @@ class Adapter:
 
     def cache_bytes(self, settings: LambdaSettings) -> int:
         """Bytes the ring and global buffers of a cache with these settings take (before making one)."""
-        return kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, settings.ring_size + settings.n_global,
-                              self.cache_dtype())
+        dt = self.cache_dtype()
+        ring = ring_nbytes(settings.kv_quantize, self.n_kv_heads, settings.ring_size, self.head_dim, dt)
+        glob = kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, settings.n_global, dt)
+        return self.n_layers * ring + glob
 
     def layer_devices(self) -> list[torch.device]:
         """Device each decoder layer runs on (they differ when a device map splits the model).

@@ -53,6 +53,10 @@ QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", rich_help_panel=MODEL_PANEL, help="CPU only: decode steps multiply by weight-only int8 or "
     "int4 copies of the linear layers (int4: the LM head in int8), in bfloat16; prefill keeps the --dtype "
     "weights. Packed once per model and cached. none, int8 or int4.")]
+KvQuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--kv-quantize", rich_help_panel=MODEL_PANEL, help="CPU only: the window's keys and values as int8 with a "
+    "scale per token and head (about half of bfloat16's bytes); decode steps read them through PyTorch's int8 "
+    "kernel. none or int8 [default: none].")]
 NLocalOpt = Annotated[Optional[int], typer.Option(
     "--n-local", rich_help_panel=ATTENTION_PANEL,
     help=("Local window in tokens [default: the model's trained length]."))]
@@ -145,7 +149,7 @@ ATTENTION_NEEDS_KV = ("--reread-by attention follows the retrieval of middle tok
                       "(or use --reread-by words)")
 
 # The EngineOptions fields that are LambdaSettings.for_model keywords, and those that only steer retrieval.
-SETTINGS_FIELDS = ("n_local", "n_global", "limit_distance", "chunk_size", "retrieval", "middle_top_k",
+SETTINGS_FIELDS = ("n_local", "n_global", "limit_distance", "chunk_size", "kv_quantize", "retrieval", "middle_top_k",
                    "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype", "middle_dir", "middle_unit")
 RETRIEVAL = ("retrieval", "middle_top_k", "middle_from_layer", "middle_distance", "middle_blocks", "middle_dtype",
              "middle_dir", "middle_unit")
@@ -162,6 +166,7 @@ class EngineOptions:
     max_memory: MaxMemoryOpt = None
     load_in: LoadInOpt = None
     quantize: QuantizeOpt = "none"
+    kv_quantize: KvQuantizeOpt = None
     n_local: NLocalOpt = None
     n_global: NGlobalOpt = None
     limit_distance: LimitOpt = None

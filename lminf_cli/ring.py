@@ -1,0 +1,293 @@
+"""The window's storage: one layer's ring of recent keys and values, in the cache's dtype or in int8.
+
+A ring holds `size` slots of keys (rotated at relative positions) and values for every KV head.
+The layer cache (cache.py) decides which slots a forward writes and which keys a query may see;
+a ring only stores, reads back and re-rotates, and owns how that is laid out in memory:
+
+* `FloatRing`: keys and values [1, Hkv, size, D] in the cache's dtype; reads are views.
+* `Int8Ring` (`kv_quantize="int8"`, CPU): every slot's key and value per head as int8 with one
+  scale (quant.int8_rows), about half of bfloat16's bytes.  Values are kept transposed,
+  [1, Hkv, D, size], so that both products of a decode step are PyTorch's weight-only int8
+  kernel (`aten._weight_int8pack_mm`, A @ B^T with B int8 [N, K] contiguous): scores = q @ K^T
+  with K [size, D], and out = p @ V = p @ (V^T)^T with V^T [D, size].  Why: a decode step
+  streams the whole window from memory; at 8k keys on SmolLM2 (30 layers, 2 cores, AMX Xeon)
+  the bfloat16 spans took 23.4 ms a step and the int8 products 11.7 ms
+  (scripts/decode_attention_forms.py).  Prefill (many rows, compute-bound) reads the ring
+  de-quantized to the cache's dtype and runs the usual fused kernel.
+
+Both keep the same file layout (state_dict): keys and values [1, Hkv, n, D], and for int8
+their scales [1, Hkv, n] (bfloat16, the kernel's activation dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .attention import small_matmul
+from .errors import InputError
+from .quant import ACT_DTYPE, int8_rows
+
+# The int8 kernel reads its inner (reduction) dim in blocks of 16: other sizes return garbage or
+# crash (torch 2.13, measured: 16, 48, 80, 112 ... exact; 4, 8, 13, 24, 40, 100 not).  Scores reduce
+# over the head dim, so rings of other head dims read through `view` instead; p @ V reduces over
+# slots, so the transposed values get a width rounded up to it (the extra slots stay zero).
+KERNEL_K = 16
+
+Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
+
+
+def _index(slots: Slots) -> Tensor | slice:
+    if slots is None:
+        return slice(None)
+    if isinstance(slots, tuple):
+        return slice(*slots)
+    return slots
+
+
+def checked_tensor(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...]) -> Tensor:
+    """tensors[key], which must exist with this shape."""
+    if key not in tensors:
+        raise InputError(f"tensor '{key}' is missing (truncated or damaged)")
+    t = tensors[key]
+    if tuple(t.shape) != shape:
+        raise InputError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+class FloatRing:
+    """Keys and values [1, Hkv, size, D] in the cache's dtype."""
+
+    quantized = False
+
+    def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.k = torch.zeros(1, n_kv_heads, size, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        """Every tensor the ring holds (their addresses are what a captured graph bakes in)."""
+        return self.k, self.v
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def write(self, k: Tensor, v: Tensor, slots: Slots) -> None:
+        """Store k/v [1, Hkv, C, D] (keys already rotated) at `slots` ([C] index or a slice of C)."""
+        i = _index(slots)
+        self.k[:, :, i] = k
+        self.v[:, :, i] = v
+
+    def view(self, n: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of slots [0, n) as [1, Hkv, n, D] in the cache's dtype."""
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+    def rows(self, slots: Slots) -> tuple[Tensor, Tensor]:
+        """Keys and values of some slots as [Hkv, m, D] in the cache's dtype (tokens leaving the window)."""
+        i = _index(slots)
+        if isinstance(i, slice):
+            return self.k[0, :, i], self.v[0, :, i]
+        return self.k[0][:, i], self.v[0][:, i]
+
+    def rotate(self, rotate) -> None:
+        """Apply `rotate` (x [1, Hkv, size, D] -> rotated x) to every stored key."""
+        self.k.copy_(rotate(self.k))
+
+    def save(self, slots: Tensor | None) -> tuple[Tensor, ...]:
+        """Copies of what `slots` hold (None: everything), for load() to put back."""
+        i = _index(slots)
+        return tuple(t[:, :, i].clone() for t in self.buffers())
+
+    def load(self, slots: Tensor | None, saved: tuple[Tensor, ...]) -> None:
+        i = _index(slots)
+        for t, s in zip(self.buffers(), saved, strict=True):
+            t[:, :, i] = s
+
+    def state_dict(self, n: int) -> dict[str, Tensor]:
+        """Slots [0, n) on the CPU: 'k_ring', 'v_ring' [1, Hkv, n, D]."""
+        k, v = self.view(n)
+        return {"k_ring": k.cpu().contiguous(), "v_ring": v.cpu().contiguous()}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], prefix: str, n: int) -> list[str]:
+        """Fill slots [0, n) from state_dict output (keys under `prefix`), checked; returns the keys read."""
+        shape = (1, self.k.shape[1], n, self.k.shape[3])
+        names = []
+        for name in ("k_ring", "v_ring"):
+            key = prefix + name
+            t = checked_tensor(tensors, key, shape)
+            if not t.is_floating_point():
+                raise InputError(f"tensor '{key}' is {t.dtype}, not floating point (a state of an int8 KV "
+                                 "cache needs --kv-quantize int8)")
+            getattr(self, name[0])[:, :, :n] = t.to(device=self.device, dtype=self.dtype)
+            names.append(key)
+        return names
+
+
+class Int8Ring:
+    """Keys [1, Hkv, size, D] and values transposed [1, Hkv, D, width] as int8 (width: size rounded up
+    to KERNEL_K), each slot and head with its scale ([1, Hkv, size], bfloat16).  Slots never written
+    are zeros."""
+
+    quantized = True
+
+    def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        if torch.device(device).type != "cpu":
+            raise ValueError("an int8 KV cache runs on the CPU only")
+        self.dtype = dtype  # what reads de-quantize to
+        self.k = torch.zeros(1, n_kv_heads, size, head_dim, device=device, dtype=torch.int8)
+        width = -(-size // KERNEL_K) * KERNEL_K
+        self.vt = torch.zeros(1, n_kv_heads, head_dim, width, device=device, dtype=torch.int8)
+        self.k_scale = torch.zeros(1, n_kv_heads, size, device=device, dtype=ACT_DTYPE)
+        self.v_scale = torch.zeros_like(self.k_scale)
+        self._ones = torch.ones(head_dim, dtype=ACT_DTYPE)  # the p @ V product's per-output scales
+        self.direct = head_dim % KERNEL_K == 0  # decode steps can read it through the kernel (attend_one)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        return self.k, self.k_scale, self.vt, self.v_scale
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def write(self, k: Tensor, v: Tensor, slots: Slots) -> None:
+        i = _index(slots)
+        q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
+        self.k[0, :, i] = q[0]
+        self.k_scale[0, :, i] = s[0]
+        self.vt[0, :, :, i] = q[1].transpose(1, 2)
+        self.v_scale[0, :, i] = s[1]
+
+    def view(self, n: int) -> tuple[Tensor, Tensor]:
+        """Slots [0, n) de-quantized to the cache's dtype, [1, Hkv, n, D] each (new tensors)."""
+        k = self.k[:, :, :n].to(self.dtype) * self.k_scale[:, :, :n, None].to(self.dtype)
+        v = self.vt[:, :, :, :n].transpose(2, 3).contiguous().to(self.dtype)
+        v = v * self.v_scale[:, :, :n, None].to(self.dtype)
+        return k, v
+
+    def rows(self, slots: Slots) -> tuple[Tensor, Tensor]:
+        i = _index(slots)
+        k = self.k[0][:, i].to(self.dtype) * self.k_scale[0][:, i, None].to(self.dtype)
+        v = self.vt[0][:, :, i].transpose(1, 2).to(self.dtype) * self.v_scale[0][:, i, None].to(self.dtype)
+        return k, v
+
+    def rotate(self, rotate) -> None:
+        # Rotated in float32 and rounded again: a key is re-rounded at most twice in its life in the
+        # window (a re-base every ring size tokens), each time within half a step of its scale.
+        k = rotate(self.k.float() * self.k_scale[..., None].float())
+        q, s = int8_rows(k, ACT_DTYPE)
+        self.k.copy_(q)
+        self.k_scale.copy_(s)
+
+    def save(self, slots: Tensor | None) -> tuple[Tensor, ...]:
+        i = _index(slots)
+        return (self.k[:, :, i].clone(), self.k_scale[:, :, i].clone(), self.vt[..., i].clone(),
+                self.v_scale[:, :, i].clone())
+
+    def load(self, slots: Tensor | None, saved: tuple[Tensor, ...]) -> None:
+        i = _index(slots)
+        k, ks, vt, vs = saved
+        self.k[:, :, i] = k
+        self.k_scale[:, :, i] = ks
+        self.vt[..., i] = vt
+        self.v_scale[:, :, i] = vs
+
+    def state_dict(self, n: int) -> dict[str, Tensor]:
+        """Slots [0, n) on the CPU: 'k_ring', 'v_ring' int8 [1, Hkv, n, D] and their scales [1, Hkv, n]."""
+        return {"k_ring": self.k[:, :, :n].contiguous(), "k_ring_scale": self.k_scale[:, :, :n].contiguous(),
+                "v_ring": self.vt[..., :n].transpose(2, 3).contiguous(),
+                "v_ring_scale": self.v_scale[:, :, :n].contiguous()}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], prefix: str, n: int) -> list[str]:
+        hkv, d = self.k.shape[1], self.k.shape[3]
+        names = []
+        parts = {}
+        for name in ("k_ring", "v_ring"):
+            t = checked_tensor(tensors, prefix + name, (1, hkv, n, d))
+            if t.dtype != torch.int8:
+                raise InputError(f"tensor '{prefix + name}' is {t.dtype}, not int8 (a state of a float KV cache "
+                                 "needs --kv-quantize none)")
+            s = checked_tensor(tensors, prefix + name + "_scale", (1, hkv, n))
+            if s.dtype != ACT_DTYPE:
+                raise InputError(f"tensor '{prefix + name}_scale' is {s.dtype}, not bfloat16")
+            if not torch.isfinite(s).all():
+                raise InputError(f"tensor '{prefix + name}_scale' holds values that are not finite")
+            parts[name] = (t, s)
+            names += [prefix + name, prefix + name + "_scale"]
+        (k, ks), (v, vs) = parts["k_ring"], parts["v_ring"]
+        self.k[:, :, :n] = k
+        self.k_scale[:, :, :n] = ks
+        self.vt[..., :n] = v.transpose(2, 3)
+        self.v_scale[:, :, :n] = vs
+        return names
+
+    def attend_one(self, ql: Tensor, qg: Tensor, n: int, local_bias: Tensor, k_global: Tensor, v_global: Tensor,
+                   global_bias: Tensor | None, scale: float, softcap: float | None,
+                   return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Decode-step Λ-attention over slots [0, n) and the global keys, straight from the int8 ring.
+
+        ql/qg [Hkv, R, D]: folded query rows (g per KV head) rotated at their positions / to the cap.
+        local_bias [R, n] (or per head [1, Hkv, R, n]): 0 / -inf over the slots.  k_global/v_global
+        [1, Hkv, G, D]; global_bias [R, G] or None (no row sees a global key).  One softmax over
+        both branches, in float32.  Returns out [Hkv, R, D] float32 and, with return_lse, its
+        log-sum-exp [Hkv, R] (else None).
+        """
+        hkv = ql.shape[0]
+        mm8 = torch.ops.aten._weight_int8pack_mm
+        q8 = ql.to(ACT_DTYPE)
+        # Scores [Hkv, R, n]: one kernel call per KV head (the kernel takes one int8 matrix).  Its
+        # output is rounded to bfloat16 (~3 significant digits), then everything is float32.
+        scores = torch.stack([mm8(q8[j], self.k[0, j, :n], self.k_scale[0, j, :n]) for j in range(hkv)]).float()
+        scores.mul_(scale)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores.add_(local_bias.reshape(-1, *scores.shape[-2:]) if local_bias.dim() == 4 else local_bias)
+        if global_bias is not None:
+            g_scores = small_matmul(qg, k_global[0].transpose(-1, -2)) * scale                 # [Hkv, R, G]
+            if softcap is not None:
+                g_scores = torch.tanh(g_scores / softcap) * softcap
+            g_scores = g_scores + global_bias.float().reshape(-1, *g_scores.shape[-2:])
+            scores = torch.cat([scores, g_scores], dim=-1)                                      # [Hkv, R, n + G]
+        if return_lse:
+            lse = torch.logsumexp(scores, dim=-1)                                                # [Hkv, R]
+            probs = torch.exp(scores - lse[..., None])
+        else:  # one fused kernel: logsumexp and exp were 3.8 of a 37 ms step at 9k
+            lse, probs = None, torch.softmax(scores, dim=-1)
+        # p @ V with V = V8 * scale per slot: fold the scales into p, then the int8 product.
+        p_local = (probs[..., :n] * self.v_scale[0, :, None, :n]).to(ACT_DTYPE)                # [Hkv, R, n]
+        m = min(-(-n // KERNEL_K) * KERNEL_K, self.vt.shape[-1])  # slots the kernel reduces over
+        if m > n:  # zero weights for the padding slots, whatever they hold
+            p_local = torch.nn.functional.pad(p_local, (0, m - n))
+        # The kernel wants each head's V^T [D, m] contiguous: a view once the ring is full, a copy
+        # while it fills (cheaper than reading the zero-weighted rest: 27.3 against 27.7 ms a step
+        # at 2k, 30 layers; more so below).
+        vt = self.vt[0] if m == self.vt.shape[-1] else self.vt[0, :, :, :m].contiguous()
+        out = torch.stack([mm8(p_local[j], vt[j], self._ones) for j in range(hkv)]).float()    # [Hkv, R, D]
+        if global_bias is not None:
+            out += small_matmul(probs[..., n:], v_global[0])
+        return out, lse
+
+
+def make_ring(quantize: str, n_kv_heads: int, size: int, head_dim: int, device: torch.device,
+              dtype: torch.dtype) -> FloatRing | Int8Ring:
+    """The ring for a cache's `kv_quantize` setting ('none' or 'int8')."""
+    cls = Int8Ring if quantize == "int8" else FloatRing
+    return cls(n_kv_heads, size, head_dim, device, dtype)
+
+
+def ring_nbytes(quantize: str, n_kv_heads: int, size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one layer's ring takes (before making one)."""
+    if quantize == "int8":
+        width = -(-size // KERNEL_K) * KERNEL_K
+        return n_kv_heads * ((size + width) * head_dim + 2 * size * torch.empty(0, dtype=ACT_DTYPE).element_size())
+    return 2 * n_kv_heads * size * head_dim * torch.empty(0, dtype=dtype).element_size()
