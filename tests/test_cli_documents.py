@@ -356,3 +356,18 @@ def test_reread_by_attention_needs_retrieval(files, tiny_model_dir):
     assert ok.exit_code == 0 and ok.stdout.strip()
     # --reread 0 asks for no passage: nothing to follow, nothing refused.
     assert invoke(["ask", *args, "--reread-by", "attention", "--reread", "0"]).exit_code == 0
+
+
+def test_an_int8_window_state_keeps_its_window_and_refuses_another(files, tiny_model_dir, tmp_path):
+    path = tmp_path / "int8.lminf"
+    r = invoke(["encode", files / "doc.txt", "-o", path, "--model", tiny_model_dir, *WINDOW, "--kv-quantize", "int8"])
+    assert r.exit_code == 0, r.stderr
+    r = invoke(["info", path])
+    assert r.exit_code == 0 and "kv=int8" in r.stdout, r.stdout
+    ask = ["ask", path, "Who keeps the lighthouse?", "--model", tiny_model_dir, *SHORT, "--temperature", "0"]
+    r = invoke(ask)
+    assert r.exit_code == 0 and r.stdout.strip(), r.stderr
+    r = invoke([*ask, "--kv-quantize", "none"])
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "kv_quantize=int8" in lines[0] and "kv_quantize=none" in lines[0], r.stderr

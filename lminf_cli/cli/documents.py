@@ -230,7 +230,8 @@ def _state_lines(row: dict[str, Any]) -> str:
         ("file", row["file"]), ("kind", "lminf state"), ("size", f"{size / 2**20:,.1f} MiB"),
         ("model", f"{row['model_name']} (fingerprint {row['model_fingerprint']})"),
         ("attention", f"n_global={s['n_global']} n_local={s['n_local']} limit_distance={s['limit_distance']} "
-                      f"chunk={s['chunk_size']} dtype={row['dtype']}"),
+                      f"chunk={s['chunk_size']} dtype={row['dtype']}"
+                      + (f" kv={s['kv_quantize']}" if s.get("kv_quantize", "none") != "none" else "")),
         ("retrieval", f"top-k {s['middle_top_k']} from layer {s['middle_from_layer']}, "
                       f"distance {s['middle_distance']}" if s["middle_top_k"] else "off"),
         ("document", row["document_name"]), ("pages", row["document_pages"]),
