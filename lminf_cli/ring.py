@@ -267,14 +267,18 @@ class Int8Ring:
         else:  # one fused kernel: logsumexp and exp were 3.8 of a 37 ms step at 9k
             lse, probs = None, torch.softmax(scores, dim=-1)
         # p @ V with V = V8 * scale per slot: the scales go into p, then the int8 product.
-        m = min(-(-n // KERNEL_K) * KERNEL_K, self.vt.shape[-1])  # slots the kernel reduces over
+        w = self.vt.shape[-1]
+        # Slots the kernel reduces over: the whole width once the ring is at least half full (a view,
+        # and the zero-weighted rest costs less to read than copying the part in use: at 8k of
+        # 8,704 slots that copy was 3 ms a step), else the part in use, copied below.
+        m = w if 2 * n >= w else -(-n // KERNEL_K) * KERNEL_K
         # Zero weights for the padding slots, whatever they hold.
         p_local = (torch.zeros if m > n else torch.empty)(hkv, rows, m, dtype=ACT_DTYPE, device=ql.device)
         torch.mul(probs[..., :n], self.v_scale[0, :, None, :n], out=p_local[..., :n])          # [Hkv, R, n]
-        # The kernel wants each head's V^T [D, m] contiguous: a view once the ring is full, a copy
-        # while it fills (cheaper than reading the zero-weighted rest: 27.3 against 27.7 ms a step
-        # at 2k, 30 layers; more so below).
-        vt = self.vt[0] if m == self.vt.shape[-1] else self.vt[0, :, :, :m].contiguous()
+        # The kernel wants each head's V^T [D, m] contiguous: a view of the whole width, or a copy
+        # of the part in use (cheaper than reading the zero-weighted rest while the ring is mostly
+        # empty: 27.3 against 27.7 ms a step at 2k, 30 layers; more so below).
+        vt = self.vt[0] if m == w else self.vt[0, :, :, :m].contiguous()
         out = torch.stack([mm8(p_local[j], vt[j], self._ones) for j in range(hkv)]).float()    # [Hkv, R, D]
         if g:
             out += small_matmul(probs[..., n:], v_global[0])
