@@ -318,6 +318,9 @@ def variant_specs(base: BenchSpec, baseline: bool = True, baseline_dtype: str = 
     if base.quantize not in ("none", "") and (dev.type != "cpu" or base.device_map):
         raise UsageError(f"--quantize {base.quantize} runs on the CPU only (PyTorch's weight-only CPU kernels): "
                          "use --device cpu, or --quantize none")
+    if (base.requested or {}).get("kv_quantize") == "int8" and dev.type != "cpu":
+        raise UsageError("--kv-quantize int8 runs on the CPU only (PyTorch's int8 CPU kernel): use --device cpu, "
+                         "or --kv-quantize none")
     lminf = dataclasses.replace(base, variant="lminf", dtype=lminf_dt)
     same = dataclasses.replace(lminf, variant="baseline-same")
     specs = []

@@ -122,7 +122,8 @@ def test_classify_failure():
                                   ["--arch", "gpt-5", "--random-weights"], ["--n-local", "0"],
                                   ["--baseline-timeout", "0"], ["--text", "/no/such/file"],
                                   ["--baseline-dtype", "int4"], ["--quantize", "int3"],
-                                  ["--quantize", "int8", "--device", "cuda"]])
+                                  ["--quantize", "int8", "--device", "cuda"], ["--kv-quantize", "int3"],
+                                  ["--kv-quantize", "int8", "--device", "cuda"]])
 def test_bad_options_one_line_exit_2(args):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2, r.stdout
@@ -157,6 +158,8 @@ def test_baseline_keeps_float32_and_is_also_run_at_lminfs_precision(monkeypatch)
     monkeypatch.setattr(bench, "pick_device", lambda device: __import__("torch").device("cuda"))
     assert _precisions(variant_specs(BenchSpec("lminf", 0))) == [("baseline", "bfloat16", "none"),
                                                                  ("lminf", "bfloat16", "none")]
+    with pytest.raises(UsageError, match="CPU only"):
+        variant_specs(BenchSpec("lminf", 0, requested={"kv_quantize": "int8"}))
 
 
 def test_bench_reports_both_baselines_when_quantized(tiny_model_dir, tmp_path, monkeypatch):
