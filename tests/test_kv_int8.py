@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CORPUS, tiny_llama
+from families import FAMILIES, build
 
 from lminf_cli.attention import NEG_INF, lambda_attention
 from lminf_cli.cache import LambdaCache
@@ -287,3 +288,26 @@ def test_a_saved_int8_state_reopens_with_its_window_and_refuses_another(tiny_mod
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(InputError, match="kv_quantize=int8"):
         open_state(path, lm, {"kv_quantize": "none"})
+
+
+# Head dims of 16 for the ALiBi families too, so that their per-head biases go through the int8 kernel.
+WIDER = {"bloom": {"hidden_size": 96}, "mpt": {"d_model": 64}}
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES] + [f"{n}-16" for n in WIDER])
+def test_every_family_with_an_int8_window_equals_its_float_one_holding_the_same_rounding(name):
+    base = name.removesuffix("-16")
+    lm = from_hf(build(base, **WIDER.get(base, {}) if name.endswith("-16") else {}), None)
+    stream, decode = ids(27), ids(9, seed=5)
+    settings = INT8.replace(n_local=6, limit_distance=8)
+    got = Engine(lm, settings)
+    state = got.new_state()
+    got_pre, got_dec = run(got, state, stream, decode)
+    ref = Engine(lm, settings.replace(kv_quantize="none"))
+    want_pre, want_dec = run(ref, fake_int8_state(ref), stream, decode)
+    torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-5)
+    assert state.cache.layers[0].ring.direct or not name.endswith("-16")
+    if state.cache.layers[0].ring.direct:  # through the int8 kernel (bfloat16 inside)
+        assert ((got_dec - want_dec).abs().max() / want_dec.abs().max()).item() <= 0.01
+    else:
+        torch.testing.assert_close(got_dec, want_dec, atol=1e-5, rtol=1e-5)
