@@ -36,7 +36,12 @@ from .quant import ACT_DTYPE, int8_rows
 # slots, so the transposed values get a width rounded up to it (the extra slots stay zero).
 KERNEL_K = 16
 
-Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
+Slots = Tensor | tuple[int, int] | None
+
+
+def _padded(n: int) -> int:
+    """n slots rounded up to a whole number of the kernel's blocks (KERNEL_K)."""
+    return -(-n // KERNEL_K) * KERNEL_K  # ring slots as an index [m], a slice (a, b), or None: all
 
 
 def _index(slots: Slots) -> Tensor | slice:
@@ -59,8 +64,6 @@ def checked_tensor(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ..
 
 class FloatRing:
     """Keys and values [1, Hkv, size, D] in the cache's dtype."""
-
-    quantized = False
 
     def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -135,15 +138,12 @@ class Int8Ring:
     to KERNEL_K), each slot and head with its scale ([1, Hkv, size], bfloat16).  Slots never written
     are zeros."""
 
-    quantized = True
-
     def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         if torch.device(device).type != "cpu":
             raise ValueError("an int8 KV cache runs on the CPU only")
         self.dtype = dtype  # what reads de-quantize to
         self.k = torch.zeros(1, n_kv_heads, size, head_dim, device=device, dtype=torch.int8)
-        width = -(-size // KERNEL_K) * KERNEL_K
-        self.vt = torch.zeros(1, n_kv_heads, head_dim, width, device=device, dtype=torch.int8)
+        self.vt = torch.zeros(1, n_kv_heads, head_dim, _padded(size), device=device, dtype=torch.int8)
         self.k_scale = torch.zeros(1, n_kv_heads, size, device=device, dtype=ACT_DTYPE)
         self.v_scale = torch.zeros_like(self.k_scale)
         self._ones = torch.ones(head_dim, dtype=ACT_DTYPE)  # the p @ V product's per-output scales
@@ -271,7 +271,7 @@ class Int8Ring:
         # Slots the kernel reduces over: the whole width once the ring is at least half full (a view,
         # and the zero-weighted rest costs less to read than copying the part in use: at 8k of
         # 8,704 slots that copy was 3 ms a step), else the part in use, copied below.
-        m = w if 2 * n >= w else -(-n // KERNEL_K) * KERNEL_K
+        m = w if 2 * n >= w else _padded(n)
         # Zero weights for the padding slots, whatever they hold.
         p_local = (torch.zeros if m > n else torch.empty)(hkv, rows, m, dtype=ACT_DTYPE, device=ql.device)
         torch.mul(probs[..., :n], self.v_scale[0, :, None, :n], out=p_local[..., :n])          # [Hkv, R, n]
@@ -295,6 +295,6 @@ def make_ring(quantize: str, n_kv_heads: int, size: int, head_dim: int, device: 
 def ring_nbytes(quantize: str, n_kv_heads: int, size: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one layer's ring takes (before making one)."""
     if quantize == "int8":
-        width = -(-size // KERNEL_K) * KERNEL_K
-        return n_kv_heads * ((size + width) * head_dim + 2 * size * torch.empty(0, dtype=ACT_DTYPE).element_size())
+        scale_bytes = torch.empty(0, dtype=ACT_DTYPE).element_size()
+        return n_kv_heads * ((size + _padded(size)) * head_dim + 2 * size * scale_bytes)  # K, V^T, two scales
     return 2 * n_kv_heads * size * head_dim * torch.empty(0, dtype=dtype).element_size()
