@@ -124,14 +124,18 @@ class LayerCache:
         if rope.scaling != 1.0:
             q, k = q * rope.scaling, k * rope.scaling
         q_cap = q_ins = None
+        direct = isinstance(self.ring, Int8Ring) and plan.n_new == 1  # decode straight from the int8 ring
         if plan.step_mat is not None:
-            # Decode: every rotation of q, and k's, as matmuls with per-step matrices.
-            d = q.shape[-1]
-            both = small_matmul(q, plan.step_mat).to(q.dtype)                    # [1, H, 1, 2D or 3D]
-            q_local, q_cap = both[..., :d], both[..., d:2 * d]
+            # Decode: every rotation of q, and k's, as one matmul with the step's matrix (k's extra
+            # columns are a few multiplications, a second call ~10 us a layer).
+            d, h = q.shape[-1], q.shape[1]
+            both = small_matmul(torch.cat([q, k], dim=1), plan.step_mat)         # [1, H + Hkv, 1, 2D or 3D]
+            if not direct:  # the int8 ring rounds them itself (from float32 on the CPU)
+                both = both.to(q.dtype)
+            q_local, q_cap = both[:, :h, :, :d], both[:, :h, :, d:2 * d]
             if both.shape[-1] > 2 * d:
-                q_ins = both[0, :, -1, 2 * d:]                                   # [H, D]
-            k_rot = small_matmul(k, plan.step_mat[:, :d]).to(k.dtype)            # [1, Hkv, 1, D]
+                q_ins = both[0, :h, -1, 2 * d:].to(q.dtype)                      # [H, D]
+            k_rot = both[:, h:, :, :d]                                           # [1, Hkv, 1, D]
         else:
             q_local = rope.rotate(q, plan.q_cos, plan.q_sin)
             k_rot = rope.rotate(k, plan.q_cos, plan.q_sin)
@@ -151,14 +155,14 @@ class LayerCache:
         gv = plan.global_view
         retrieve = (plan.retrieve and self.middle is not None and self.middle.length > 0
                     and self.index >= self.owner.settings.middle_from_layer)
-        if isinstance(self.ring, Int8Ring) and self.ring.direct and plan.n_new == 1:
+        if direct:
             # Decode: both products straight from the int8 ring (plan built a slot mask for it).
             b, h, c, d = q.shape
             hkv = self.k_global.shape[1]
             o, lse = self.ring.attend_one(q_local.reshape(hkv, -1, d), q_cap.reshape(hkv, -1, d), n, plan.local_bias,
                                           self.k_global[:, :, :gv], self.v_global[:, :, :gv], plan.global_bias,
                                           scale, self.owner.softcap, return_lse=retrieve)
-            out = o.to(q.dtype).reshape(b, h, c, d)
+            out = o.to(q.dtype).view(b, h, c, d)
             out = (out, lse[None]) if retrieve else out
         else:
             k_local, v_local = self.ring.view(n)  # views, or the int8 ring de-quantized for a prefill block
@@ -419,6 +423,8 @@ class LambdaCache:
             if plan.retrieve:
                 mats.append(self._ins_rotation()[2])
             plan.step_mat = torch.cat(mats, dim=1)
+            if plan.step_mat.device.type == "cpu":  # small_matmul runs in float32 there: convert once, not per layer
+                plan.step_mat = plan.step_mat.float()
         return plan
 
     def commit(self, plan: StepPlan) -> None:

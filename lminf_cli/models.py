@@ -82,7 +82,17 @@ class LoadedModel:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total + sum(t.numel() * t.element_size() for t in quant.quantized_tensors(self.model).values())
+        return total + self._packed_bytes()
+
+    def _packed_bytes(self, decode: bool = False) -> int:
+        """Bytes of the quantized copies: every layer's and the fused ones' (a layer's packed weight
+        may be a view of its fused projection's: each storage counts once); `decode`: those a decode
+        step reads (a fused layer's own scales are not)."""
+        fused = list(self.adapter.fused.values())
+        skip = {id(m) for f in fused for m in f.layers} if decode else set()
+        tensors = [t for m in self.model.modules() if isinstance(m, quant.QuantizedLinear) and id(m) not in skip
+                   for t in (m.qweight, m.qscales)]
+        return quant.unique_nbytes(tensors + [t for f in fused for t in f.tensors()])
 
     @property
     def decode_weight_bytes(self) -> int:
@@ -96,7 +106,7 @@ class LoadedModel:
             if p.data_ptr() not in seen and (id(p) not in q or id(p) in tied):
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total + sum(t.numel() * t.element_size() for t in quant.quantized_tensors(self.model).values())
+        return total + self._packed_bytes(decode=True)
 
 
 def _weights(model: Any, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -506,6 +516,7 @@ def from_hf(model: Any, tokenizer: Any, name: str = "model", device: torch.devic
         # Quantized layers (QuantizedLinear) replace that class: a weight format, so the model's own
         # forward uses them too (a bench baseline "at the same precision" is quantized alike).
         quant.install(model, mode, packed)
+        adapter.fuse_projections()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, device=dev, dtype=dt,
                        quantize=mode)
 

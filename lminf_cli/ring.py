@@ -6,17 +6,18 @@ a ring only stores, reads back and re-rotates, and owns how that is laid out in 
 
 * `FloatRing`: keys and values [1, Hkv, size, D] in the cache's dtype; reads are views.
 * `Int8Ring` (`kv_quantize="int8"`, CPU): every slot's key and value per head as int8 with one
-  scale (quant.int8_rows), about half of bfloat16's bytes.  Values are kept transposed,
-  [1, Hkv, D, size], so that both products of a decode step are PyTorch's weight-only int8
-  kernel (`aten._weight_int8pack_mm`, A @ B^T with B int8 [N, K] contiguous): scores = q @ K^T
-  with K [size, D], and out = p @ V = p @ (V^T)^T with V^T [D, size].  Why: a decode step
-  streams the whole window from memory; at 8k keys on SmolLM2 (30 layers, 2 cores, AMX Xeon)
-  the bfloat16 spans took 23.4 ms a step and the int8 products 11.7 ms
-  (scripts/decode_attention_forms.py).  Prefill (many rows, compute-bound) reads the ring
-  de-quantized to the cache's dtype and runs the usual fused kernel.
+  scale (quant.int8_rows), about half of bfloat16's bytes.  A decode step reads it without
+  de-quantizing: scores = q @ K^T as an integer product (`torch._int_mm`, the query rounded to
+  int8 too) with K [size, D], and out = p @ V through PyTorch's weight-only int8 kernel
+  (`aten._weight_int8pack_mm`, A @ B^T with B int8 [N, K] contiguous) with the values kept
+  transposed, V^T [1, Hkv, D, size].  Why: a decode step streams the whole window from memory;
+  at 8k keys on SmolLM2 (30 layers, 2 cores, AMX Xeon) the bfloat16 spans took 23.4 ms a step
+  and the int8 products 11.7 ms (scripts/decode_attention_forms.py); the integer scores took a
+  further ~2 ms off (session 6, docs/benchmarks.md).  Prefill (many rows, compute-bound) reads
+  the ring de-quantized to the cache's dtype and runs the usual fused kernel.
 
 Both keep the same file layout (state_dict): keys and values [1, Hkv, n, D], and for int8
-their scales [1, Hkv, n] (bfloat16, the kernel's activation dtype).
+their scales [1, Hkv, n] (bfloat16: scales are rounded to it when made, held in float32).
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from .attention import small_matmul
 from .errors import InputError
 from .quant import ACT_DTYPE, int8_rows
 
-# The int8 kernel reads its inner (reduction) dim in blocks of 16: other sizes return garbage or
-# crash (torch 2.13, measured: 16, 48, 80, 112 ... exact; 4, 8, 13, 24, 40, 100 not).  Scores reduce
-# over the head dim, so rings of other head dims read through `view` instead; p @ V reduces over
-# slots, so the transposed values get a width rounded up to it (the extra slots stay zero).
+# The weight-only int8 kernel reads its inner (reduction) dim in blocks of 16: other sizes return
+# garbage or crash (torch 2.13, measured: 16, 48, 80, 112 ... exact; 4, 8, 13, 24, 40, 100 not).
+# p @ V reduces over slots, so the transposed values get a width rounded up to it (the extra slots
+# stay zero); the scores (torch._int_mm, exact integer sums) take any head dim.
 KERNEL_K = 16
+# Up to this many KV heads a decode step's scores are one integer product against every head's keys
+# (Hkv times the arithmetic, one pass over memory); above it, one product per head.
+ALL_HEADS_MAX = 4
 
 Slots = Tensor | tuple[int, int] | None
 
@@ -135,8 +139,8 @@ class FloatRing:
 
 class Int8Ring:
     """Keys [1, Hkv, size, D] and values transposed [1, Hkv, D, width] as int8 (width: size rounded up
-    to KERNEL_K), each slot and head with its scale ([1, Hkv, size], bfloat16).  Slots never written
-    are zeros."""
+    to KERNEL_K), each slot and head with its scale (`scales` [2, 1, Hkv, size]: keys', values').
+    Slots never written are zeros."""
 
     def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         if torch.device(device).type != "cpu":
@@ -144,17 +148,19 @@ class Int8Ring:
         self.dtype = dtype  # what reads de-quantize to
         self.k = torch.zeros(1, n_kv_heads, size, head_dim, device=device, dtype=torch.int8)
         self.vt = torch.zeros(1, n_kv_heads, head_dim, _padded(size), device=device, dtype=torch.int8)
-        self.k_scale = torch.zeros(1, n_kv_heads, size, device=device, dtype=ACT_DTYPE)
-        self.v_scale = torch.zeros_like(self.k_scale)
+        # Scales are rounded to bfloat16 (what state files keep) but held in float32: the decode step's
+        # float32 passes then take them without a conversion (mixed-dtype passes ran 2x slower).
+        # Both in one buffer [2, 1, Hkv, size] (views k_scale, v_scale): a decode step writes them at once.
+        self.scales = torch.zeros(2, 1, n_kv_heads, size, device=device, dtype=torch.float32)
+        self.k_scale, self.v_scale = self.scales[0], self.scales[1]
         self._ones = torch.ones(head_dim, dtype=ACT_DTYPE)  # the p @ V product's per-output scales
-        self.direct = head_dim % KERNEL_K == 0  # decode steps can read it through the kernel (attend_one)
 
     @property
     def device(self) -> torch.device:
         return self.k.device
 
     def buffers(self) -> tuple[Tensor, ...]:
-        return self.k, self.k_scale, self.vt, self.v_scale
+        return self.k, self.vt, self.scales
 
     @property
     def nbytes(self) -> int:
@@ -164,9 +170,8 @@ class Int8Ring:
         i = _index(slots)
         q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
         self.k[0, :, i] = q[0]
-        self.k_scale[0, :, i] = s[0]
         self.vt[0, :, :, i] = q[1].transpose(1, 2)
-        self.v_scale[0, :, i] = s[1]
+        self.scales[:, 0, :, i] = s.float()  # (bfloat16 values, held in float32)
 
     def view(self, n: int) -> tuple[Tensor, Tensor]:
         """Slots [0, n) de-quantized to the cache's dtype, [1, Hkv, n, D] each (new tensors)."""
@@ -191,22 +196,17 @@ class Int8Ring:
 
     def save(self, slots: Tensor | None) -> tuple[Tensor, ...]:
         i = _index(slots)
-        return (self.k[:, :, i].clone(), self.k_scale[:, :, i].clone(), self.vt[..., i].clone(),
-                self.v_scale[:, :, i].clone())
+        return self.k[:, :, i].clone(), self.vt[..., i].clone(), self.scales[..., i].clone()
 
     def load(self, slots: Tensor | None, saved: tuple[Tensor, ...]) -> None:
         i = _index(slots)
-        k, ks, vt, vs = saved
-        self.k[:, :, i] = k
-        self.k_scale[:, :, i] = ks
-        self.vt[..., i] = vt
-        self.v_scale[:, :, i] = vs
+        self.k[:, :, i], self.vt[..., i], self.scales[..., i] = saved
 
     def state_dict(self, n: int) -> dict[str, Tensor]:
         """Slots [0, n) on the CPU: 'k_ring', 'v_ring' int8 [1, Hkv, n, D] and their scales [1, Hkv, n]."""
-        return {"k_ring": self.k[:, :, :n].contiguous(), "k_ring_scale": self.k_scale[:, :, :n].contiguous(),
+        return {"k_ring": self.k[:, :, :n].contiguous(), "k_ring_scale": self.k_scale[:, :, :n].to(ACT_DTYPE),
                 "v_ring": self.vt[..., :n].transpose(2, 3).contiguous(),
-                "v_ring_scale": self.v_scale[:, :, :n].contiguous()}
+                "v_ring_scale": self.v_scale[:, :, :n].to(ACT_DTYPE)}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], prefix: str, n: int) -> list[str]:
         hkv, d = self.k.shape[1], self.k.shape[3]
@@ -242,20 +242,31 @@ class Int8Ring:
         both branches, in float32.  Returns out [Hkv, R, D] float32 and, with return_lse, its
         log-sum-exp [Hkv, R] (else None).
         """
-        hkv, rows, _ = ql.shape
-        mm8 = torch.ops.aten._weight_int8pack_mm
+        hkv, rows, d = ql.shape
         g = k_global.shape[2] if global_bias is not None else 0
-        # Every pass over [Hkv, R, n] costs ~10 us a layer at 8k slots, so there are four: the scores,
-        # their bias into one float32 buffer for both branches, the softmax, the weights for p @ V.
-        # The softmax scale goes into the query (one rounding of q * scale to bfloat16).
-        q8 = (ql * scale).to(ACT_DTYPE)
-        # One kernel call per KV head (the kernel takes one int8 matrix); it returns the scores
-        # rounded to bfloat16 (~3 significant digits), and everything after is float32.
-        local = torch.stack([mm8(q8[j], self.k[0, j, :n], self.k_scale[0, j, :n]) for j in range(hkv)])
-        if softcap is not None:
-            local = torch.tanh(local.float() / softcap) * softcap
         scores = torch.empty(hkv, rows, n + g, dtype=torch.float32, device=ql.device)        # [Hkv, R, n + G]
-        torch.add(local, local_bias.reshape(-1, rows, n), out=scores[..., :n])
+        local = scores[..., :n]
+        # Scores as int8 x int8 -> int32 (torch._int_mm: exact integer sums), the query rounded like
+        # the keys, one scale per row; then one float pass for both scales and one for the bias.
+        # Why not the weight-only kernel (bfloat16 q x int8 K): it reduces over the head dim, 64
+        # values, and spent most of its time in per-output reductions: 7.3 ms a step for 30 layers
+        # at 8,704 slots against 3.5 ms here (scripts/decode_attention_forms.py, SmolLM2's shapes).
+        q8, q_scale = int8_rows(ql, torch.float32)                                           # [Hkv, R, D], [Hkv, R]
+        size = self.k.shape[2]
+        if hkv <= ALL_HEADS_MAX and 2 * n >= size:
+            # One call against every head's keys ([Hkv * size, D], a view): Hkv times the products,
+            # but one pass of the library over memory; each head's rows are the diagonal blocks.
+            # (It reads every slot: while the ring is less than half full, one call per head reads less.)
+            raw = torch._int_mm(q8.view(hkv * rows, d), self.k.view(hkv * size, d).t())   # [Hkv*R, Hkv*size]
+            raw = raw.as_strided((hkv, rows, n), (rows * hkv * size + size, hkv * size, 1))
+        else:
+            raw = torch.stack([torch._int_mm(q8[j], self.k[0, j, :n].t()) for j in range(hkv)])  # [Hkv, R, n]
+        torch.mul(raw, self.k_scale[0, :, None, :n], out=local)
+        if softcap is not None:
+            local.mul_(q_scale[..., None] * (scale / softcap)).tanh_().mul_(softcap)
+            local.add_(local_bias.reshape(-1, rows, n))
+        else:
+            torch.addcmul(local_bias.reshape(-1, rows, n), local, q_scale[..., None] * scale, out=local)
         if g:
             g_scores = small_matmul(qg, k_global[0].transpose(-1, -2)).mul_(scale)            # [Hkv, R, G]
             if softcap is not None:
@@ -266,7 +277,9 @@ class Int8Ring:
             probs = torch.exp(scores - lse[..., None])
         else:  # one fused kernel: logsumexp and exp were 3.8 of a 37 ms step at 9k
             lse, probs = None, torch.softmax(scores, dim=-1)
-        # p @ V with V = V8 * scale per slot: the scales go into p, then the int8 product.
+        # p @ V with V = V8 * scale per slot: the scales go into p, then the weight-only int8 kernel
+        # (one call per head; it reduces over slots here, where it is fast).
+        mm8 = torch.ops.aten._weight_int8pack_mm
         w = self.vt.shape[-1]
         # Slots the kernel reduces over: the whole width once the ring is at least half full (a view,
         # and the zero-weighted rest costs less to read than copying the part in use: at 8k of
@@ -295,6 +308,6 @@ def make_ring(quantize: str, n_kv_heads: int, size: int, head_dim: int, device: 
 def ring_nbytes(quantize: str, n_kv_heads: int, size: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one layer's ring takes (before making one)."""
     if quantize == "int8":
-        scale_bytes = torch.empty(0, dtype=ACT_DTYPE).element_size()
+        scale_bytes = torch.empty(0, dtype=torch.float32).element_size()
         return n_kv_heads * ((size + _padded(size)) * head_dim + 2 * size * scale_bytes)  # K, V^T, two scales
     return 2 * n_kv_heads * size * head_dim * torch.empty(0, dtype=dtype).element_size()

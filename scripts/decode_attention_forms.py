@@ -10,7 +10,10 @@ and values stream from memory as they do in a step, not from cache):
 * `bmm`: scores as K @ q^T and values as p @ V, two batched products, softmax in float32;
 * `int8`: keys and values in int8 with a scale per slot (values stored transposed), both
   products through PyTorch's weight-only int8 kernel (`aten._weight_int8pack_mm`, one call
-  per KV head): what an int8 KV cache would read.  Scores only approximate the others'.
+  per KV head): what an int8 KV cache would read.  Scores only approximate the others';
+* `int8-intmm`: the same int8 keys and values, the scores as an integer product
+  (`torch._int_mm`, the query rounded to int8 per row, one call against every KV head's keys
+  while there are at most 4) scaled in float32, values as in `int8`: what `ring.Int8Ring` runs.
 
 Reports ms per step (all layers) and the rate at which each form reads the window's bytes
 in the cache's dtype.  Needs a quiet machine.
@@ -94,10 +97,29 @@ def main() -> None:
         p = torch.softmax(torch.add(bias_f, s, alpha=scale), dim=-1).to(dt) * sv[:, None, :]
         return torch.stack([mm8(p[j], qv[j], ones) for j in range(hkv)])           # [Hkv, g, D]
 
+    k8flat = [qk.reshape(hkv * r, d) for qk, _ in k8]                                # [Hkv * N, D]
+    k8f = [sk[..., 0].float() for _, sk in k8]                                      # [Hkv, N] float32
+    v8f = [sv.float() for _, sv in v8t]
+
+    def int8_intmm(i: int) -> torch.Tensor:
+        qv, _ = v8t[i]
+        ql = q.reshape(hkv, g, d).float()
+        qs = ql.abs().amax(-1, keepdim=True).mul_(1 / 127).clamp_(min=1e-12)          # [Hkv, g, 1]
+        qi = torch.div(ql, qs).round_().to(torch.int8)
+        if hkv <= 4:
+            raw = torch._int_mm(qi.view(hkv * g, d), k8flat[i].t())                  # [Hkv*g, Hkv*N]
+            raw = raw.as_strided((hkv, g, r), (g * hkv * r + r, hkv * r, 1))
+        else:
+            raw = torch.stack([torch._int_mm(qi[j], k8[i][0][j].t()) for j in range(hkv)])
+        s = torch.mul(raw, k8f[i][:, None, :])
+        s = torch.addcmul(bias_f, s, qs * scale)
+        p = torch.mul(torch.softmax(s, dim=-1), v8f[i][:, None, :]).to(dt)
+        return torch.stack([mm8(p[j], qv[j], ones) for j in range(hkv)])           # [Hkv, g, D]
+
     window_bytes = n_layers * 2 * hkv * w * d * torch.finfo(dt).bits // 8
     print(f"{n_layers} layers, {h} heads / {hkv} KV heads x {d}, window {w:,} of a {r:,}-slot ring, {a.dtype}; "
           f"{torch.get_num_threads()} threads; window bytes {window_bytes / 2**20:.0f} MiB per step")
-    forms = {"lminf": lminf, "flash-masked": flash_masked, "bmm": bmm, "int8": int8}
+    forms = {"lminf": lminf, "flash-masked": flash_masked, "bmm": bmm, "int8": int8, "int8-intmm": int8_intmm}
     # float32 reference for layer 0, local branch only (the forms other than `lminf` leave the global one out).
     s0 = (q.reshape(hkv, g, d).float() @ ks[0][0].float().transpose(1, 2)) * scale + bias_f
     ref = torch.softmax(s0, dim=-1) @ vs[0][0].float()                             # [Hkv, g, D]

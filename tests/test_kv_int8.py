@@ -111,13 +111,14 @@ def test_decode_attention_equals_lambda_attention_on_the_same_values(n, with_glo
     k, v = ring.view(n)
     want, want_lse = lambda_attention(q, qc, k, v, bias, kg, vg, gbias, 0.25, fused=False, return_lse=True,
                                       softcap=softcap)
-    # The kernel takes q and p in bfloat16 and returns scores in bfloat16: ~3 significant digits.
+    # q is rounded to int8 (a scale per row) and p to bfloat16 for the kernels: ~2-3 significant digits.
     torch.testing.assert_close(out.reshape(want.shape), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse[None], want_lse, atol=3e-2, rtol=1e-2)
     plain, none = ring.attend_one(q.reshape(hkv, g, d), qc.reshape(hkv, g, d), n, bias, kg, vg, gbias, 0.25,
                                   softcap)
     assert none is None
-    torch.testing.assert_close(plain, out, atol=1e-5, rtol=1e-5)
+    # softmax and exp(s - lse) differ in float32's last bits, which can move p's bfloat16 rounding by a step.
+    torch.testing.assert_close(plain, out, atol=2e-3, rtol=1e-2)
 
 
 def test_a_planted_slot_error_is_caught_by_that_comparison():
@@ -161,7 +162,7 @@ def test_int8_engine_equals_a_float_engine_holding_the_same_rounded_keys(lm, ret
     stream, decode = ids(42), ids(30, seed=1)  # > 5 ring sizes: wraps and re-bases in both phases
     int8 = Engine(lm, settings)
     state = int8.new_state()
-    assert all(isinstance(layer.ring, Int8Ring) and layer.ring.direct for layer in state.cache.layers)
+    assert all(isinstance(layer.ring, Int8Ring) for layer in state.cache.layers)
     got_pre, got_dec = run(int8, state, stream, decode)
     ref = Engine(lm, settings.replace(kv_quantize="none"))
     ref_state = fake_int8_state(ref)
@@ -253,16 +254,16 @@ def test_bytes_are_what_the_estimate_said_and_about_half(lm):
     assert ring_a < ring_b * per_value / lm.dtype.itemsize * 1.3
 
 
-def test_head_dims_the_kernel_cannot_take_read_through_the_de_quantized_ring():
+def test_head_dims_off_the_kernels_block_decode_straight_from_the_ring_too():
+    # Scores are integer products (any head dim); p @ V reduces over slots, padded to the kernel's block.
     lm = from_hf(tiny_llama(4, 2, trained=16, layers=2, seed=4), None)  # head_dim 8
     engine = Engine(lm, INT8)
     state = engine.new_state()
-    assert not state.cache.layers[0].ring.direct
     got_pre, got_dec = run(engine, state, ids(30), ids(8, seed=1))
     ref = Engine(lm, SETTINGS)
     want_pre, want_dec = run(ref, fake_int8_state(ref), ids(30), ids(8, seed=1))
     torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_dec, want_dec, atol=1e-5, rtol=1e-5)
+    assert ((got_dec - want_dec).abs().max() / want_dec.abs().max()).item() <= 0.01
 
 
 def test_bad_values_and_devices_are_refused():
@@ -306,8 +307,5 @@ def test_every_family_with_an_int8_window_equals_its_float_one_holding_the_same_
     ref = Engine(lm, settings.replace(kv_quantize="none"))
     want_pre, want_dec = run(ref, fake_int8_state(ref), stream, decode)
     torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-5)
-    assert state.cache.layers[0].ring.direct or not name.endswith("-16")
-    if state.cache.layers[0].ring.direct:  # through the int8 kernel (bfloat16 inside)
-        assert ((got_dec - want_dec).abs().max() / want_dec.abs().max()).item() <= 0.01
-    else:
-        torch.testing.assert_close(got_dec, want_dec, atol=1e-5, rtol=1e-5)
+    # Decode steps go through the int8 products (the query rounded to int8, p to bfloat16).
+    assert ((got_dec - want_dec).abs().max() / want_dec.abs().max()).item() <= 0.01

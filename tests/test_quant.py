@@ -120,8 +120,13 @@ def test_state_dict_and_fingerprint_are_the_dense_models():
     plain = from_hf(tiny_llama(), None)
     q = from_hf(tiny_llama(), None, quantize="int4")
     assert list(q.model.state_dict()) == list(plain.model.state_dict())
-    packed = sum(t.numel() * t.element_size() for t in quant.quantized_tensors(q.model).values())
-    assert q.weight_bytes == plain.weight_bytes + packed
+    separate = sum(t.numel() * t.element_size() for t in quant.quantized_tensors(q.model).values())
+    # Fused projections (q/k/v, gate/up): the layers' packed weights are views of theirs (counted
+    # once), the int4 scales a second copy.
+    assert q.adapter.fused
+    fused_scales = sum(f.qscales.numel() * f.qscales.element_size() for f in q.adapter.fused.values()
+                       if f.kind == "int4")
+    assert q.weight_bytes == plain.weight_bytes + separate + fused_scales
     assert q.decode_weight_bytes < plain.weight_bytes
 
 
@@ -253,3 +258,73 @@ def test_cli_continue_quantized(tmp_path, tiny_model_dir, monkeypatch):
     q = runner.invoke(app, [*args, "--dtype", "bfloat16", "--quantize", "int8"])
     assert dense.exit_code == 0 and q.exit_code == 0, q.stderr
     assert q.stdout.strip() and q.stderr == ""
+
+
+# --------------------------------------------------------------------------- fused projections
+
+def quantized_layers(mode, sizes=(64, 32, 32), bias=False):
+    torch.manual_seed(1)
+    model = nn.ModuleDict({f"p{i}": nn.Linear(64, n, bias=bias) for i, n in enumerate(sizes)})
+    with torch.no_grad():
+        for m in model.values():
+            if bias:
+                m.bias.normal_()
+    quant.install(model, mode, quant.quantize_weights(model, mode))
+    return [model[f"p{i}"] for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_fused_projection_is_its_layers_side_by_side(mode, bias):
+    layers = quantized_layers(mode, sizes=(64, 64, 32), bias=bias)
+    x = torch.randn(1, 2, 64)
+    with torch.inference_mode():
+        before = [m(x) for m in layers]
+        weights = [m.qweight.clone() for m in layers]
+        fused = quant.fuse(layers)
+        assert fused is not None and fused.sizes == [64, 64, 32]
+        # The same kernel over the same packed rows: the same numbers.
+        assert torch.equal(fused(x), torch.cat(before, dim=-1))
+        assert torch.equal(fused(x.to(torch.bfloat16)).float(), torch.cat([m(x.to(torch.bfloat16)).float()
+                                                                          for m in layers], dim=-1))
+        # Each layer keeps working, its packed weight now a view of the fused one's rows (one copy).
+        assert all(torch.equal(m(x), b) for m, b in zip(layers, before, strict=True))
+        base = fused.qweight.untyped_storage().data_ptr()
+        assert all(m.qweight.untyped_storage().data_ptr() == base for m in layers)
+        assert all(torch.equal(m.qweight, w) for m, w in zip(layers, weights, strict=True))
+        # A prefill block is not the fused kernel's: the callers run the layers (dense weights).
+        assert fused(torch.randn(1, kernels.FEW_ROWS_MAX + 1, 64)) is None
+
+
+def test_layers_of_other_kinds_or_inputs_are_not_fused():
+    int8, int4 = quantized_layers("int8", (32, 32)), quantized_layers("int4", (64, 32))
+    assert quant.fuse([int8[0], int4[0]]) is None
+    assert quant.fuse([int8[0]]) is None
+    assert quant.fuse([int8[0], nn.Linear(64, 32)]) is None
+
+
+@pytest.mark.parametrize("sizes", [(32, 32), (96, 32), (32, 64)])
+def test_int4_packs_that_do_not_concatenate_are_left_apart(sizes):
+    # Outputs are packed in blocks of 64: a first layer of 32 or 96 outputs spoils the concatenation.
+    layers = quantized_layers("int4", sizes)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        unchecked = quant.FusedProjection(layers)(x)
+        right = torch.cat([m(x) for m in layers], dim=-1)
+    assert (unchecked - right).abs().max() > 0.1 * right.abs().max()  # what the check is for
+    weights = [m.qweight for m in layers]
+    assert quant.fuse(layers) is None
+    assert all(m.qweight is w for m, w in zip(layers, weights, strict=True))  # untouched
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "gptj"])
+def test_decode_through_fused_projections_equals_decode_through_the_layers(name):
+    from families import build
+
+    lm = from_hf(build(name), None, quantize="int8")
+    assert lm.adapter.fused, "no projections were fused"
+    prompt = prompt_ids(seed=3)
+    fused, tokens = greedy_run(lm, prompt)
+    lm.adapter.fused = {}
+    separate, _ = greedy_run(lm, prompt, forced=tokens)
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)

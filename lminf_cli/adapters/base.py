@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from .. import kernels, quant
 from ..attention import Rope
 from ..cache import LambdaCache, StepPlan
 from ..errors import ModelError
@@ -37,6 +37,7 @@ class Adapter:
         self.config = model.config
         # Families without max_position_embeddings (BLOOM, MPT) set it themselves.
         self.trained_length: int = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        self.fused = {}
 
     # Shapes every adapter sets in __init__.
     n_layers: int
@@ -46,6 +47,15 @@ class Adapter:
     rope: Rope
     scale: float
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2)
+
+    # Module -> its fused quantized projections (fuse_projections); empty until the model is quantized.
+    fused: dict[nn.Module, quant.FusedProjection]
+
+    def fuse_projections(self) -> list[quant.FusedProjection]:
+        """Called once the model's linear layers hold packed copies (quant.install): fuse what shares
+        an input into one kernel call for decode steps; returns the fused projections (none here)."""
+        self.fused = {}
+        return []
 
     def layer_windows(self) -> list[int | None]:
         """The model's own sliding window of each layer (None: full attention)."""

@@ -11,9 +11,18 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from .. import quant
 from ..cache import LambdaCache, LayerCache, StepPlan
 from .base import Adapter, Rows, no_grad_forward, rope_from_hf
+
+# HF MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (read in transformers'
+# sources): their gate and up projections can run as one (fuse_projections).
+GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP"})
+# HF RMSNorm classes computing weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype): torch's fused
+# rms_norm gives the same values in 3 operations instead of 8 (`apply_norm`).
+PLAIN_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
 class DecoderAdapter(Adapter):
@@ -23,6 +32,22 @@ class DecoderAdapter(Adapter):
     rotary_scale: float = 1.0           # see split_rotary_scaling
 
     layers: nn.ModuleList
+
+    def fuse_projections(self) -> list[quant.FusedProjection]:
+        """Quantized projections of one input as one kernel call a decode step: q/k/v of every
+        attention module (`project_qkv`) and gate/up of the gated MLPs (`mlp`)."""
+        self.fused = {}
+        for module in self.model.modules():
+            if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")):
+                parts = [module.q_proj, module.k_proj, module.v_proj]
+            elif type(module).__name__ in GATED_MLPS:
+                parts = [module.gate_proj, module.up_proj]
+            else:
+                continue
+            fused = quant.fuse(parts)
+            if fused is not None:
+                self.fused[module] = fused
+        return list(self.fused.values())
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids [1, C] -> hidden states [1, C, hidden]."""
@@ -69,10 +94,35 @@ class DecoderAdapter(Adapter):
         return o.transpose(1, 2).reshape(1, c, self.n_heads * self.head_dim)
 
     def project_qkv(self, attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Separate q/k/v projections (q_proj, k_proj, v_proj) of h [1, C, hidden], split into heads."""
-        return (heads_view(attn.q_proj(h), self.n_heads, self.head_dim),     # [1, C, H, D]
-                heads_view(attn.k_proj(h), self.n_kv_heads, self.head_dim),  # [1, C, Hkv, D]
-                heads_view(attn.v_proj(h), self.n_kv_heads, self.head_dim))
+        """The q/k/v projections (q_proj, k_proj, v_proj) of h [1, C, hidden], split into heads:
+        one fused product for a decode step when the layers are quantized, else three."""
+        fused = self.fused.get(attn)
+        qkv = fused(h) if fused is not None else None
+        if qkv is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = qkv.split(fused.sizes, dim=-1)
+        return (heads_view(q, self.n_heads, self.head_dim),     # [1, C, H, D]
+                heads_view(k, self.n_kv_heads, self.head_dim),  # [1, C, Hkv, D]
+                heads_view(v, self.n_kv_heads, self.head_dim))
+
+    def apply_norm(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """norm(x), through torch's fused rms_norm for the plain RMSNorm classes."""
+        # (A module under an accelerate hook gets its weight only inside its own forward.)
+        if type(norm).__name__ not in PLAIN_RMS_NORMS or hasattr(norm, "_hf_hook"):
+            return norm(x)
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = F.rms_norm(xf, (x.shape[-1],), eps=norm.variance_epsilon)
+        return norm.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+    def mlp(self, mlp: nn.Module, h: Tensor) -> Tensor:
+        """The block's MLP on h: gate and up as one product for a decode step when fused."""
+        fused = self.fused.get(mlp)
+        gate_up = fused(h) if fused is not None else None
+        if gate_up is None:
+            return mlp(h)
+        gate, up = gate_up.split(fused.sizes, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def logits(self, x: Tensor) -> Tensor:
         """Head output with the family's final soft-capping, if any."""
@@ -92,5 +142,5 @@ class DecoderAdapter(Adapter):
 
 
 def heads_view(x: Tensor, n_heads: int, head_dim: int) -> Tensor:
-    """[1, C, n_heads * head_dim] -> [1, C, n_heads, head_dim]."""
+    """[1, C, n_heads * head_dim] -> [1, C, n_heads, head_dim] (a view: x may be a slice of a fused product)."""
     return x.view(1, x.shape[1], n_heads, head_dim)

@@ -54,7 +54,7 @@ class Gemma2Adapter(DecoderAdapter):
         h = layer.input_layernorm(x)
         q, k, v = self.project_qkv(a, h)  # [1, C, H or Hkv, D]
         x = x + layer.post_attention_layernorm(a.o_proj(self.attend(lc, plan, q, k, v)))
-        return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        return x + layer.post_feedforward_layernorm(self.mlp(layer.mlp, layer.pre_feedforward_layernorm(x)))
 
     def head(self, x: Tensor) -> Tensor:
         return self.lm_head(self.norm(x))

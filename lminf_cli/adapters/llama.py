@@ -42,11 +42,11 @@ class LlamaAdapter(DecoderAdapter):
 
     def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
         attn = layer.self_attn
-        q, k, v = self.project_qkv(attn, layer.input_layernorm(x))  # [1, C, H or Hkv, D]
+        q, k, v = self.project_qkv(attn, self.apply_norm(layer.input_layernorm, x))  # [1, C, H or Hkv, D]
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         x = x + attn.o_proj(self.attend(lc, plan, q, k, v))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return x + self.mlp(layer.mlp, self.apply_norm(layer.post_attention_layernorm, x))
 
     def head(self, x: Tensor) -> Tensor:
         # Each .to is a no-op unless a device map put the norm and the head elsewhere.
