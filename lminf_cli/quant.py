@@ -329,7 +329,10 @@ def load_cached(path: Path) -> dict[str, Tensor] | None:
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        # pread, not the default mmap: tensors of an mmap'd file keep the whole mapping resident until
+        # the last of them is freed, so the layers' packs that fusion replaces (adapters) stayed in
+        # memory: +35 MB resident on SmolLM2 with int4, +6 MB read into the process's own memory.
+        return load_file(str(path), backend="pread")
     except (OSError, ValueError, RuntimeError, SafetensorError):
         return None
 

@@ -176,9 +176,10 @@ class Int8Ring:
     def view(self, n: int) -> tuple[Tensor, Tensor]:
         """Slots [0, n) de-quantized to the cache's dtype, [1, Hkv, n, D] each (new tensors)."""
         # Scaled in place: a prefill block's peak memory holds one copy of each, not two.
-        k = self.k[:, :, :n].to(self.dtype).mul_(self.k_scale[:, :, :n, None])
+        # (The scales in the same dtype first: a mixed-dtype product takes a slower path.)
+        k = self.k[:, :, :n].to(self.dtype).mul_(self.k_scale[:, :, :n, None].to(self.dtype))
         v = self.vt[:, :, :, :n].transpose(2, 3).to(self.dtype, memory_format=torch.contiguous_format)
-        return k, v.mul_(self.v_scale[:, :, :n, None])
+        return k, v.mul_(self.v_scale[:, :, :n, None].to(self.dtype))
 
     def rows(self, slots: Slots) -> tuple[Tensor, Tensor]:
         i = _index(slots)

@@ -7,7 +7,7 @@ and encodes the same tokens with the same settings; decode steps alternate betwe
 them in rounds (which goes first alternates too), so a busy machine slows both alike.
 
     PYTHONPATH=.:/tmp/oldpkg python scripts/old_vs_new.py --text plays.txt --old lminf_old --length 9k \
-        --encode-length 32k
+        --encode-length 32k [--dtype bfloat16 --quantize int4 --kv-quantize int8]
 """
 
 from __future__ import annotations
@@ -21,15 +21,21 @@ import torch
 
 from lminf_cli.generate import Engine
 from lminf_cli.models import load_model
+from lminf_cli.settings import LambdaSettings
 from lminf_cli.units import parse_length
 
 
-def old_engine(package: str, dtype: str, quantize: str):
-    """The older version's engine over its own load of the embedded model (its API: Engine(lm))."""
+def old_engine(package: str, dtype: str, quantize: str, kv_quantize: str):
+    """The older version's engine over its own load of the embedded model (its API: Engine(lm), and
+    Engine(lm, settings) for a window other than the default)."""
     models = importlib.import_module(f"{package}.models")
     generate = importlib.import_module(f"{package}.generate")
     extra = {} if quantize == "none" else {"quantize": quantize}  # versions before --quantize: none only
-    return generate.Engine(models.load_model(None, "cpu", dtype, **extra))
+    lm = models.load_model(None, "cpu", dtype, **extra)
+    if kv_quantize == "none":  # versions before --kv-quantize: the default window only
+        return generate.Engine(lm)
+    settings = importlib.import_module(f"{package}.settings")
+    return generate.Engine(lm, settings.LambdaSettings.for_model(lm.adapter.trained_length, kv_quantize=kv_quantize))
 
 
 def main() -> None:
@@ -42,9 +48,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantize", default="none", help="none, int8 or int4 (both versions)")
+    ap.add_argument("--kv-quantize", default="none", help="the window: none or int8 (both versions)")
     a = ap.parse_args()
-    new = Engine(load_model(None, "cpu", a.dtype, quantize=a.quantize))
-    old = old_engine(a.old, a.dtype, a.quantize)
+    lm = load_model(None, "cpu", a.dtype, quantize=a.quantize)
+    new = Engine(lm, LambdaSettings.for_model(lm.adapter.trained_length, kv_quantize=a.kv_quantize))
+    old = old_engine(a.old, a.dtype, a.quantize, a.kv_quantize)
     n = parse_length(a.length)
     n_enc = parse_length(a.encode_length) if a.encode_length else 0
     with open(a.text, encoding="utf-8") as f:
