@@ -12,8 +12,8 @@ a ring only stores, reads back and re-rotates, and owns how that is laid out in 
   (`aten._weight_int8pack_mm`, A @ B^T with B int8 [N, K] contiguous) with the values kept
   transposed, V^T [1, Hkv, D, size].  Why: a decode step streams the whole window from memory;
   at 8k keys on SmolLM2 (30 layers, 2 cores, AMX Xeon) the bfloat16 spans took 23.4 ms a step
-  and the int8 products 11.7 ms (scripts/decode_attention_forms.py); the integer scores took a
-  further ~2 ms off (session 6, docs/benchmarks.md).  Prefill (many rows, compute-bound) reads
+  and the int8 products 11.7 ms (scripts/decode_attention_forms.py); integer scores, session 6,
+  a little less again, and for any head dim (docs/benchmarks.md).  Prefill (many rows, compute-bound) reads
   the ring de-quantized to the cache's dtype and runs the usual fused kernel.
 
 Both keep the same file layout (state_dict): keys and values [1, Hkv, n, D], and for int8
@@ -249,9 +249,11 @@ class Int8Ring:
         local = scores[..., :n]
         # Scores as int8 x int8 -> int32 (torch._int_mm: exact integer sums), the query rounded like
         # the keys, one scale per row; then one float pass for both scales and one for the bias.
-        # Why not the weight-only kernel (bfloat16 q x int8 K): it reduces over the head dim, 64
-        # values, and spent most of its time in per-output reductions: 7.3 ms a step for 30 layers
-        # at 8,704 slots against 3.5 ms here (scripts/decode_attention_forms.py, SmolLM2's shapes).
+        # Why not the weight-only kernel (bfloat16 q x int8 K): it reduces over the head dim (64
+        # values) and spends most of its time in per-output reductions.  The products alone, 30
+        # layers at 8,704 slots: 7.3 ms with it, 3.5 ms here (2 cores, AMX Xeon); with the extra
+        # float pass for the key scales the whole attention gains less (14.1 -> 13.9 ms,
+        # scripts/decode_attention_forms.py), but any head dim now decodes straight from the ring.
         q8, q_scale = int8_rows(ql, torch.float32)                                           # [Hkv, R, D], [Hkv, R]
         size = self.k.shape[2]
         if hkv <= ALL_HEADS_MAX and 2 * n >= size:
