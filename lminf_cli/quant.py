@@ -202,14 +202,7 @@ class QuantizedLinear(nn.Linear):
         if (x.device.type == "cpu" and x.shape[-1] == self.in_features
                 and x.numel() <= kernels.FEW_ROWS_MAX * self.in_features
                 and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            rows = x.reshape(-1, self.in_features)                                  # [M, K]
-            if rows.dtype != ACT_DTYPE:  # (a .to that does nothing still costs a dispatch a layer)
-                rows = rows.to(ACT_DTYPE)
-            y = _packed_mm(rows, self.kind, self.qweight, self.qscales)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-            y = y.view(*x.shape[:-1], self.out_features)                           # [..., N]
-            return y if self.bias is None else y + self.bias
+            return packed_product(x, self.kind, self.qweight, self.qscales, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def dequantized(self) -> Tensor:
@@ -227,8 +220,9 @@ class QuantizedLinear(nn.Linear):
 class FusedProjection:
     """Quantized linear layers of one input (q/k/v, gate/up) as one kernel call for a few rows.
 
-    A decode step's projections are tiny GEMVs: on SmolLM2-135M at 9k tokens, fusing q/k/v and
-    gate/up took ~2-3 ms off a 39 ms step, the per-call set-up of five kernel calls a layer.  The
+    A decode step's projections are tiny GEMVs, each kernel call with its own set-up: on SmolLM2-135M
+    fusing q/k/v and gate/up made a step 0.96x as long at 2k tokens, 0.97x at 9k (paired,
+    scripts/fused_paired.py: 26.5 against 27.7 ms, 36.3 against 37.3).  The
     packed weights of the layers are concatenated along their outputs and, once the fused product
     is checked equal to the layers' (`fuse`), each layer's `qweight` becomes a view of its rows: no
     second copy of the weights.  The int4 kernel's scales [K / 32, N, 2] cannot be viewed per layer
@@ -265,14 +259,10 @@ class FusedProjection:
         if not (x.device.type == "cpu" and x.numel() <= kernels.FEW_ROWS_MAX * self.in_features
                 and x.shape[-1] == self.in_features):
             return None
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != ACT_DTYPE:
-            rows = rows.to(ACT_DTYPE)
-        y = _packed_mm(rows, self.kind, self.qweight, self.qscales)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        y = y.view(*x.shape[:-1], y.shape[-1])
-        return y if self.bias is None else y + self.bias
+        dtype = self.layers[0].weight.dtype
+        if self.bias is not None and self.bias.dtype != dtype:  # the model was cast after fusing: as its layers
+            self.bias = self.bias.to(dtype)
+        return packed_product(x, self.kind, self.qweight, self.qscales, self.bias)
 
 
 def fuse(linears: Sequence[nn.Module]) -> FusedProjection | None:
@@ -288,7 +278,7 @@ def fuse(linears: Sequence[nn.Module]) -> FusedProjection | None:
     # Concatenated packs are not always one pack: the int4 packing lays out outputs in blocks of 64,
     # and a layer of 32 or 96 outputs followed by another gave wrong sums (torch 2.13, measured).  So
     # every fusion is checked on a probe row against the layers themselves, and kept only if equal.
-    probe = torch.randn(1, first.in_features, generator=torch.Generator().manual_seed(0)).to(ACT_DTYPE)
+    probe = torch.randn(1, first.in_features, generator=torch.Generator().manual_seed(0)).to(first.weight.dtype)
     with torch.inference_mode():
         if not torch.equal(fused(probe), torch.cat([m(probe) for m in linears], dim=-1)):
             return None
@@ -296,11 +286,21 @@ def fuse(linears: Sequence[nn.Module]) -> FusedProjection | None:
     return fused
 
 
-def _packed_mm(rows: Tensor, kind: str, qweight: Tensor, qscales: Tensor) -> Tensor:
-    """rows [M, K] bfloat16 @ the packed weight^T -> [M, N] bfloat16."""
+def packed_product(x: Tensor, kind: str, qweight: Tensor, qscales: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., K] @ a packed weight^T (+ bias) -> [..., N] in x's dtype, the product in bfloat16
+    (the kernels' activation dtype).  Conversions only where the dtype changes: a .to that does
+    nothing still costs a dispatch, several a layer in a decode step."""
+    rows = x.reshape(-1, x.shape[-1])                                                     # [M, K]
+    if rows.dtype != ACT_DTYPE:
+        rows = rows.to(ACT_DTYPE)
     if kind == "int4":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, qweight, GROUP, qscales)
-    return torch.ops.aten._weight_int8pack_mm(rows, qweight, qscales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, qweight, GROUP, qscales)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(rows, qweight, qscales)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    y = y.view(*x.shape[:-1], y.shape[-1])                                                # [..., N]
+    return y if bias is None else y + bias
 
 
 def unique_nbytes(tensors: Iterable[Tensor]) -> int:

@@ -128,6 +128,11 @@ def test_state_dict_and_fingerprint_are_the_dense_models():
                        if f.kind == "int4")
     assert q.weight_bytes == plain.weight_bytes + separate + fused_scales
     assert q.decode_weight_bytes < plain.weight_bytes
+    assert plain.adapter.fused == {}  # nothing quantized, nothing fused
+    # A decode step reads the same bytes fused or not: the fused packs are the layers' side by side.
+    fused_read = q.decode_weight_bytes
+    q.adapter.fused = {}
+    assert q.decode_weight_bytes == fused_read
 
 
 def test_bf16_cast_leaves_the_packed_tensors_alone():
