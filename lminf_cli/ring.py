@@ -251,8 +251,8 @@ class Int8Ring:
         # the keys, one scale per row; then one float pass for both scales and one for the bias.
         # Why not the weight-only kernel (bfloat16 q x int8 K): it reduces over the head dim (64
         # values) and spends most of its time in per-output reductions.  The products alone, 30
-        # layers at 8,704 slots: 7.3 ms with it, 3.5 ms here (2 cores, AMX Xeon); with the extra
-        # float pass for the key scales the whole attention gains less (14.1 -> 13.9 ms,
+        # layers at 8,704 slots: 6.0 ms with it, 3.4 ms here (2 cores, AMX Xeon); with the extra
+        # float pass for the key scales the whole attention gains less (14.1 -> 13.5-13.9 ms,
         # scripts/decode_attention_forms.py), but any head dim now decodes straight from the ring.
         q8, q_scale = int8_rows(ql, torch.float32)                                           # [Hkv, R, D], [Hkv, R]
         size = self.k.shape[2]

@@ -13,7 +13,9 @@ and values stream from memory as they do in a step, not from cache):
   per KV head): what an int8 KV cache would read.  Scores only approximate the others';
 * `int8-intmm`: the same int8 keys and values, the scores as an integer product
   (`torch._int_mm`, the query rounded to int8 per row, one call against every KV head's keys
-  while there are at most 4) scaled in float32, values as in `int8`: what `ring.Int8Ring` runs.
+  while there are at most 4) scaled in float32, values as in `int8`: what `ring.Int8Ring` runs;
+* `scores-int8`, `scores-intmm`: the scores product alone, in each of those two forms (the
+  rate column then counts the whole window's bytes, though only the keys are read).
 
 Reports ms per step (all layers) and the rate at which each form reads the window's bytes
 in the cache's dtype.  Needs a quiet machine.
@@ -116,10 +118,21 @@ def main() -> None:
         p = torch.mul(torch.softmax(s, dim=-1), v8f[i][:, None, :]).to(dt)
         return torch.stack([mm8(p[j], qv[j], ones) for j in range(hkv)])           # [Hkv, g, D]
 
+    def scores_int8(i: int) -> torch.Tensor:  # the scores product alone, weight-only kernel (bfloat16 q)
+        qk, sk = k8s[i]
+        ql = q.reshape(hkv, g, d)
+        return torch.stack([mm8(ql[j], qk[j], sk[j]) for j in range(hkv)])
+
+    q_int = torch.randint(-127, 128, (hkv * g, d), dtype=torch.int8, generator=gen)
+
+    def scores_intmm(i: int) -> torch.Tensor:  # the scores product alone, integers, every head in one call
+        return torch._int_mm(q_int, k8flat[i].t())
+
     window_bytes = n_layers * 2 * hkv * w * d * torch.finfo(dt).bits // 8
     print(f"{n_layers} layers, {h} heads / {hkv} KV heads x {d}, window {w:,} of a {r:,}-slot ring, {a.dtype}; "
           f"{torch.get_num_threads()} threads; window bytes {window_bytes / 2**20:.0f} MiB per step")
-    forms = {"lminf": lminf, "flash-masked": flash_masked, "bmm": bmm, "int8": int8, "int8-intmm": int8_intmm}
+    forms = {"lminf": lminf, "flash-masked": flash_masked, "bmm": bmm, "int8": int8, "int8-intmm": int8_intmm,
+             "scores-int8": scores_int8, "scores-intmm": scores_intmm}
     # float32 reference for layer 0, local branch only (the forms other than `lminf` leave the global one out).
     s0 = (q.reshape(hkv, g, d).float() @ ks[0][0].float().transpose(1, 2)) * scale + bias_f
     ref = torch.softmax(s0, dim=-1) @ vs[0][0].float()                             # [Hkv, g, D]
@@ -134,7 +147,7 @@ def main() -> None:
                     f(i)
                 times.append(time.perf_counter() - t0)
             ms = statistics.median(times) * 1e3
-            err = "" if name == "lminf" else \
+            err = "" if name == "lminf" or name.startswith("scores") else \
                 f"  max |out - float32| {(f(0).float().reshape(ref.shape) - ref).abs().max().item():.4f}"
             print(f"{name:13s} {ms:7.2f} ms per step  {window_bytes / ms / 1e6:6.1f} GB/s of the window's bytes{err}")
 
