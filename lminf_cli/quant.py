@@ -199,9 +199,7 @@ class QuantizedLinear(nn.Linear):
     qscales: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and x.shape[-1] == self.in_features
-                and x.numel() <= kernels.FEW_ROWS_MAX * self.in_features
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+        if few_rows(x, self.in_features) and not (torch.is_grad_enabled() and self.weight.requires_grad):
             return packed_product(x, self.kind, self.qweight, self.qscales, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -256,8 +254,7 @@ class FusedProjection:
     def __call__(self, x: Tensor) -> Tensor | None:
         """x [..., K] -> [..., sum N], or None when x is not a few-row CPU product (callers then run
         the separate layers, on their dense weights)."""
-        if not (x.device.type == "cpu" and x.numel() <= kernels.FEW_ROWS_MAX * self.in_features
-                and x.shape[-1] == self.in_features):
+        if not few_rows(x, self.in_features):
             return None
         dtype = self.layers[0].weight.dtype
         if self.bias is not None and self.bias.dtype != dtype:  # the model was cast after fusing: as its layers
@@ -284,6 +281,13 @@ def fuse(linears: Sequence[nn.Module]) -> FusedProjection | None:
             return None
     fused.share()
     return fused
+
+
+def few_rows(x: Tensor, in_features: int) -> bool:
+    """Whether x [..., in_features] is a product for the packed copy: a few rows (a decode step,
+    up to kernels.FEW_ROWS_MAX) on the CPU.  Larger blocks (prefill) take the dense weight."""
+    return (x.device.type == "cpu" and x.shape[-1] == in_features
+            and x.numel() <= kernels.FEW_ROWS_MAX * in_features)
 
 
 def packed_product(x: Tensor, kind: str, qweight: Tensor, qscales: Tensor, bias: Tensor | None) -> Tensor:

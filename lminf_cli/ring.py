@@ -40,12 +40,12 @@ KERNEL_K = 16
 # (Hkv times the arithmetic, one pass over memory); above it, one product per head.
 ALL_HEADS_MAX = 4
 
-Slots = Tensor | tuple[int, int] | None
+Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
 
 
 def _padded(n: int) -> int:
     """n slots rounded up to a whole number of the kernel's blocks (KERNEL_K)."""
-    return -(-n // KERNEL_K) * KERNEL_K  # ring slots as an index [m], a slice (a, b), or None: all
+    return -(-n // KERNEL_K) * KERNEL_K
 
 
 def _index(slots: Slots) -> Tensor | slice:

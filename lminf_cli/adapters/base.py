@@ -51,11 +51,10 @@ class Adapter:
     # Module -> its fused quantized projections (fuse_projections); empty until the model is quantized.
     fused: dict[nn.Module, quant.FusedProjection]
 
-    def fuse_projections(self) -> list[quant.FusedProjection]:
+    def fuse_projections(self) -> None:
         """Called once the model's linear layers hold packed copies (quant.install): fuse what shares
-        an input into one kernel call for decode steps; returns the fused projections (none here)."""
+        an input into one kernel call for decode steps, into `fused` (nothing here)."""
         self.fused = {}
-        return []
 
     def layer_windows(self) -> list[int | None]:
         """The model's own sliding window of each layer (None: full attention)."""

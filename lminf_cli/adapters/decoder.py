@@ -33,7 +33,7 @@ class DecoderAdapter(Adapter):
 
     layers: nn.ModuleList
 
-    def fuse_projections(self) -> list[quant.FusedProjection]:
+    def fuse_projections(self) -> None:
         """Quantized projections of one input as one kernel call a decode step: q/k/v of every
         attention module (`project_qkv`) and gate/up of the gated MLPs (`mlp`)."""
         self.fused = {}
@@ -47,7 +47,6 @@ class DecoderAdapter(Adapter):
             fused = quant.fuse(parts)
             if fused is not None:
                 self.fused[module] = fused
-        return list(self.fused.values())
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids [1, C] -> hidden states [1, C, hidden]."""
