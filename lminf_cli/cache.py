@@ -281,6 +281,7 @@ class LambdaCache:
         self.base = 0            # stream index whose relative position is 0
         self.rebases = 0
         self._cap_mat: Tensor | None = None
+        self._script_rings: list[list[Tensor]] | None = None  # script_rings, made on first use
         self._ins: tuple[int, Tensor, Tensor, Tensor] | None = None  # (insertion distance, cos, sin, matrix)
         self._cap: tuple[Tensor, Tensor] | None = None
         self.graphs: dict = {}   # captured forwards by (block size, logits, ...): graphs.StepGraph
@@ -426,6 +427,26 @@ class LambdaCache:
             if plan.step_mat.device.type == "cpu":  # small_matmul runs in float32 there: convert once, not per layer
                 plan.step_mat = plan.step_mat.float()
         return plan
+
+    def script_rings(self, plan: StepPlan) -> list[list[Tensor]] | None:
+        """Every layer's window for one scripted call of the layer stack (step_script.llama_layers),
+        when `plan` is a one-token step that every layer takes alike; else None (layer by layer).
+
+        Alike: an int8 window on the CPU in every layer, no retrieval and no token leaving for the
+        middle store in this step, no global token written, no sliding window, no RoPE scaling or
+        soft-capping.  Per layer the ring's `decode_buffers` and the global keys and values [Hkv, G, D]:
+        views, made once (the buffers are filled in place, never replaced).
+        """
+        if not (plan.n_new == 1 and plan.step_mat is not None and plan.step_mat.shape[1] == 2 * self.head_dim
+                and plan.ring_span is not None and plan.local_bias is not None and plan.evict_slots is None
+                and not plan.retrieve and plan.global_new is None and not plan.window_bias):
+            return None
+        if self._script_rings is None:
+            alike = (type(self) is LambdaCache and self.kv_int8 and self.rope.scaling == 1.0 and self.softcap is None
+                     and all(type(layer) is LayerCache and layer.device.type == "cpu" for layer in self.layers))
+            self._script_rings = [[*layer.ring.decode_buffers(), layer.k_global[0], layer.v_global[0]]
+                                  for layer in self.layers] if alike else []
+        return self._script_rings or None
 
     def commit(self, plan: StepPlan) -> None:
         """Record that the planned tokens are now stored in every layer."""

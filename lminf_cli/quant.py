@@ -297,14 +297,19 @@ def packed_product(x: Tensor, kind: str, qweight: Tensor, qscales: Tensor, bias:
     rows = x.reshape(-1, x.shape[-1])                                                     # [M, K]
     if rows.dtype != ACT_DTYPE:
         rows = rows.to(ACT_DTYPE)
-    if kind == "int4":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, qweight, GROUP, qscales)
-    else:
-        y = torch.ops.aten._weight_int8pack_mm(rows, qweight, qscales)
+    y = packed_matmul(rows, kind, qweight, qscales)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     y = y.view(*x.shape[:-1], y.shape[-1])                                                # [..., N]
     return y if bias is None else y + bias
+
+
+def packed_matmul(rows: Tensor, kind: str, qweight: Tensor, qscales: Tensor, group: int = GROUP) -> Tensor:
+    """rows [M, K] bfloat16 @ a packed weight^T -> [M, N] bfloat16: the kernel call alone (TorchScript
+    compiles it too: step_script)."""
+    if kind == "int4":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, qweight, group, qscales)
+    return torch.ops.aten._weight_int8pack_mm(rows, qweight, qscales)
 
 
 def unique_nbytes(tensors: Iterable[Tensor]) -> int:

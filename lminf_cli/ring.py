@@ -27,18 +27,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .attention import small_matmul
+from . import step_script
 from .errors import InputError
 from .quant import ACT_DTYPE, int8_rows
-
-# The weight-only int8 kernel reads its inner (reduction) dim in blocks of 16: other sizes return
-# garbage or crash (torch 2.13, measured: 16, 48, 80, 112 ... exact; 4, 8, 13, 24, 40, 100 not).
-# p @ V reduces over slots, so the transposed values get a width rounded up to it (the extra slots
-# stay zero); the scores (torch._int_mm, exact integer sums) take any head dim.
-KERNEL_K = 16
-# Up to this many KV heads a decode step's scores are one integer product against every head's keys
-# (Hkv times the arithmetic, one pass over memory); above it, one product per head.
-ALL_HEADS_MAX = 4
+from .step_script import KERNEL_K
 
 Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
 
@@ -162,11 +154,20 @@ class Int8Ring:
     def buffers(self) -> tuple[Tensor, ...]:
         return self.k, self.vt, self.scales
 
+    def decode_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What step_script's int8 functions take: keys [Hkv, size, D], values transposed [Hkv, D, width],
+        scales [2, Hkv, size] (views) and the p @ V product's unit scales [D]."""
+        return self.k[0], self.vt[0], self.scales[:, 0], self._ones
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def write(self, k: Tensor, v: Tensor, slots: Slots) -> None:
+        if isinstance(slots, tuple):  # a span: the scripted write (the decode step's)
+            k8, vt8, scales, _ = self.decode_buffers()
+            step_script.scripted(step_script.int8_write)(k[0], v[0], k8, vt8, scales, *slots)
+            return
         i = _index(slots)
         q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
         self.k[0, :, i] = q[0]
@@ -243,62 +244,11 @@ class Int8Ring:
         both branches, in float32.  Returns out [Hkv, R, D] float32 and, with return_lse, its
         log-sum-exp [Hkv, R] (else None).
         """
-        hkv, rows, d = ql.shape
-        g = k_global.shape[2] if global_bias is not None else 0
-        scores = torch.empty(hkv, rows, n + g, dtype=torch.float32, device=ql.device)        # [Hkv, R, n + G]
-        local = scores[..., :n]
-        # Scores as int8 x int8 -> int32 (torch._int_mm: exact integer sums), the query rounded like
-        # the keys, one scale per row; then one float pass for both scales and one for the bias.
-        # Why not the weight-only kernel (bfloat16 q x int8 K): it reduces over the head dim (64
-        # values) and spends most of its time in per-output reductions.  The products alone, 30
-        # layers at 8,704 slots: 6.0 ms with it, 3.4 ms here (2 cores, AMX Xeon); with the extra
-        # float pass for the key scales the whole attention gains less (14.1 -> 13.5-13.9 ms,
-        # scripts/decode_attention_forms.py), but any head dim now decodes straight from the ring.
-        q8, q_scale = int8_rows(ql, torch.float32)                                           # [Hkv, R, D], [Hkv, R]
-        size = self.k.shape[2]
-        if hkv <= ALL_HEADS_MAX and 2 * n >= size:
-            # One call against every head's keys ([Hkv * size, D], a view): Hkv times the products,
-            # but one pass of the library over memory; each head's rows are the diagonal blocks.
-            # (It reads every slot: while the ring is less than half full, one call per head reads less.)
-            raw = torch._int_mm(q8.view(hkv * rows, d), self.k.view(hkv * size, d).t())   # [Hkv*R, Hkv*size]
-            raw = raw.as_strided((hkv, rows, n), (rows * hkv * size + size, hkv * size, 1))
-        else:
-            raw = torch.stack([torch._int_mm(q8[j], self.k[0, j, :n].t()) for j in range(hkv)])  # [Hkv, R, n]
-        torch.mul(raw, self.k_scale[0, :, None, :n], out=local)
-        if softcap is not None:
-            local.mul_(q_scale[..., None] * (scale / softcap)).tanh_().mul_(softcap)
-            local.add_(local_bias.reshape(-1, rows, n))
-        else:
-            torch.addcmul(local_bias.reshape(-1, rows, n), local, q_scale[..., None] * scale, out=local)
-        if g:
-            g_scores = small_matmul(qg, k_global[0].transpose(-1, -2)).mul_(scale)            # [Hkv, R, G]
-            if softcap is not None:
-                g_scores = torch.tanh(g_scores / softcap) * softcap
-            torch.add(g_scores, global_bias.reshape(-1, rows, g), out=scores[..., n:])
-        if return_lse:
-            lse = torch.logsumexp(scores, dim=-1)                                                # [Hkv, R]
-            probs = torch.exp(scores - lse[..., None])
-        else:  # one fused kernel: logsumexp and exp were 3.8 of a 37 ms step at 9k
-            lse, probs = None, torch.softmax(scores, dim=-1)
-        # p @ V with V = V8 * scale per slot: the scales go into p, then the weight-only int8 kernel
-        # (one call per head; it reduces over slots here, where it is fast).
-        mm8 = torch.ops.aten._weight_int8pack_mm
-        w = self.vt.shape[-1]
-        # Slots the kernel reduces over: the whole width once the ring is at least half full (a view,
-        # and the zero-weighted rest costs less to read than copying the part in use: at 8k of
-        # 8,704 slots that copy was 3 ms a step), else the part in use, copied below.
-        m = w if 2 * n >= w else _padded(n)
-        # Zero weights for the padding slots, whatever they hold.
-        p_local = (torch.zeros if m > n else torch.empty)(hkv, rows, m, dtype=ACT_DTYPE, device=ql.device)
-        torch.mul(probs[..., :n], self.v_scale[0, :, None, :n], out=p_local[..., :n])          # [Hkv, R, n]
-        # The kernel wants each head's V^T [D, m] contiguous: a view of the whole width, or a copy
-        # of the part in use (cheaper than reading the zero-weighted rest while the ring is mostly
-        # empty: 27.3 against 27.7 ms a step at 2k, 30 layers; more so below).
-        vt = self.vt[0] if m == w else self.vt[0, :, :, :m].contiguous()
-        out = torch.stack([mm8(p_local[j], vt[j], self._ones) for j in range(hkv)]).float()    # [Hkv, R, D]
-        if g:
-            out += small_matmul(probs[..., n:], v_global[0])
-        return out, lse
+        # (step_script.int8_attend: the arithmetic, scripted.)
+        k8, vt8, scales, ones = self.decode_buffers()
+        return step_script.scripted(step_script.int8_attend)(
+            ql, qg, k8, vt8, scales, n, local_bias, k_global[0], v_global[0], global_bias, ones, scale, softcap,
+            return_lse)
 
 
 def make_ring(quantize: str, n_kv_heads: int, size: int, head_dim: int, device: torch.device,

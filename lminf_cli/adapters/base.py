@@ -38,6 +38,8 @@ class Adapter:
         # Families without max_position_embeddings (BLOOM, MPT) set it themselves.
         self.trained_length: int = int(getattr(self.config, "max_position_embeddings", 0) or 0)
         self.fused = {}
+        # (the `fused` they were found with, dtype -> the blocks' tensors for step_script or None)
+        self._script: tuple[dict, dict[torch.dtype, tuple | None]] = (self.fused, {})
 
     # Shapes every adapter sets in __init__.
     n_layers: int

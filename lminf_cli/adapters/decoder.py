@@ -23,6 +23,8 @@ GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma
 # HF RMSNorm classes computing weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype): torch's fused
 # rms_norm gives the same values in 3 operations instead of 8 (`apply_norm`).
 PLAIN_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# Activation modules computing F.silu (torch's and transformers' own, ACT2FN["silu"]).
+SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
 
 
 class DecoderAdapter(Adapter):
@@ -51,6 +53,11 @@ class DecoderAdapter(Adapter):
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids [1, C] -> hidden states [1, C, hidden]."""
         raise NotImplementedError
+
+    def decode_layers(self, x: Tensor, cache: LambdaCache, plan: StepPlan) -> Tensor | None:
+        """Every block for a one-token step x [1, 1, hidden] in one scripted call (step_script), when
+        the model and the step fit it; None: the blocks run one by one (`block`)."""
+        return None
 
     def block(self, layer: nn.Module, x: Tensor, lc: LayerCache, plan: StepPlan) -> Tensor:
         """One decoder block on x [1, C, hidden], attending through `lc`."""
@@ -133,8 +140,12 @@ class DecoderAdapter(Adapter):
     @no_grad_forward
     def forward(self, ids: Tensor, cache: LambdaCache, plan: StepPlan, rows: Rows = None) -> Tensor | None:
         x = self.embed(ids)  # [1, C, hidden]
-        for layer, lc in zip(self.layers, cache.layers, strict=True):
-            x = self.block(layer, x.to(lc.device), lc, plan)  # .to: a no-op unless a device map split the model
+        stack = self.decode_layers(x, cache, plan) if plan.n_new == 1 else None
+        if stack is not None:
+            x = stack
+        else:
+            for layer, lc in zip(self.layers, cache.layers, strict=True):
+                x = self.block(layer, x.to(lc.device), lc, plan)  # .to: a no-op unless a device map split the model
         if rows is None:
             return None
         return self.logits(x[:, rows])  # [1, rows, V]
