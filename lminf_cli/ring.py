@@ -13,8 +13,10 @@ a ring only stores, reads back and re-rotates, and owns how that is laid out in 
   transposed, V^T [1, Hkv, D, size].  Why: a decode step streams the whole window from memory;
   at 8k keys on SmolLM2 (30 layers, 2 cores, AMX Xeon) the bfloat16 spans took 23.4 ms a step
   and the int8 products 11.7 ms (scripts/decode_attention_forms.py); integer scores, session 6,
-  a little less again, and for any head dim (docs/benchmarks.md).  Prefill (many rows, compute-bound) reads
-  the ring de-quantized to the cache's dtype and runs the usual fused kernel.
+  a little less again, and for any head dim (docs/benchmarks.md).  The arithmetic of a span's
+  write and of the decode attention is step_script's (TorchScript functions, which the scripted
+  layer stack calls too).  Prefill (many rows, compute-bound) reads the ring de-quantized to the
+  cache's dtype and runs the usual fused kernel.
 
 Both keep the same file layout (state_dict): keys and values [1, Hkv, n, D], and for int8
 their scales [1, Hkv, n] (bfloat16: scales are rounded to it when made, held in float32).

@@ -6,15 +6,15 @@ int8 roundings of a few rows, views, conversions), and from Python each one cost
 and torch's argument parsing on top of its own few microseconds.  TorchScript runs the same
 operations, in the same order, on the same kernels, from its C++ interpreter: the logits are the
 Python path's bit for bit (tests/test_step_script.py).  On SmolLM2-135M (bfloat16, int4 weights,
-int8 window, 2 cores, AMX Xeon) a step at 9k tokens went from 34-35 ms to ~25 ms
-(scripts/step_time.py; docs/benchmarks.md).  `torch.compile` of the same step measured slower
-than eager (docs/benchmarks.md, session 6): it re-generates the small kernels, and its guards and
-graph breaks cost what the interpreter saves.
+int8 window, 2 cores, AMX Xeon) a step at 9k tokens took 0.76x the time of the layer-by-layer
+Python path (alternating processes, scripts/step_time.py; docs/benchmarks.md, session 7).
+`torch.compile` of the step measured slower than eager (session 6): it re-generates the small
+kernels, and its guards and graph breaks cost what the interpreter saves.
 
 TorchScript is deprecated in favour of torch.compile, but ships in torch 2.13: `scripted` compiles
 a function once and, should this torch not script it, returns the function itself, which runs the
-same arithmetic from Python.  $LMINF_SCRIPTED_STEP=off keeps the layer-by-layer Python path
-(for comparisons).
+same arithmetic from Python.  $LMINF_SCRIPTED_STEP=off runs everything from Python, the layer
+stack layer by layer (for comparisons).
 
 Shapes: H query heads, Hkv KV heads, g = H / Hkv, D head dim; one new token; ring buffers as
 ring.Int8Ring keeps them, without the batch dim: keys k8 [Hkv, size, D] int8, values transposed
@@ -50,9 +50,14 @@ def enabled() -> bool:
     return os.environ.get(ENV, "on") != "off"
 
 
-@functools.cache
 def scripted(fn: Callable) -> Callable:
-    """`fn` compiled by TorchScript (once per process), or `fn` itself if this torch cannot script it."""
+    """`fn` compiled by TorchScript (once per process), or `fn` itself: with $LMINF_SCRIPTED_STEP=off,
+    or if this torch cannot script it."""
+    return _compiled(fn) if enabled() else fn
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script says it is deprecated

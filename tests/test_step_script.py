@@ -92,7 +92,7 @@ def test_without_torchscript_the_same_functions_run_from_python(monkeypatch):
     def unavailable(fn):
         raise RuntimeError("no TorchScript here")
 
-    step_script.scripted.cache_clear()
+    step_script._compiled.cache_clear()
     monkeypatch.setattr(torch.jit, "script", unavailable)
     try:
         assert step_script.scripted(step_script.llama_layers) is step_script.llama_layers
@@ -101,7 +101,7 @@ def test_without_torchscript_the_same_functions_run_from_python(monkeypatch):
         assert all(calls)
         assert torch.equal(got, want)
     finally:
-        step_script.scripted.cache_clear()  # the next caller compiles again
+        step_script._compiled.cache_clear()  # the next caller compiles again
 
 
 @pytest.mark.parametrize("case", ["not quantized", "fusions dropped", "float window", "retrieval",
