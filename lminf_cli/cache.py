@@ -442,8 +442,9 @@ class LambdaCache:
                 and not plan.retrieve and plan.global_new is None and not plan.window_bias):
             return None
         if self._script_rings is None:
-            alike = (type(self) is LambdaCache and self.kv_int8 and self.rope.scaling == 1.0 and self.softcap is None
-                     and all(type(layer) is LayerCache and layer.device.type == "cpu" for layer in self.layers))
+            alike = (type(self) is LambdaCache and self.rope.scaling == 1.0 and self.softcap is None
+                     and all(type(layer) is LayerCache and isinstance(layer.ring, Int8Ring)
+                             and layer.device.type == "cpu" for layer in self.layers))
             self._script_rings = [[*layer.ring.decode_buffers(), layer.k_global[0], layer.v_global[0]]
                                   for layer in self.layers] if alike else []
         return self._script_rings or None

@@ -8,6 +8,8 @@ share caches and allocator and moved a 9k step by several percent either way in 
     done
 
 Uses only the API every version since the int8 window has (load_model, Engine, LambdaSettings).
+For the scripted step against the layer-by-layer path of one checkout, alternate
+`LMINF_SCRIPTED_STEP=off python scripts/step_time.py ...` with the plain command.
 """
 
 from __future__ import annotations
