@@ -35,6 +35,11 @@ from .quant import ACT_DTYPE, int8_rows
 from .step_script import KERNEL_K
 
 Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
+# A re-base rotates the window's keys this many slots at a time.  Why: rotating a whole int8 ring
+# at once made float32 copies of it (6.7 MB a layer on SmolLM2) and a few temporaries the same
+# size; those re-bases set the peak memory of a long prefill (peak RSS read chunk by chunk at
+# 32k: +30 MB at the first re-base).  The rotation is per slot, so blocks give the same keys.
+ROTATE_BLOCK = 1024
 
 
 def _padded(n: int) -> int:
@@ -98,8 +103,11 @@ class FloatRing:
         return self.k[0][:, i], self.v[0][:, i]
 
     def rotate(self, rotate) -> None:
-        """Apply `rotate` (x [1, Hkv, size, D] -> rotated x) to every stored key."""
-        self.k.copy_(rotate(self.k))
+        """Apply `rotate` (x [1, Hkv, n, D] -> rotated x, one angle for every slot) to every stored
+        key, ROTATE_BLOCK slots at a time."""
+        for a in range(0, self.k.shape[2], ROTATE_BLOCK):
+            block = self.k[:, :, a:a + ROTATE_BLOCK]
+            block.copy_(rotate(block))
 
     def save(self, slots: Tensor | None) -> tuple[Tensor, ...]:
         """Copies of what `slots` hold (None: everything), for load() to put back."""
@@ -193,10 +201,11 @@ class Int8Ring:
     def rotate(self, rotate) -> None:
         # Rotated in float32 and rounded again: a key is re-rounded at most twice in its life in the
         # window (a re-base every ring size tokens), each time within half a step of its scale.
-        k = rotate(self.k.float() * self.k_scale[..., None].float())
-        q, s = int8_rows(k, ACT_DTYPE)
-        self.k.copy_(q)
-        self.k_scale.copy_(s)
+        for a in range(0, self.k.shape[2], ROTATE_BLOCK):
+            i = slice(a, a + ROTATE_BLOCK)
+            q, s = int8_rows(rotate(self.k[:, :, i].float() * self.k_scale[:, :, i, None]), ACT_DTYPE)
+            self.k[:, :, i] = q
+            self.k_scale[:, :, i] = s
 
     def save(self, slots: Tensor | None) -> tuple[Tensor, ...]:
         i = _index(slots)

@@ -143,6 +143,26 @@ def test_rotation_re_rounds_the_rotated_keys():
     assert ((after - want).abs() <= step / 2 + 1e-2 * step).all()
 
 
+@pytest.mark.parametrize("kind", ["int8", "float"])
+def test_rotation_in_blocks_equals_rotation_at_once(kind, monkeypatch):
+    # A re-base rotates ring.ROTATE_BLOCK slots at a time (peak memory): blocks of 5 over 37 slots,
+    # the last one short, must give what one rotation of every slot gives, bit for bit.
+    import lminf_cli.ring as ring_module
+
+    rings = []
+    for block in (5, 10**9):
+        monkeypatch.setattr(ring_module, "ROTATE_BLOCK", block)
+        if kind == "int8":
+            ring, _, _ = random_ring(dtype=torch.bfloat16)
+        else:
+            ring = FloatRing(2, 37, 16, torch.device("cpu"), torch.bfloat16)
+            ring.write(torch.randn(1, 2, 37, 16, generator=gen(7)), torch.randn(1, 2, 37, 16, generator=gen(8)),
+                       (0, 37))
+        ring.rotate(lambda x: torch.cat([x[..., :8] * 0.6 - x[..., 8:] * 0.8, x[..., 8:] * 0.6 + x[..., :8] * 0.8], -1))
+        rings.append(ring)
+    assert all(torch.equal(a, b) for a, b in zip(rings[0].buffers(), rings[1].buffers(), strict=True))
+
+
 # --------------------------------------------------------------------------- whole engines
 
 def run(engine: Engine, state, stream: list[int], decode: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
