@@ -292,21 +292,21 @@ def few_rows(x: Tensor, in_features: int) -> bool:
 
 def packed_product(x: Tensor, kind: str, qweight: Tensor, qscales: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., K] @ a packed weight^T (+ bias) -> [..., N] in x's dtype, the product in bfloat16
-    (the kernels' activation dtype).  Conversions only where the dtype changes: a .to that does
-    nothing still costs a dispatch, several a layer in a decode step."""
+    (ACT_DTYPE, the kernels' activation dtype).  Conversions only where the dtype changes: a .to
+    that does nothing still costs a dispatch, several a layer in a decode step.  TorchScript
+    compiles it too (step_script), so it names bfloat16 itself: scripted code reads no globals."""
     rows = x.reshape(-1, x.shape[-1])                                                     # [M, K]
-    if rows.dtype != ACT_DTYPE:
-        rows = rows.to(ACT_DTYPE)
+    if rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16)
     y = packed_matmul(rows, kind, qweight, qscales)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    y = y.view(*x.shape[:-1], y.shape[-1])                                                # [..., N]
+    y = y.view(list(x.shape[:-1]) + [y.shape[-1]])                                        # [..., N]
     return y if bias is None else y + bias
 
 
 def packed_matmul(rows: Tensor, kind: str, qweight: Tensor, qscales: Tensor, group: int = GROUP) -> Tensor:
-    """rows [M, K] bfloat16 @ a packed weight^T -> [M, N] bfloat16: the kernel call alone (TorchScript
-    compiles it too: step_script)."""
+    """rows [M, K] bfloat16 @ a packed weight^T -> [M, N] bfloat16: the kernel call alone."""
     if kind == "int4":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, qweight, group, qscales)
     return torch.ops.aten._weight_int8pack_mm(rows, qweight, qscales)

@@ -32,7 +32,7 @@ from torch import Tensor
 from . import step_script
 from .errors import InputError
 from .quant import ACT_DTYPE, int8_rows
-from .step_script import KERNEL_K
+from .step_script import padded
 
 Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (a, b), or None: all
 # A re-base rotates the window's keys this many slots at a time.  Why: rotating a whole int8 ring
@@ -40,11 +40,6 @@ Slots = Tensor | tuple[int, int] | None  # ring slots as an index [m], a slice (
 # size; those re-bases set the peak memory of a long prefill (peak RSS read chunk by chunk at
 # 32k: +30 MB at the first re-base).  The rotation is per slot, so blocks give the same keys.
 ROTATE_BLOCK = 1024
-
-
-def _padded(n: int) -> int:
-    """n slots rounded up to a whole number of the kernel's blocks (KERNEL_K)."""
-    return -(-n // KERNEL_K) * KERNEL_K
 
 
 def _index(slots: Slots) -> Tensor | slice:
@@ -141,7 +136,7 @@ class FloatRing:
 
 class Int8Ring:
     """Keys [1, Hkv, size, D] and values transposed [1, Hkv, D, width] as int8 (width: size rounded up
-    to KERNEL_K), each slot and head with its scale (`scales` [2, 1, Hkv, size]: keys', values').
+    to step_script.KERNEL_K), each slot and head with its scale (`scales` [2, 1, Hkv, size]: keys', values').
     Slots never written are zeros."""
 
     def __init__(self, n_kv_heads: int, size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -149,7 +144,7 @@ class Int8Ring:
             raise ValueError("an int8 KV cache runs on the CPU only")
         self.dtype = dtype  # what reads de-quantize to
         self.k = torch.zeros(1, n_kv_heads, size, head_dim, device=device, dtype=torch.int8)
-        self.vt = torch.zeros(1, n_kv_heads, head_dim, _padded(size), device=device, dtype=torch.int8)
+        self.vt = torch.zeros(1, n_kv_heads, head_dim, padded(size), device=device, dtype=torch.int8)
         # Scales are rounded to bfloat16 (what state files keep) but held in float32: the decode step's
         # float32 passes then take them without a conversion (mixed-dtype passes ran 2x slower).
         # Both in one buffer [2, 1, Hkv, size] (views k_scale, v_scale): a decode step writes them at once.
@@ -182,7 +177,7 @@ class Int8Ring:
         q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
         self.k[0, :, i] = q[0]
         self.vt[0, :, :, i] = q[1].transpose(1, 2)
-        self.scales[:, 0, :, i] = s.float()  # (bfloat16 values, held in float32)
+        self.scales[:, 0, :, i] = s.float()  # (bfloat16 values in float32; an index put wants one dtype)
 
     def view(self, n: int) -> tuple[Tensor, Tensor]:
         """Slots [0, n) de-quantized to the cache's dtype, [1, Hkv, n, D] each (new tensors)."""
@@ -273,5 +268,5 @@ def ring_nbytes(quantize: str, n_kv_heads: int, size: int, head_dim: int, dtype:
     """Bytes one layer's ring takes (before making one)."""
     if quantize == "int8":
         scale_bytes = torch.empty(0, dtype=torch.float32).element_size()
-        return n_kv_heads * ((size + _padded(size)) * head_dim + 2 * size * scale_bytes)  # K, V^T, two scales
+        return n_kv_heads * ((size + padded(size)) * head_dim + 2 * size * scale_bytes)  # K, V^T, two scales
     return 2 * n_kv_heads * size * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .quant import int8_rows, packed_matmul
+from .quant import int8_rows, packed_product
 
 ENV = "LMINF_SCRIPTED_STEP"
 # The weight-only int8 kernel reads its inner (reduction) dim in blocks of 16: other sizes return
@@ -66,6 +66,18 @@ def _compiled(fn: Callable) -> Callable:
         return fn
 
 
+def padded(n: int, block: int = KERNEL_K) -> int:
+    """n slots rounded up to a whole number of the int8 kernel's blocks (KERNEL_K)."""
+    return -(-n // block) * block
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * rms_norm(x in float32), in x's dtype: what the plain HF RMSNorm classes compute
+    (adapters.decoder.PLAIN_RMS_NORMS), in torch's fused op."""
+    y = torch.rms_norm(_f32(x), [x.shape[-1]], None, eps)
+    return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+
 def _f32(x: Tensor) -> Tensor:
     # (.float() of a float32 tensor returns it, but still costs a dispatch)
     return x if x.dtype == torch.float32 else x.float()
@@ -77,7 +89,7 @@ def int8_write(k: Tensor, v: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, a:
     q, s = int8_rows(torch.stack([k, v]), torch.bfloat16)  # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
     k8[:, a:b] = q[0]
     vt8[:, :, a:b] = q[1].transpose(1, 2)
-    scales[:, :, a:b] = s.float()
+    scales[:, :, a:b] = s  # (bfloat16 values, held in float32: the copy converts)
 
 
 def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, n: int, local_bias: Tensor,
@@ -140,7 +152,7 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
     if 2 * n >= w:
         m, vt = w, vt8
     else:
-        m = -(-n // block) * block  # n rounded up to the kernel's blocks
+        m = padded(n, block)
         vt = vt8[:, :, :m].contiguous()
     if m > n:  # zero weights for the padding slots, whatever they hold
         p_local = torch.zeros(hkv, rows, m, dtype=torch.bfloat16)
@@ -152,20 +164,6 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
     if global_bias is not None:
         out += torch.matmul(probs[:, :, n:], _f32(v_global))
     return out, lse
-
-
-def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * rms_norm(x in float32), in x's dtype: the plain RMSNorm (adapters.decoder.apply_norm)."""
-    y = torch.rms_norm(_f32(x), [x.shape[-1]], None, eps)
-    return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
-
-
-def _project(x: Tensor, kind: str, qweight: Tensor, qscales: Tensor, bias: Tensor | None) -> Tensor:
-    """x [1, K] @ a packed weight^T (+ bias) in x's dtype, the product in bfloat16 (quant.packed_product)."""
-    y = packed_matmul(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), kind, qweight, qscales)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if bias is None else y + bias
 
 
 def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tensor | None]], kinds: list[list[str]],
@@ -187,7 +185,7 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
     for i in range(len(weights)):
         w, b, k, r = weights[i], biases[i], kinds[i], rings[i]
         # Attention: q/k/v as one product, every rotation of q and k as one float32 matmul.
-        qkv = _project(_norm(x, w[0], eps[2 * i]), k[0], w[2], w[3], b[0])          # [1, (H + 2 Hkv) D]
+        qkv = packed_product(rms_norm(x, w[0], eps[2 * i]), k[0], w[2], w[3], b[0])          # [1, (H + 2 Hkv) D]
         qk = torch.matmul(_f32(qkv[0, :(h_q + h_kv) * d].view(h_q + h_kv, d)), step_mat)  # [H + Hkv, 2D]
         v = qkv[0, (h_q + h_kv) * d:].view(h_kv, 1, d)
         int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1)
@@ -195,10 +193,10 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
         q_cap = qk[:h_q, d:2 * d].reshape(h_kv, g, d) if global_bias is not None else q_local
         o, _ = int8_attend(q_local, q_cap, r[0], r[1], r[2], n, local_bias, r[4][:, :n_global],
                            r[5][:, :n_global], global_bias, r[3], scale, None, False)         # [Hkv, g, D]
-        x = x + _project(o.to(x.dtype).view(1, h_q * d), k[1], w[4], w[5], b[1])
+        x = x + packed_product(o.to(x.dtype).view(1, h_q * d), k[1], w[4], w[5], b[1])
         # MLP: gate and up as one product.
-        gate_up = _project(_norm(x, w[1], eps[2 * i + 1]), k[2], w[6], w[7], b[2])   # [1, 2 I]
+        gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1]), k[2], w[6], w[7], b[2])   # [1, 2 I]
         inter = gate_up.shape[-1] // 2
-        x = x + _project(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], k[3], w[8], w[9],
-                         b[3])
+        x = x + packed_product(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], k[3], w[8],
+                               w[9], b[3])
     return x

@@ -85,6 +85,13 @@ def test_a_planted_error_in_the_scripted_step_shows(monkeypatch):
     assert not torch.equal(planted, layered)
 
 
+def test_this_torch_compiles_every_scripted_function():
+    # A function TorchScript cannot compile falls back to Python silently (same logits, slower):
+    # with the pinned torch all of them must compile, the helpers they call (quant's) included.
+    for fn in (step_script.int8_write, step_script.int8_attend, step_script.llama_layers):
+        assert isinstance(step_script._compiled(fn), torch.jit.ScriptFunction), fn.__name__
+
+
 def test_without_torchscript_the_same_functions_run_from_python(monkeypatch):
     lm = from_hf(build("llama", trained=8, **SIZES), None, quantize="int4")
     want, tokens = decode(lm, steps=12)

@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .. import quant
+from .. import quant, step_script
 from ..cache import LambdaCache, LayerCache, StepPlan
 from .base import Adapter, Rows, no_grad_forward, rope_from_hf
 
@@ -117,9 +116,7 @@ class DecoderAdapter(Adapter):
         # (A module under an accelerate hook gets its weight only inside its own forward.)
         if type(norm).__name__ not in PLAIN_RMS_NORMS or hasattr(norm, "_hf_hook"):
             return norm(x)
-        xf = x if x.dtype == torch.float32 else x.float()
-        y = F.rms_norm(xf, (x.shape[-1],), eps=norm.variance_epsilon)
-        return norm.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+        return step_script.rms_norm(x, norm.weight, norm.variance_epsilon)
 
     def mlp(self, mlp: nn.Module, h: Tensor) -> Tensor:
         """The block's MLP on h: gate and up as one product for a decode step when fused."""
