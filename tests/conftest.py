@@ -14,6 +14,12 @@ os.environ.setdefault("LMINF_FEW_ROW", "on")
 
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
+from lminf_cli import native  # noqa: E402
+
+# The native decode attention is built (or found) once, before any test points $LMINF_CACHE at a
+# temporary or impossible folder: whether a test runs it must not depend on the order of the tests.
+native.available()
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
