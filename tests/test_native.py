@@ -84,8 +84,10 @@ def test_native_attention_equals_float64_attention_over_the_dequantized_window(n
     out, lse = torch.ops.lminf.int8_decode_attend(*args)
     want, want_lse = reference(*args)
     assert out.dtype == torch.float32 and out.shape == want.shape
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+    # The query is rounded to int16 for the integer scores (head dims 64 and 128 with AVX-512): ~1e-5
+    # of a score, a few 1e-4 of an output in these sharp cases; the torch path's int8 query is ~300x that.
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-3)
 
 
 @needs_native
