@@ -1,5 +1,6 @@
-"""Kernels of our own in C++, compiled once on the user's machine: today one, the decode step's
-attention over the int8 window (native/int8_attend.cpp, `lminf::int8_decode_attend`).
+"""Kernels of our own in C++, compiled once on the user's machine (native/int8_attend.cpp): the
+decode step's attention over the int8 window (`lminf::int8_decode_attend`) and the RMSNorm of a few
+rows (`lminf::rms_norm`).
 
 Why compiled here and not shipped: it is built with -march=native, so the same source becomes
 AVX-512 or AVX2 code, whichever the CPU has, and it links against the torch that is installed.
@@ -38,6 +39,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "
 
 _LIB = torch.library.Library("lminf", "DEF")  # noqa: TOR901 - kept alive for the process
 _LIB.define(SCHEMA)
+_LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 
 
 def enabled() -> bool:
@@ -46,7 +48,7 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """The native decode attention can be called: enabled, and built (or building now) and loaded."""
+    """The native kernels can be called: enabled, and built (or building now) and loaded."""
     return enabled() and _load() is None
 
 

@@ -72,9 +72,13 @@ def padded(n: int, block: int = KERNEL_K) -> int:
     return -(-n // block) * block
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, use_native: bool = False) -> Tensor:
     """weight * rms_norm(x in float32), in x's dtype: what the plain HF RMSNorm classes compute
-    (adapters.decoder.PLAIN_RMS_NORMS), in torch's fused op."""
+    (adapters.decoder.PLAIN_RMS_NORMS), in torch's fused op, or with use_native (CPU, native kernels
+    loaded, a weight of x's dtype) in one call of lminf::rms_norm (the same roundings; the sum of
+    squares in another order)."""
+    if use_native:
+        return torch.ops.lminf.rms_norm(x, weight, eps)
     y = torch.rms_norm(_f32(x), [x.shape[-1]], None, eps)
     return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
@@ -83,6 +87,13 @@ def native_attend(k8: Tensor, head_dim: int) -> bool:
     """Whether int8_attend may run as native.int8_decode_attend for this ring: built and loaded, on the
     CPU, a head dim of whole 16-lane vectors (the kernel's; every supported family has one)."""
     return k8.device.type == "cpu" and head_dim % 16 == 0 and native.available()
+
+
+def native_norm(x: Tensor, weight: Tensor) -> bool:
+    """Whether rms_norm may run as native.rms_norm: on the CPU, x and its weight both float32 or
+    both bfloat16, the kernels loaded."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and native.available())
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -193,15 +204,15 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
     (ring.Int8Ring.decode_buffers and the cache's global keys).  step_mat [D, 2D] float32: the
     rotation at the token's relative position | the rotation to the distance cap.  The token
     is written to ring slot `slot` and attends to slots [0, n) under local_bias [g, n] and to the
-    first `n_global` global keys under global_bias [g, G] (None: it sees none); use_native: as
-    int8_attend's.
+    first `n_global` global keys under global_bias [g, G] (None: it sees none); use_native: the
+    attention and the norms as native kernels (native_attend said so).
     """
     h_q, h_kv, d = n_heads, n_kv_heads, head_dim
     g = h_q // h_kv
     for i in range(len(weights)):
         w, b, k, r = weights[i], biases[i], kinds[i], rings[i]
         # Attention: q/k/v as one product, every rotation of q and k as one float32 matmul.
-        qkv = packed_product(rms_norm(x, w[0], eps[2 * i]), k[0], w[2], w[3], b[0])          # [1, (H + 2 Hkv) D]
+        qkv = packed_product(rms_norm(x, w[0], eps[2 * i], use_native), k[0], w[2], w[3], b[0])          # [1, (H + 2 Hkv) D]
         qk = torch.matmul(_f32(qkv[0, :(h_q + h_kv) * d].view(h_q + h_kv, d)), step_mat)  # [H + Hkv, 2D]
         v = qkv[0, (h_q + h_kv) * d:].view(h_kv, 1, d)
         int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1)
@@ -211,7 +222,7 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
                            r[5][:, :n_global], global_bias, r[3], scale, None, False, use_native)  # [Hkv, g, D]
         x = x + packed_product(o.to(x.dtype).view(1, h_q * d), k[1], w[4], w[5], b[1])
         # MLP: gate and up as one product.
-        gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1]), k[2], w[6], w[7], b[2])   # [1, 2 I]
+        gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1], use_native), k[2], w[6], w[7], b[2])   # [1, 2 I]
         inter = gate_up.shape[-1] // 2
         x = x + packed_product(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], k[3], w[8],
                                w[9], b[3])

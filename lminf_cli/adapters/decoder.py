@@ -116,7 +116,7 @@ class DecoderAdapter(Adapter):
         # (A module under an accelerate hook gets its weight only inside its own forward.)
         if type(norm).__name__ not in PLAIN_RMS_NORMS or hasattr(norm, "_hf_hook"):
             return norm(x)
-        return step_script.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return step_script.rms_norm(x, norm.weight, norm.variance_epsilon, step_script.native_norm(x, norm.weight))
 
     def mlp(self, mlp: nn.Module, h: Tensor) -> Tensor:
         """The block's MLP on h: gate and up as one product for a decode step when fused."""

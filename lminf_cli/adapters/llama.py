@@ -61,7 +61,8 @@ class LlamaAdapter(DecoderAdapter):
         y = step_script.scripted(step_script.llama_layers)(
             x.view(1, -1), *blocks, rings, plan.step_mat,
             plan.ring_span[0], plan.ring_view, plan.local_bias, plan.global_bias, plan.global_view, cache.scale,
-            self.n_heads, self.n_kv_heads, self.head_dim, step_script.native_attend(rings[0][0], self.head_dim))
+            self.n_heads, self.n_kv_heads, self.head_dim,
+            step_script.native_attend(rings[0][0], self.head_dim) and step_script.native_norm(x, blocks[0][0][0]))
         return y.view(x.shape)
 
     def _script_blocks(self, dtype: torch.dtype) -> ScriptBlocks | None:
