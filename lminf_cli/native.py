@@ -1,6 +1,6 @@
 """Kernels of our own in C++, compiled once on the user's machine (native/int8_attend.cpp): the
-decode step's attention over the int8 window (`lminf::int8_decode_attend`) and the RMSNorm of a few
-rows (`lminf::rms_norm`).
+decode step's attention over the int8 window (`lminf::int8_decode_attend`), the window's int8 write
+(`lminf::int8_write`) and the RMSNorm of a few rows (`lminf::rms_norm`).
 
 Why compiled here and not shipped: it is built with -march=native, so the same source becomes
 AVX-512 or AVX2 code, whichever the CPU has, and it links against the torch that is installed.
@@ -40,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "
 _LIB = torch.library.Library("lminf", "DEF")  # noqa: TOR901 - kept alive for the process
 _LIB.define(SCHEMA)
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_LIB.define("int8_write(Tensor k, Tensor v, Tensor(a!) k8, Tensor(b!) vt8, Tensor(c!) scales, int a, int b) -> ()")
 
 
 def enabled() -> bool:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from . import step_script
+from . import native, step_script
 from .errors import InputError
 from .quant import ACT_DTYPE, int8_rows
 from .step_script import padded
@@ -171,7 +171,8 @@ class Int8Ring:
     def write(self, k: Tensor, v: Tensor, slots: Slots) -> None:
         if isinstance(slots, tuple):  # a span: the scripted write (the decode step's)
             k8, vt8, scales, _ = self.decode_buffers()
-            step_script.scripted(step_script.int8_write)(k[0], v[0], k8, vt8, scales, *slots)
+            step_script.scripted(step_script.int8_write)(k[0], v[0], k8, vt8, scales, *slots,
+                                                         k8.device.type == "cpu" and native.available())
             return
         i = _index(slots)
         q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both

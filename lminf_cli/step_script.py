@@ -101,9 +101,14 @@ def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def int8_write(k: Tensor, v: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, a: int, b: int) -> None:
+def int8_write(k: Tensor, v: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, a: int, b: int,
+               use_native: bool = False) -> None:
     """Store k/v [Hkv, C, D] (keys rotated) in ring slots [a, b) as int8, one scale per slot and head
-    (quant.int8_rows, scales rounded to bfloat16: what state files keep)."""
+    (quant.int8_rows, scales rounded to bfloat16: what state files keep).  use_native (CPU, kernels
+    loaded): the same bytes from one call of lminf::int8_write."""
+    if use_native:
+        torch.ops.lminf.int8_write(k, v, k8, vt8, scales, a, b)
+        return
     q, s = int8_rows(torch.stack([k, v]), torch.bfloat16)  # [2, Hkv, C, D], [2, Hkv, C]: one pass for both
     k8[:, a:b] = q[0]
     vt8[:, :, a:b] = q[1].transpose(1, 2)
@@ -205,17 +210,17 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
     rotation at the token's relative position | the rotation to the distance cap.  The token
     is written to ring slot `slot` and attends to slots [0, n) under local_bias [g, n] and to the
     first `n_global` global keys under global_bias [g, G] (None: it sees none); use_native: the
-    attention and the norms as native kernels (native_attend said so).
+    attention, the window's write and the norms as native kernels (native_attend said so).
     """
     h_q, h_kv, d = n_heads, n_kv_heads, head_dim
     g = h_q // h_kv
     for i in range(len(weights)):
         w, b, k, r = weights[i], biases[i], kinds[i], rings[i]
         # Attention: q/k/v as one product, every rotation of q and k as one float32 matmul.
-        qkv = packed_product(rms_norm(x, w[0], eps[2 * i], use_native), k[0], w[2], w[3], b[0])          # [1, (H + 2 Hkv) D]
+        qkv = packed_product(rms_norm(x, w[0], eps[2 * i], use_native), k[0], w[2], w[3], b[0])  # [1, (H + 2 Hkv) D]
         qk = torch.matmul(_f32(qkv[0, :(h_q + h_kv) * d].view(h_q + h_kv, d)), step_mat)  # [H + Hkv, 2D]
         v = qkv[0, (h_q + h_kv) * d:].view(h_kv, 1, d)
-        int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1)
+        int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1, use_native)
         q_local = qk[:h_q, :d].reshape(h_kv, g, d)
         q_cap = qk[:h_q, d:2 * d].reshape(h_kv, g, d) if global_bias is not None else q_local
         o, _ = int8_attend(q_local, q_cap, r[0], r[1], r[2], n, local_bias, r[4][:, :n_global],

@@ -189,3 +189,36 @@ def test_the_op_schema_exists_without_the_library():
     """TorchScript compiles code naming the op whether or not the kernel could be built."""
     assert hasattr(torch.ops.lminf, "int8_decode_attend")
     assert os.path.exists(native.SOURCE)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_native_write_stores_the_bytes_of_the_torch_ops(dtype, rows):
+    """lminf::int8_write against step_script.int8_write's torch ops (quant.int8_rows): the same int8
+    keys, transposed values and bfloat16 scales bit for bit, zero rows included (the scale's floor)."""
+    g = torch.Generator().manual_seed(rows)
+    k = (torch.randn(3, rows, 64, generator=g) * torch.rand(3, rows, 1, generator=g) * 20).to(dtype)
+    v = torch.randn(3, rows, 64, generator=g).to(dtype)
+    k[0, 0] = 0
+    stored = []
+    for use in (True, False):
+        k8 = torch.zeros(1, 3, 40, 64, dtype=torch.int8)[0]
+        vt8 = torch.zeros(1, 3, 64, 48, dtype=torch.int8)[0]
+        scales = torch.zeros(2, 1, 3, 40)[:, 0]
+        step_script.int8_write(k, v, k8, vt8, scales, 7, 7 + rows, use)
+        stored.append((k8, vt8, scales))
+    assert stored[1][0][:, 7:7 + rows].abs().sum() > 0  # the torch path wrote where asked
+    for native_t, torch_t in zip(*stored, strict=True):
+        assert torch.equal(native_t, torch_t)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_native_rms_norm_equals_torchs(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(7, 576, generator=g) * 3).to(dtype), torch.randn(576, generator=g).to(dtype)
+    ours, theirs = step_script.rms_norm(x, w, 1e-5, True), step_script.rms_norm(x, w, 1e-5, False)
+    assert ours.dtype == dtype
+    # The sum of squares in another order: float32 within an ulp or two, bfloat16 at most one ulp apart.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)

@@ -73,11 +73,11 @@ def test_a_planted_error_in_the_scripted_step_shows(monkeypatch):
     layered, tokens = decode(lm, steps=12)
     real = step_script.int8_write
 
-    def off_by_one(k, v, k8, vt8, scales, a: int, b: int):
+    def off_by_one(k, v, k8, vt8, scales, a: int, b: int, use_native: bool = False):
         if b - a == 1:  # a decode step's token (prefill blocks as they were)
             a = (a + 1) % k8.shape[1]
             b = a + 1
-        real(k, v, k8, vt8, scales, a, b)
+        real(k, v, k8, vt8, scales, a, b, use_native)
 
     monkeypatch.setattr(step_script, "int8_write", off_by_one)
     monkeypatch.setattr(step_script, "scripted", lambda fn: fn)  # Python functions, so the patch is seen

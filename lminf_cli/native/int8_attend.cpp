@@ -439,9 +439,43 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   return y;
 }
 
+// Ring slots [a, b) of keys k8 [Hkv, S, D], values vt8 [Hkv, D, W] (transposed) and scales
+// [2, Hkv, S] take k and v [Hkv, b - a, D] rounded to int8, one scale per slot and head: the
+// roundings of quant.int8_rows with bfloat16 scales (step_script.int8_write's torch ops), bit for bit:
+// scale = bf16(max(max|x| * float(1/127), 1e-12)), q = clamp(round_half_even(x / scale), +-127).
+// Why: those ops are ~20 calls a layer for one token's 2 x 3 rows.
+void int8_write(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k8, const at::Tensor& vt8,
+                const at::Tensor& scales, int64_t a, int64_t b) {
+  const at::Tensor k = k_in.to(at::kFloat).contiguous(), v = v_in.to(at::kFloat).contiguous();
+  const int64_t H = k.size(0), C = k.size(1), D = k.size(2);
+  TORCH_CHECK(b - a == C && v.sizes() == k.sizes() && k8.size(2) == D && k8.stride(2) == 1 && vt8.stride(2) == 1,
+              "lminf::int8_write: shapes");
+  int8_t* K8 = k8.data_ptr<int8_t>();
+  int8_t* V8 = vt8.data_ptr<int8_t>();
+  float* SC = scales.data_ptr<float>();
+  const float* src[2] = {k.data_ptr<float>(), v.data_ptr<float>()};
+  const float inv127 = static_cast<float>(1.0 / 127.0);
+  for (int kind = 0; kind < 2; ++kind)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) {
+        const float* x = src[kind] + (h * C + c) * D;
+        float mx = 0.f;
+        for (int64_t e = 0; e < D; ++e) mx = std::max(mx, std::fabs(x[e]));
+        const float scale = static_cast<float>(static_cast<at::BFloat16>(std::max(mx * inv127, 1e-12f)));
+        const int64_t slot = a + c;
+        SC[kind * scales.stride(0) + h * scales.stride(1) + slot] = scale;
+        for (int64_t e = 0; e < D; ++e) {
+          const float q = std::min(127.f, std::max(-127.f, std::nearbyint(x[e] / scale)));
+          if (kind == 0) K8[h * k8.stride(0) + slot * k8.stride(1) + e] = static_cast<int8_t>(q);
+          else V8[h * vt8.stride(0) + e * vt8.stride(1) + slot] = static_cast<int8_t>(q);
+        }
+      }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lminf, CPU, m) {
+  m.impl("int8_write", &int8_write);
   m.impl("int8_decode_attend", &int8_decode_attend);
   m.impl("rms_norm", &rms_norm);
 }
