@@ -222,3 +222,15 @@ def test_native_rms_norm_equals_torchs(dtype):
     assert ours.dtype == dtype
     # The sum of squares in another order: float32 within an ulp or two, bfloat16 at most one ulp apart.
     torch.testing.assert_close(ours, theirs, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@needs_native
+def test_the_kernels_refuse_buffers_that_do_not_fit_instead_of_reading_past_them():
+    ql, qg, k8, vt8, scales, n, local, kg, vg, gb, scale = case()
+    with pytest.raises(RuntimeError, match="n out of range"):
+        torch.ops.lminf.int8_decode_attend(ql, qg, k8[:, : n - 1], vt8, scales, n, local, kg, vg, gb, scale)
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.lminf.int8_decode_attend(ql[:2], qg[:2], k8, vt8, scales, n, local, kg, vg, gb, scale)
+    k = torch.zeros(3, 2, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.lminf.int8_write(k, k, k8, vt8, scales, k8.shape[1] - 1, k8.shape[1] + 1)

@@ -387,7 +387,15 @@ std::tuple<at::Tensor, at::Tensor> int8_decode_attend(const at::Tensor& ql, cons
               "int8_decode_attend: int8 keys and values, float32 scales");
   TORCH_CHECK(k8.stride(2) == 1 && k8.stride(1) == ql.size(2) && vt8.stride(2) == 1 && scales.stride(2) == 1,
               "int8_decode_attend: ring buffers must be row-contiguous");
-  TORCH_CHECK(n > 0 && n <= k8.size(1) && n <= vt8.size(2), "int8_decode_attend: n out of range");
+  TORCH_CHECK(n > 0 && n <= k8.size(1) && n <= vt8.size(2) && n <= scales.size(2), "int8_decode_attend: n out of range");
+  TORCH_CHECK(k8.dim() == 3 && vt8.dim() == 3 && scales.dim() == 3 && k8.size(0) == ql.size(0) &&
+                  vt8.size(0) == ql.size(0) && scales.size(0) == 2 && scales.size(1) == ql.size(0) &&
+                  vt8.size(1) == ql.size(2) && k8.size(2) == ql.size(2),
+              "int8_decode_attend: ring buffers do not match the query's heads and head dim");
+  TORCH_CHECK(!global_bias.has_value() || (qg.sizes() == ql.sizes() && k_global.size(0) == ql.size(0) &&
+                                           k_global.size(2) == ql.size(2) && v_global.sizes() == k_global.sizes()),
+              "int8_decode_attend: global keys do not match the query");
+  TORCH_CHECK(local_bias.numel() % (ql.size(1) * n) == 0, "int8_decode_attend: local_bias is not [.., R, n]");
   TORCH_CHECK(k_global.scalar_type() == v_global.scalar_type(), "int8_decode_attend: global keys and values differ in dtype");
   const bool bias_bf16 = local_bias.scalar_type() == at::kBFloat16;
   const bool global_bf16 = k_global.scalar_type() == at::kBFloat16;
@@ -450,6 +458,9 @@ void int8_write(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor
   const int64_t H = k.size(0), C = k.size(1), D = k.size(2);
   TORCH_CHECK(b - a == C && v.sizes() == k.sizes() && k8.size(2) == D && k8.stride(2) == 1 && vt8.stride(2) == 1,
               "lminf::int8_write: shapes");
+  TORCH_CHECK(a >= 0 && b <= k8.size(1) && b <= vt8.size(2) && b <= scales.size(2) && k8.size(0) == H &&
+                  vt8.size(0) == H && vt8.size(1) == D && scales.size(0) == 2 && scales.size(1) == H,
+              "lminf::int8_write: slots or heads out of range");
   int8_t* K8 = k8.data_ptr<int8_t>();
   int8_t* V8 = vt8.data_ptr<int8_t>();
   float* SC = scales.data_ptr<float>();
