@@ -282,6 +282,7 @@ class LambdaCache:
         self.rebases = 0
         self._cap_mat: Tensor | None = None
         self._script_rings: list[list[Tensor]] | None = None  # script_rings, made on first use
+        self._native_rings: list[Tensor] | None = None  # native_rings, made on first use
         self._ins: tuple[int, Tensor, Tensor, Tensor] | None = None  # (insertion distance, cos, sin, matrix)
         self._cap: tuple[Tensor, Tensor] | None = None
         self.graphs: dict = {}   # captured forwards by (block size, logits, ...): graphs.StepGraph
@@ -448,6 +449,13 @@ class LambdaCache:
             self._script_rings = [[*layer.ring.decode_buffers(), layer.k_global[0], layer.v_global[0]]
                                   for layer in self.layers] if alike else []
         return self._script_rings or None
+
+    def native_rings(self, plan: StepPlan) -> list[Tensor]:
+        """script_rings(plan) flattened, six tensors a layer (native.llama_layers takes no nested lists);
+        made once, like script_rings'.  Only after script_rings(plan) said the step fits."""
+        if self._native_rings is None:
+            self._native_rings = [t for ring in self.script_rings(plan) for t in ring]
+        return self._native_rings
 
     def commit(self, plan: StepPlan) -> None:
         """Record that the planned tokens are now stored in every layer."""

@@ -1,6 +1,7 @@
 """Kernels of our own in C++, compiled once on the user's machine (native/int8_attend.cpp): the
 decode step's attention over the int8 window (`lminf::int8_decode_attend`), the window's int8 write
-(`lminf::int8_write`) and the RMSNorm of a few rows (`lminf::rms_norm`).
+(`lminf::int8_write`), the RMSNorm of a few rows (`lminf::rms_norm`), and the scripted step's layer
+loop itself (`lminf::llama_layers`, step_script.llama_layers operation for operation).
 
 Why compiled here and not shipped: it is built with -march=native, so the same source becomes
 AVX-512 or AVX2 code, whichever the CPU has, and it links against the torch that is installed.
@@ -41,6 +42,9 @@ _LIB = torch.library.Library("lminf", "DEF")  # noqa: TOR901 - kept alive for th
 _LIB.define(SCHEMA)
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _LIB.define("int8_write(Tensor k, Tensor v, Tensor(a!) k8, Tensor(b!) vt8, Tensor(c!) scales, int a, int b) -> ()")
+_LIB.define("llama_layers(Tensor x, Tensor[] weights, Tensor?[] biases, int[] kinds, float[] eps, Tensor[] rings, "
+            "Tensor step_mat, int slot, int n, Tensor local_bias, Tensor? global_bias, int n_global, float scale, "
+            "int n_heads, int n_kv_heads, int head_dim, int group) -> Tensor")
 
 
 def enabled() -> bool:

@@ -200,7 +200,7 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
 def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tensor | None]], kinds: list[list[str]],
                  eps: list[float], rings: list[list[Tensor]], step_mat: Tensor, slot: int, n: int,
                  local_bias: Tensor, global_bias: Tensor | None, n_global: int, scale: float, n_heads: int,
-                 n_kv_heads: int, head_dim: int, use_native: bool) -> Tensor:
+                 n_kv_heads: int, head_dim: int) -> Tensor:
     """Every layer of a Llama-family decoder for one token x [1, hidden] (model dtype).
 
     Per layer: weights [input norm, post-attention norm, then qweight and qscales of q/k/v fused,
@@ -209,25 +209,26 @@ def llama_layers(x: Tensor, weights: list[list[Tensor]], biases: list[list[Tenso
     (ring.Int8Ring.decode_buffers and the cache's global keys).  step_mat [D, 2D] float32: the
     rotation at the token's relative position | the rotation to the distance cap.  The token
     is written to ring slot `slot` and attends to slots [0, n) under local_bias [g, n] and to the
-    first `n_global` global keys under global_bias [g, G] (None: it sees none); use_native: the
-    attention, the window's write and the norms as native kernels (native_attend said so).
+    first `n_global` global keys under global_bias [g, G] (None: it sees none).  Where the native
+    kernels are built, native.llama_layers runs these operations instead, looped in C++, with the
+    native attention, write and norm in place of these torch ops (LlamaAdapter.decode_layers).
     """
     h_q, h_kv, d = n_heads, n_kv_heads, head_dim
     g = h_q // h_kv
     for i in range(len(weights)):
         w, b, k, r = weights[i], biases[i], kinds[i], rings[i]
         # Attention: q/k/v as one product, every rotation of q and k as one float32 matmul.
-        qkv = packed_product(rms_norm(x, w[0], eps[2 * i], use_native), k[0], w[2], w[3], b[0])  # [1, (H + 2 Hkv) D]
+        qkv = packed_product(rms_norm(x, w[0], eps[2 * i]), k[0], w[2], w[3], b[0])  # [1, (H + 2 Hkv) D]
         qk = torch.matmul(_f32(qkv[0, :(h_q + h_kv) * d].view(h_q + h_kv, d)), step_mat)  # [H + Hkv, 2D]
         v = qkv[0, (h_q + h_kv) * d:].view(h_kv, 1, d)
-        int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1, use_native)
+        int8_write(qk[h_q:, :d].view(h_kv, 1, d), v, r[0], r[1], r[2], slot, slot + 1)
         q_local = qk[:h_q, :d].reshape(h_kv, g, d)
         q_cap = qk[:h_q, d:2 * d].reshape(h_kv, g, d) if global_bias is not None else q_local
         o, _ = int8_attend(q_local, q_cap, r[0], r[1], r[2], n, local_bias, r[4][:, :n_global],
-                           r[5][:, :n_global], global_bias, r[3], scale, None, False, use_native)  # [Hkv, g, D]
+                           r[5][:, :n_global], global_bias, r[3], scale, None, False, False)  # [Hkv, g, D]
         x = x + packed_product(o.to(x.dtype).view(1, h_q * d), k[1], w[4], w[5], b[1])
         # MLP: gate and up as one product.
-        gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1], use_native), k[2], w[6], w[7], b[2])   # [1, 2 I]
+        gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1]), k[2], w[6], w[7], b[2])   # [1, 2 I]
         inter = gate_up.shape[-1] // 2
         x = x + packed_product(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], k[3], w[8],
                                w[9], b[3])

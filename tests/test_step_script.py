@@ -8,7 +8,7 @@ import pytest
 import torch
 from families import build
 
-from lminf_cli import step_script
+from lminf_cli import native, step_script
 from lminf_cli.generate import Engine
 from lminf_cli.models import from_hf
 from lminf_cli.settings import LambdaSettings
@@ -51,10 +51,15 @@ def decode(lm, settings=SETTINGS, steps: int = 24, tokens: list[int] | None = No
     return torch.stack(out), fed
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])  # native.llama_layers, or TorchScript's over torch ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("name", ["llama", "qwen2"])  # qwen2: biases on q/k/v
-def test_scripted_steps_equal_the_layer_by_layer_path(name, mode, dtype, monkeypatch):
+def test_scripted_steps_equal_the_layer_by_layer_path(name, mode, dtype, kernels, monkeypatch):
+    if kernels == "torch":
+        monkeypatch.setenv(native.ENV, "off")
+    elif native._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
     over = dict(SIZES, use_sliding_window=False) if name == "qwen2" else SIZES
     lm = from_hf(build(name, trained=8, **over), None, dtype=dtype, quantize=mode)
     calls = spied(lm, monkeypatch)
@@ -69,6 +74,8 @@ def test_scripted_steps_equal_the_layer_by_layer_path(name, mode, dtype, monkeyp
 
 def test_a_planted_error_in_the_scripted_step_shows(monkeypatch):
     # The comparison above can fail: the same step writing its key one slot off changes the logits.
+    # (TorchScript's stack: native.llama_layers, which replaces it where built, has its own below.)
+    monkeypatch.setenv(native.ENV, "off")
     lm = from_hf(build("llama", trained=8, **SIZES), None, quantize="int8")
     layered, tokens = decode(lm, steps=12)
     real = step_script.int8_write
@@ -83,6 +90,22 @@ def test_a_planted_error_in_the_scripted_step_shows(monkeypatch):
     monkeypatch.setattr(step_script, "scripted", lambda fn: fn)  # Python functions, so the patch is seen
     planted, _ = decode(lm, steps=12, tokens=tokens)
     assert not torch.equal(planted, layered)
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler on this machine")
+def test_a_planted_error_in_the_native_layer_loop_shows(monkeypatch):
+    lm = from_hf(build("llama", trained=8, **SIZES), None, quantize="int8")
+    calls = spied(lm, monkeypatch)
+    clean, tokens = decode(lm, steps=12)
+    assert sum(calls) >= 8 and native.available()
+    real = torch.ops.lminf.llama_layers
+
+    def off_by_one(x, weights, biases, kinds, eps, rings, step_mat, slot, *rest):
+        return real(x, weights, biases, kinds, eps, rings, step_mat, (slot + 1) % rings[0].shape[1], *rest)
+
+    monkeypatch.setattr(torch.ops.lminf, "llama_layers", off_by_one, raising=False)
+    planted, _ = decode(lm, steps=12, tokens=tokens)
+    assert not torch.equal(planted, clean)
 
 
 def test_this_torch_compiles_every_scripted_function():

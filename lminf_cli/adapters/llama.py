@@ -58,12 +58,30 @@ class LlamaAdapter(DecoderAdapter):
         blocks = self._script_blocks(x.dtype) if rings is not None else None
         if blocks is None:
             return None
-        y = step_script.scripted(step_script.llama_layers)(
-            x.view(1, -1), *blocks, rings, plan.step_mat,
-            plan.ring_span[0], plan.ring_view, plan.local_bias, plan.global_bias, plan.global_view, cache.scale,
-            self.n_heads, self.n_kv_heads, self.head_dim,
-            step_script.native_attend(rings[0][0], self.head_dim) and step_script.native_norm(x, blocks[0][0][0]))
+        # With the native kernels: the same operations as llama_layers, looped in C++ (native.py).
+        if step_script.native_attend(rings[0][0], self.head_dim) and step_script.native_norm(x, blocks[0][0][0]):
+            weights, biases, kinds, eps = self._native_blocks(x.dtype)
+            y = torch.ops.lminf.llama_layers(
+                x.view(1, -1), weights, biases, kinds, eps, cache.native_rings(plan), plan.step_mat,
+                plan.ring_span[0], plan.ring_view, plan.local_bias, plan.global_bias, plan.global_view, cache.scale,
+                self.n_heads, self.n_kv_heads, self.head_dim, quant.GROUP)
+        else:
+            y = step_script.scripted(step_script.llama_layers)(
+                x.view(1, -1), *blocks, rings, plan.step_mat,
+                plan.ring_span[0], plan.ring_view, plan.local_bias, plan.global_bias, plan.global_view, cache.scale,
+                self.n_heads, self.n_kv_heads, self.head_dim)
         return y.view(x.shape)
+
+    def _native_blocks(self, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None], list[int], list[float]]:
+        """_script_blocks flattened for lminf::llama_layers (its schema takes no nested lists): every
+        layer's 10 weights, 4 biases, 4 kinds as bits (4 or 8), then the eps.  Made once per dtype."""
+        known = self._script[1]
+        key = ("native", dtype)
+        if key not in known:
+            weights, biases, kinds, eps = self._script_blocks(dtype)
+            known[key] = ([t for w in weights for t in w], [t for b in biases for t in b],
+                          [4 if k == "int4" else 8 for ks in kinds for k in ks], list(eps))
+        return known[key]
 
     def _script_blocks(self, dtype: torch.dtype) -> ScriptBlocks | None:
         """Each block's tensors for step_script.llama_layers in activations of `dtype`, or None when a

@@ -24,6 +24,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/_weight_int4pack_mm_for_cpu.h>
+#include <ATen/ops/_weight_int8pack_mm.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -483,9 +487,67 @@ void int8_write(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor
       }
 }
 
+// quant.packed_product for one row: x [1, K] @ a packed weight^T (+ bias) -> [1, N] in x's dtype,
+// the product in bfloat16 through torch's weight-only kernels (kind 4: int4, 8: int8).
+at::Tensor packed_product(const at::Tensor& x, int64_t kind, const at::Tensor& qweight, const at::Tensor& qscales,
+                          const c10::optional<at::Tensor>& bias, int64_t group) {
+  const at::Tensor rows = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+  at::Tensor y = kind == 4 ? at::_weight_int4pack_mm_for_cpu(rows, qweight, group, qscales)
+                           : at::_weight_int8pack_mm(rows, qweight, qscales);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  return bias.has_value() ? y.add(*bias) : y;
+}
+
+// step_script.llama_layers, operation for operation, in C++, with this file's attention, write and
+// norm in place of its torch ops: every Llama-family block for one token x [1, hidden].  The layer-
+// by-layer path calls the same native kernels and the same ATen kernels in the same order on the
+// same dtypes, so the logits are its bit for bit (tests/test_step_script.py); what goes is
+// TorchScript's interpreter and ~25 small dispatches a layer.  The blocks' tensors come flattened (LlamaAdapter._native_blocks): per layer 10 weights
+// (input norm, post-attention norm, then qweight and qscales of q/k/v fused, o, gate/up fused,
+// down), 4 biases and 4 kinds (4 or 8 bits), 2 eps, 6 ring tensors (k8, vt8, scales, unused,
+// k_global, v_global).
+at::Tensor llama_layers(const at::Tensor& x_in, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+                        at::IntArrayRef kinds, at::ArrayRef<double> eps, at::TensorList rings, const at::Tensor& step_mat,
+                        int64_t slot, int64_t n, const at::Tensor& local_bias, const c10::optional<at::Tensor>& global_bias,
+                        int64_t n_global, double scale, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        int64_t group) {
+  const int64_t L_n = static_cast<int64_t>(weights.size()) / 10, H = n_heads, HKV = n_kv_heads, D = head_dim,
+                g = H / HKV;
+  TORCH_CHECK(L_n * 10 == static_cast<int64_t>(weights.size()) && static_cast<int64_t>(biases.size()) == 4 * L_n &&
+                  static_cast<int64_t>(kinds.size()) == 4 * L_n && static_cast<int64_t>(eps.size()) == 2 * L_n &&
+                  static_cast<int64_t>(rings.size()) == 6 * L_n,
+              "lminf::llama_layers: 10 weights, 4 biases, 4 kinds, 2 eps and 6 ring tensors a layer");
+  at::Tensor x = x_in;
+  for (int64_t i = 0; i < L_n; ++i) {
+    const at::Tensor* w = &weights[10 * i];
+    const at::Tensor* r = &rings[6 * i];
+    auto b = [&](int64_t j) -> c10::optional<at::Tensor> { return biases.get(4 * i + j); };
+    const at::Tensor qkv = packed_product(rms_norm(x, w[0], eps[2 * i]), kinds[4 * i], w[2], w[3], b(0), group);
+    at::Tensor qk_in = qkv.select(0, 0).narrow(0, 0, (H + HKV) * D).view({H + HKV, D});
+    if (qk_in.scalar_type() != at::kFloat) qk_in = qk_in.to(at::kFloat);
+    const at::Tensor qk = at::matmul(qk_in, step_mat);                                      // [H + Hkv, 2D]
+    const at::Tensor v = qkv.select(0, 0).narrow(0, (H + HKV) * D, HKV * D).view({HKV, 1, D});
+    int8_write(qk.narrow(0, H, HKV).narrow(1, 0, D).view({HKV, 1, D}), v, r[0], r[1], r[2], slot, slot + 1);
+    const at::Tensor q_local = qk.narrow(0, 0, H).narrow(1, 0, D).reshape({HKV, g, D});
+    const at::Tensor q_cap = global_bias.has_value() ? qk.narrow(0, 0, H).narrow(1, D, D).reshape({HKV, g, D}) : q_local;
+    const at::Tensor o = std::get<0>(int8_decode_attend(q_local, q_cap, r[0], r[1], r[2], n, local_bias,
+                                                        r[4].narrow(1, 0, n_global), r[5].narrow(1, 0, n_global),
+                                                        global_bias, scale));                  // [Hkv, g, D]
+    const at::Tensor o_x = o.scalar_type() == x.scalar_type() ? o : o.to(x.scalar_type());
+    x = x.add(packed_product(o_x.view({1, H * D}), kinds[4 * i + 1], w[4], w[5], b(1), group));
+    const at::Tensor gate_up = packed_product(rms_norm(x, w[1], eps[2 * i + 1]), kinds[4 * i + 2], w[6], w[7], b(2),
+                                              group);                                            // [1, 2 I]
+    const int64_t inter = gate_up.size(-1) / 2;
+    const at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul(gate_up.narrow(1, inter, inter));
+    x = x.add(packed_product(act, kinds[4 * i + 3], w[8], w[9], b(3), group));
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lminf, CPU, m) {
+  m.impl("llama_layers", &llama_layers);
   m.impl("int8_write", &int8_write);
   m.impl("int8_decode_attend", &int8_decode_attend);
   m.impl("rms_norm", &rms_norm);
