@@ -66,22 +66,30 @@ def status() -> str:
 
 
 def build() -> Path:
-    """Compile the library if this machine has none yet; its path.  Raises RuntimeError with the
-    compiler's first error when it cannot."""
+    """Compile the library for this machine's CPU if there is none yet; its path.  Raises
+    RuntimeError with the compiler's first error when it cannot."""
     path = _library_path()
-    if path.exists():
-        return path
+    if not path.exists():
+        compile_to(path)
+    return path
+
+
+def compile_to(path: Path, march: str = "native") -> None:
+    """Compile native/int8_attend.cpp into the library `path` for the instruction set `march` (gcc's
+    -march: "native" for this CPU; tests build "x86-64-v3", AVX2 without AVX-512, to check the
+    code paths this machine does not take)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     # Written beside its final name and renamed: a process that builds at the same time, or one
     # killed mid-build, never leaves a half-written library under the final name.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    cmd = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            "-I", str(torch_dir / "include"), "-I", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
            str(SOURCE), "-o", tmp, "-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu"]
     try:
@@ -93,7 +101,6 @@ def build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 @functools.cache

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +236,31 @@ def test_the_kernels_refuse_buffers_that_do_not_fit_instead_of_reading_past_them
     k = torch.zeros(3, 2, 64)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.lminf.int8_write(k, k, k8, vt8, scales, k8.shape[1] - 1, k8.shape[1] + 1)
+
+
+PORTABLE_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+torch.ops.load_library(sys.argv[1])
+from test_native import CASES, case, reference
+for name, kw in CASES.items():
+    args = case(**kw)
+    out, lse = torch.ops.lminf.int8_decode_attend(*args)
+    want, want_lse = reference(*args)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+print("ok", len(CASES))
+"""
+
+
+@needs_native
+def test_the_avx2_build_computes_the_same_attention(tmp_path):
+    """Machines of this project vary (AVX2 only, or AVX-512): the code for an AVX2 CPU (float32 scores,
+    no int16 products) is built and checked here too, in a process that loads only it.  Its query is
+    not rounded, so it meets the float64 reference to float32 precision."""
+    lib = tmp_path / "avx2.so"
+    native.compile_to(lib, "x86-64-v3")
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(lib), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, native.ENV: "off"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"ok {len(CASES)}"
