@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from . import native, step_script
+from . import step_script
 from .errors import InputError
 from .quant import ACT_DTYPE, int8_rows
 from .step_script import padded
@@ -172,7 +172,7 @@ class Int8Ring:
         if isinstance(slots, tuple):  # a span: the scripted write (the decode step's)
             k8, vt8, scales, _ = self.decode_buffers()
             step_script.scripted(step_script.int8_write)(k[0], v[0], k8, vt8, scales, *slots,
-                                                         k8.device.type == "cpu" and native.available())
+                                                         step_script.native_write(k8))
             return
         i = _index(slots)
         q, s = int8_rows(torch.stack([k[0], v[0]]), ACT_DTYPE)    # [2, Hkv, C, D], [2, Hkv, C]: one pass for both

@@ -89,6 +89,11 @@ def native_attend(k8: Tensor, head_dim: int) -> bool:
     return k8.device.type == "cpu" and head_dim % 16 == 0 and native.available()
 
 
+def native_write(k8: Tensor) -> bool:
+    """Whether int8_write may run as native.int8_write for this ring: on the CPU, the kernels loaded."""
+    return k8.device.type == "cpu" and native.available()
+
+
 def native_norm(x: Tensor, weight: Tensor) -> bool:
     """Whether rms_norm may run as native.rms_norm: on the CPU, x and its weight both float32 or
     both bfloat16, the kernels loaded."""
@@ -128,8 +133,9 @@ def int8_attend(ql: Tensor, qg: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor,
     its log-sum-exp [Hkv, R] (else None).
 
     use_native (native_attend said so): without a soft-cap, all of it is one call of the native
-    kernel (native/int8_attend.cpp), which computes the same in float32 without rounding the
-    query to int8; the torch ops below are its reference (tests/test_native.py) and the fallback.
+    kernel (native/int8_attend.cpp), which computes the same with the query rounded to int16
+    (head dims 64 and 128 on AVX-512) or not at all, where the ops below round it to int8 and `p`
+    to bfloat16; they are its reference (tests/test_native.py) and the fallback.
     """
     if use_native and softcap is None:
         out, lse = torch.ops.lminf.int8_decode_attend(ql, qg, k8, vt8, scales, n, local_bias, k_global, v_global,
